@@ -1,0 +1,220 @@
+"""Command line: ``audit run | models | metrics | issues | export | review | dashboard``.
+
+Machine-readable output goes to stdout; progress and logs go to stderr. A
+mistake the user can fix prints one line naming it and the fix, and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from audit import __version__
+from audit.errors import UserError
+
+__all__ = ["main"]
+
+_DEFAULT_MODELS = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
+# Where the main job looks for a dataset when none is given, in order.
+_SAMPLE_CANDIDATES = (Path("../shared/datasets/imagenet-val-1300"), Path("data/imagenette2-320/val"))
+
+
+def _default_dataset() -> Path:
+    for p in _SAMPLE_CANDIDATES:
+        if p.is_dir():
+            return p
+    from audit.sample import fetch_imagenette
+
+    return fetch_imagenette(Path("data"))
+
+
+def _emit(df: pd.DataFrame, fmt: str) -> None:
+    if fmt == "csv":
+        sys.stdout.write(df.to_csv(index=False))
+    elif fmt == "json":
+        sys.stdout.write(df.to_json(orient="records", indent=1) + "\n")
+    else:
+        with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200):
+            sys.stdout.write(df.to_string(index=False) + "\n")
+
+
+def _metrics_view(df: pd.DataFrame, fmt: str) -> pd.DataFrame:
+    df = df.drop(columns=["params"], errors="ignore")
+    if fmt == "table":
+        df = df.copy()
+        for c in ("value", "low", "high"):
+            df[c] = (df[c] * 100).map(lambda v: f"{v:.1f}%" if pd.notna(v) else "-")
+    return df
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from audit.datasets import load_dataset
+    from audit.pipeline import run_audit
+    from audit.zoo import resolve_model
+
+    root = Path(a.dataset) if a.dataset else _default_dataset()
+    ds = load_dataset(root, label_file=a.labels, real=a.real, limit=a.limit)
+    specs = [resolve_model(n) for n in a.models.split(",") if n.strip()]
+    if not specs:
+        raise UserError("--models is empty; name at least one model (see 'audit models')")
+    print(f"audit: {len(ds)} images, {len(set(ds.labels.tolist()))} classes from {ds.root} ({ds.layout}); "
+          f"{len(specs)} model(s); workspace {a.db}", file=sys.stderr)
+    res = run_audit(ds, specs, Path(a.db), batch_size=a.batch_size, workers=a.workers, device=a.device,
+                    sigmoid_threshold=a.sigmoid_threshold, progress=not a.quiet)
+    for note in res.skipped:
+        print(f"audit: note: {note}", file=sys.stderr)
+    from audit.pipeline import live_metrics
+
+    _emit(_metrics_view(live_metrics(Path(a.db)), a.format), a.format)
+    print(f"flagged images: {res.n_flagged} of {len(ds)} (bad images left out: {res.n_bad}); "
+          f"review them with 'audit issues --db {a.db}' or 'audit dashboard --db {a.db}'")
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from audit.zoo import list_models, weights_status
+
+    rows = [{"model": s.name, "source": s.source, "input": s.preprocess.crop if s.preprocess else None,
+             "loss": s.loss, "weights": weights_status(s)} for s in list_models(a.filter)]
+    df = pd.DataFrame(rows)
+    if a.available:
+        df = df[df["weights"] == "available"]
+    _emit(df, a.format)
+    return 0
+
+
+def cmd_metrics(a: argparse.Namespace) -> int:
+    from audit.pipeline import live_metrics
+
+    _emit(_metrics_view(live_metrics(Path(a.db)), a.format), a.format)
+    return 0
+
+
+def cmd_issues(a: argparse.Namespace) -> int:
+    from audit.queries import flagged_issues
+
+    df = flagged_issues(Path(a.db), limit=a.limit)
+    _emit(df, a.format)
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from audit.export import export_labels
+
+    res = export_labels(Path(a.db), Path(a.out))
+    print(f"exported {res.n_images} images ({res.n_changed} changed by review, {res.n_excluded} excluded) "
+          f"to {res.out}: {', '.join(res.files)}")
+    return 0
+
+
+def cmd_review(a: argparse.Namespace) -> int:
+    from audit.queries import resolve_label
+    from audit.store import append_decision
+
+    labels = [resolve_label(Path(a.db), t) for t in (a.labels or "").split(",") if t.strip()]
+    did = append_decision(Path(a.db), a.image, a.action, labels=labels, reviewer=a.reviewer, reason=a.reason or "")
+    print(f"decision {did} recorded")
+    return 0
+
+
+def cmd_dashboard(a: argparse.Namespace) -> int:
+    app = Path(__file__).resolve().parent.parent / "app.py"
+    if not app.exists():
+        raise UserError(f"app.py not found beside the audit package ({app}); run from a source checkout")
+    if not Path(a.db).exists():
+        raise UserError(f"no audit workspace at {a.db}; run 'audit run DATASET --db {a.db}' first")
+    env = dict(os.environ, AUDIT_DB=str(Path(a.db).resolve()))
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", a.host,
+           "--server.port", str(a.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    print(f"audit: dashboard on http://{a.host}:{a.port} for {a.db}", file=sys.stderr)
+    return subprocess.call(cmd, env=env)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from audit.store import default_db
+
+    p = argparse.ArgumentParser(prog="audit", description="Audit the labels of an image-classification validation set.")
+    p.add_argument("--version", action="version", version=f"audit {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = p.add_subparsers(dest="command", required=True)
+    db_help = f"audit workspace (DuckDB file; arrays go in <db>.arrays/), default {default_db()}"
+
+    r = sub.add_parser("run", help="score a dataset, evaluate, flag label issues")
+    r.add_argument("dataset", nargs="?", help="dataset folder (ImageFolder, or flat with --labels); "
+                   "default: ../shared/datasets/imagenet-val-1300, else a fetched Imagenette sample in data/")
+    r.add_argument("--models", default=_DEFAULT_MODELS, help=f"comma-separated zoo names (default {_DEFAULT_MODELS})")
+    r.add_argument("--db", default=str(default_db()), help=db_help)
+    r.add_argument("--labels", help="CSV 'path,label' for a flat folder (label: wnid, index or class name)")
+    r.add_argument("--real", help="ReaL label JSON (default: the copy inside the timm wheel, when it applies)")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="DataLoader workers")
+    r.add_argument("--limit", type=int, help="score only this many images, evenly spaced over the sorted ids")
+    r.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    r.add_argument("--sigmoid-threshold", type=float, help="fixed threshold for the sigmoid evaluation "
+                   "(default: chosen by 2-fold cross-fitting)")
+    r.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_run)
+
+    m = sub.add_parser("models", help="list the zoo and whether weights are on this machine")
+    m.add_argument("filter", nargs="?", default="*", help="fnmatch filter, e.g. 'resnet*'")
+    m.add_argument("--available", action="store_true", help="only models whose weights are here")
+    m.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    m.set_defaults(func=cmd_models)
+
+    for name, func, hlp in (("metrics", cmd_metrics, "accuracy per model and evaluation, with 95% intervals"),
+                            ("issues", cmd_issues, "flagged images, worst first")):
+        s = sub.add_parser(name, help=hlp)
+        s.add_argument("--db", default=str(default_db()), help=db_help)
+        s.add_argument("--format", choices=["table", "csv", "json"], default="table")
+        if name == "issues":
+            s.add_argument("--limit", type=int, help="show at most this many")
+        s.set_defaults(func=func)
+
+    e = sub.add_parser("export", help="write the cleaned label set")
+    e.add_argument("--db", default=str(default_db()), help=db_help)
+    e.add_argument("--out", required=True, help="output folder")
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("review", help="record one review decision from the command line")
+    v.add_argument("image", type=int, help="image index (see 'audit issues')")
+    v.add_argument("action", choices=["accept", "relabel", "multi", "no_fit", "keep", "undo"])
+    v.add_argument("--labels", help="comma-separated classes (wnid, index or name)")
+    v.add_argument("--reviewer")
+    v.add_argument("--reason")
+    v.add_argument("--db", default=str(default_db()), help=db_help)
+    v.set_defaults(func=cmd_review)
+
+    d = sub.add_parser("dashboard", help="open the review dashboard (Streamlit)")
+    d.add_argument("--db", default=str(default_db()), help=db_help)
+    d.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
+    d.add_argument("--port", type=int, default=8501)
+    d.set_defaults(func=cmd_dashboard)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="audit: %(levelname)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"audit: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("audit: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

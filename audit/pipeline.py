@@ -1,0 +1,352 @@
+"""`audit run`: dataset -> scores -> evaluations -> label issues -> workspace.
+
+Everything a user can get wrong (dataset layout, label files, model names,
+weights, a workspace made for other images) is checked before any scoring
+starts. Scoring writes only resumable shards; the database sees one short
+transaction at the start (the run is registered) and one at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from audit import __version__
+from audit.datasets import AuditDataset
+from audit.errors import ModelError, StoreError
+from audit.evaluate import Metric, evaluate_all, relabeled_accuracy
+from audit.score import ModelArrays, bad_images, score_dataset
+from audit.store import arrays_dir, connect, current_label_sets, fetch_one, now, to_json
+from audit.zoo import ModelSpec
+
+__all__ = ["ENSEMBLE", "RunResult", "live_metrics", "run_audit", "topk_of"]
+
+_log = logging.getLogger(__name__)
+ENSEMBLE = "ensemble"
+_TOPK = 5
+_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    db: Path
+    metrics: pd.DataFrame
+    n_flagged: int
+    n_bad: int
+    skipped: tuple[str, ...]  # evaluations that could not run, with why
+
+
+def dataset_fingerprint(ds: AuditDataset) -> str:
+    h = hashlib.sha256()
+    for i, lab in zip(ds.image_ids, ds.labels.tolist(), strict=True):
+        h.update(f"{i}\0{lab}\n".encode())
+    return h.hexdigest()
+
+
+def topk_of(probs: np.ndarray, k: int = _TOPK) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k classes and probabilities per row, streamed in chunks.
+
+    Parameters
+    ----------
+    probs : ndarray, shape (N, C), may be a memory map; NaN rows give -1 / NaN.
+
+    Returns
+    -------
+    classes : int32 (N, k), probabilities : float32 (N, k), by decreasing probability.
+    """
+    n, c = probs.shape
+    k = min(k, c)
+    cls = np.full((n, k), -1, dtype=np.int32)
+    val = np.full((n, k), np.nan, dtype=np.float32)
+    for s in range(0, n, _CHUNK):
+        p = np.asarray(probs[s : s + _CHUNK])
+        ok = ~np.isnan(p).any(axis=1)
+        q = np.where(ok[:, None], p, -np.inf)
+        part = np.argpartition(-q, k - 1, axis=1)[:, :k]
+        pv = np.take_along_axis(q, part, axis=1)
+        order = np.argsort(-pv, axis=1, kind="stable")
+        top = np.take_along_axis(part, order, axis=1)
+        cls[s : s + len(p)][ok] = top[ok]
+        val[s : s + len(p)][ok] = np.take_along_axis(pv, order, axis=1)[ok]
+    return cls, val
+
+
+def _check_compatible(ds: AuditDataset, specs: Sequence[ModelSpec]) -> list[str]:
+    notes = []
+    for s in specs:
+        if s.source == "predictions":
+            continue
+        if ds.label_space.imagenet and s.num_classes != 1000:
+            raise ModelError(
+                f"{s.name} predicts {s.num_classes} classes but the dataset uses the 1,000 ImageNet classes; "
+                "pass a model with an ImageNet head"
+            )
+        if not ds.label_space.imagenet and s.num_classes != len(ds.label_space):
+            if s.label_space == "imagenet-1k":
+                notes.append(
+                    f"{s.name}: dataset has a custom label space ({len(ds.label_space)} classes), "
+                    "so its ImageNet predictions are stored but not evaluated"
+                )
+            else:
+                raise ModelError(
+                    f"{s.name} predicts {s.num_classes} classes but the dataset has {len(ds.label_space)}; "
+                    "pass a checkpoint trained on these classes"
+                )
+    return notes
+
+
+def _register_run(db: Path, ds: AuditDataset, specs: Sequence[ModelSpec], run_id: str, params: dict) -> None:
+    fp = dataset_fingerprint(ds)
+    with connect(db, create=True) as con:
+        con.execute("BEGIN TRANSACTION")
+        row = fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["dataset_fingerprint"])
+        if row and row[0] != fp:
+            con.execute("ROLLBACK")
+            root = fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["dataset_root"])
+            raise StoreError(
+                f"workspace {db} was made for other images ({root[0] if root else '?'}); "
+                "pass a new --db for this dataset"
+            )
+        if not row:
+            _write_dataset(con, ds, fp)
+        con.execute(
+            "INSERT INTO runs VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?, ?)",
+            [run_id, now(), "running", "audit run", str(ds.root), len(ds), [s.name for s in specs],
+             __version__, to_json(params)],
+        )
+        con.execute("COMMIT")
+
+
+def _write_dataset(con: Any, ds: AuditDataset, fp: str) -> None:
+    for key, value in (
+        ("dataset_fingerprint", fp),
+        ("dataset_root", str(ds.root)),
+        ("layout", ds.layout),
+        ("label_space", "imagenet-1k" if ds.label_space.imagenet else "custom"),
+        ("real_source", ds.real_source or ""),
+    ):
+        con.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    [key, value])
+    classes = pd.DataFrame({
+        "class_index": np.arange(len(ds.label_space), dtype=np.int32),
+        "key": list(ds.label_space.keys),
+        "name": list(ds.label_space.names),
+    })
+    images = pd.DataFrame({
+        "image_index": np.arange(len(ds), dtype=np.int32),
+        "image_id": list(ds.image_ids),
+        "label": ds.labels.astype(np.int32),
+        "real_labels": ds.real if ds.real is not None else [None] * len(ds),
+        "valid": np.ones(len(ds), dtype=bool),
+    })
+    con.register("classes_df", classes)
+    con.register("images_df", images)
+    con.execute("INSERT INTO classes SELECT * FROM classes_df")
+    con.execute("INSERT INTO images SELECT * FROM images_df")
+    con.unregister("classes_df")
+    con.unregister("images_df")
+
+
+def run_audit(
+    ds: AuditDataset,
+    specs: Sequence[ModelSpec],
+    db: Path,
+    *,
+    batch_size: int = 64,
+    workers: int = 2,
+    device: str | None = None,
+    sigmoid_threshold: float | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Score ``ds`` with ``specs`` and write everything into the workspace ``db``."""
+    from audit import flag
+
+    notes = _check_compatible(ds, specs)
+    if len({s.name for s in specs}) != len(specs):
+        raise ModelError("the same model is listed twice in --models; list each once")
+    run_id = now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    params = {"batch_size": batch_size, "workers": workers, "sigmoid_threshold": sigmoid_threshold}
+    _register_run(db, ds, specs, run_id, params)
+    arrays = score_dataset(ds, specs, arrays_dir(db), batch_size=batch_size, workers=workers,
+                           device=device, progress=progress)
+    bad: dict[int, str] = {}
+    for a in arrays:
+        if a.spec.source != "predictions":
+            bad.update(bad_images(arrays_dir(db), a.spec))
+    valid = np.ones(len(ds), dtype=bool)
+    valid[list(bad)] = False
+    evaluable = [a for a in arrays if a.num_classes == len(ds.label_space)]
+    _log.info("post-processing %d model(s)", len(arrays))
+    pred_frames, metric_rows = [], []
+    for a in arrays:
+        probs = np.load(a.probs, mmap_mode="r")
+        cls, val = topk_of(probs)
+        pred_frames.append(_prediction_frame(a.spec.name, cls, val, probs, ds.labels))
+        if a in evaluable:
+            logits = np.load(a.logits, mmap_mode="r")
+            metric_rows += _evaluate(a.spec.name, cls, logits, ds, valid, sigmoid_threshold)
+    issues = None
+    if evaluable:
+        mean = _ensemble_mean([np.load(a.probs, mmap_mode="r") for a in evaluable], valid)
+        cls, val = topk_of(mean)
+        pred_frames.append(_prediction_frame(ENSEMBLE, cls, val, mean, ds.labels))
+        metric_rows += _evaluate(ENSEMBLE, cls, None, ds, valid, sigmoid_threshold)
+        issues = flag.find_label_issues([np.load(a.probs, mmap_mode="r") for a in evaluable], ds.labels,
+                                        valid=valid)
+    else:
+        notes.append("no model predicts the dataset's classes: no evaluations and no label issues")
+    if ds.real is None:
+        notes.append("ReaL labels do not apply to these images: real, sigmoid and clean evaluations skipped")
+    metrics = pd.DataFrame([_metric_row(run_id, m, r) for m, r in metric_rows])
+    _ingest(db, run_id, ds, arrays, pred_frames, metrics, issues, bad, notes)
+    n_flag = int(issues["is_label_issue"].sum()) if issues is not None else 0
+    return RunResult(run_id, db, metrics, n_flag, len(bad), tuple(notes))
+
+
+def _ensemble_mean(probs: Sequence[np.ndarray], valid: np.ndarray) -> np.ndarray:
+    n, c = probs[0].shape
+    out = np.zeros((n, c), dtype=np.float32)
+    for p in probs:
+        for s in range(0, n, _CHUNK):
+            out[s : s + _CHUNK] += np.asarray(p[s : s + _CHUNK])
+    out /= len(probs)
+    out[~valid] = np.nan
+    return out
+
+
+def _prediction_frame(model: str, cls: np.ndarray, val: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
+    n = len(cls)
+    lab = np.clip(labels, 0, probs.shape[1] - 1)
+    label_prob = np.empty(n, dtype=np.float32)
+    for s in range(0, n, _CHUNK):
+        label_prob[s : s + _CHUNK] = np.asarray(probs[s : s + _CHUNK])[np.arange(min(_CHUNK, n - s)), lab[s : s + _CHUNK]]
+    label_prob[(labels < 0) | (labels >= probs.shape[1])] = np.nan
+    return pd.DataFrame({
+        "model": model,
+        "image_index": np.arange(n, dtype=np.int32),
+        "top1": cls[:, 0],
+        "top1_prob": val[:, 0],
+        "label_prob": label_prob,
+        "top_classes": list(cls),
+        "top_probs": list(val),
+    })
+
+
+def _evaluate(model: str, cls: np.ndarray, logits: np.ndarray | None, ds: AuditDataset, valid: np.ndarray,
+              threshold: float | None) -> list[tuple[str, Metric]]:
+    scores = None
+    if logits is not None and ds.real is not None:
+        # Every class scored on its own: sigmoid of the logit, whatever loss trained it.
+        scores = np.empty(logits.shape, dtype=np.float32)
+        for s in range(0, len(logits), _CHUNK):
+            x = np.nan_to_num(np.asarray(logits[s : s + _CHUNK], dtype=np.float32), nan=0.0)
+            scores[s : s + _CHUNK] = 1.0 / (1.0 + np.exp(-x))
+    rows = evaluate_all(cls, ds.labels, real_sets=ds.real, scores=scores, label_sets=None,
+                        valid=valid & (cls[:, 0] >= 0), threshold=threshold)
+    rel = relabeled_accuracy(cls, [[int(x)] if x >= 0 else [] for x in ds.labels], valid=valid & (cls[:, 0] >= 0))
+    return [(model, m) for m in rows + rel]
+
+
+def _metric_row(run_id: str, model: str, m: Metric) -> dict[str, Any]:
+    return {"run_id": run_id, "model": model, "evaluation": m.evaluation, "metric": m.metric,
+            "value": m.value, "low": m.low, "high": m.high, "n": m.n, "params": to_json(m.params)}
+
+
+def _ingest(db: Path, run_id: str, ds: AuditDataset, arrays: Sequence[ModelArrays], preds: Sequence[pd.DataFrame],
+            metrics: pd.DataFrame, issues: pd.DataFrame | None, bad: dict[int, str], notes: list[str]) -> None:
+    from audit import flag
+
+    models = pd.DataFrame([{
+        "model": a.spec.name, "source": a.spec.source, "arch": a.spec.arch, "tag": a.spec.tag, "loss": a.spec.loss,
+        "num_classes": a.num_classes,
+        "preprocess": to_json(a.spec.preprocess.__dict__ if a.spec.preprocess else None),
+        "weights_file": a.spec.weights_file, "logits_file": str(a.logits), "probs_file": str(a.probs),
+        "run_id": run_id,
+    } for a in arrays])
+    pred = pd.concat(preds, ignore_index=True)
+    bad_df = pd.DataFrame({"image_index": np.array(sorted(bad), dtype=np.int32),
+                           "image_id": [ds.image_ids[i] for i in sorted(bad)],
+                           "reason": [bad[i] for i in sorted(bad)], "run_id": run_id})
+    with connect(db) as con:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            names = [a.spec.name for a in arrays] + [ENSEMBLE]
+            for name in names:
+                con.execute("DELETE FROM models WHERE model = ?", [name])
+                con.execute("DELETE FROM predictions WHERE model = ?", [name])
+                con.execute("DELETE FROM metrics WHERE model = ?", [name])
+            for name, df in (("models_df", models), ("pred_df", pred), ("metrics_df", metrics), ("bad_df", bad_df)):
+                con.register(name, df)
+            con.execute("INSERT INTO models SELECT * FROM models_df")
+            con.execute("INSERT INTO predictions SELECT * FROM pred_df")
+            if len(metrics):
+                con.execute("INSERT INTO metrics SELECT * FROM metrics_df")
+            con.execute("DELETE FROM bad_images")
+            con.execute("INSERT INTO bad_images SELECT * FROM bad_df")
+            con.execute("UPDATE images SET valid = NOT list_contains(?, image_index)", [sorted(bad)])
+            if issues is not None:
+                li = _issue_frame(issues, run_id)
+                con.register("issues_df", li)
+                con.execute("DELETE FROM label_issues")
+                con.execute("INSERT INTO label_issues SELECT * FROM issues_df")
+            params = {"flag": flag.flag_params(), "notes": notes}
+            con.execute("UPDATE runs SET finished_at = ?, status = ?, params = json_merge_patch(params, ?) "
+                        "WHERE run_id = ?", [now(), "finished", to_json(params), run_id])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+
+def _issue_frame(issues: pd.DataFrame, run_id: str) -> pd.DataFrame:
+    score_cols = [c for c in issues.columns if c.endswith("_score")]
+    scores = [to_json({c: float(v) for c, v in zip(score_cols, row, strict=True)})
+              for row in issues[score_cols].itertuples(index=False)]
+    return pd.DataFrame({
+        "image_index": issues["index"].astype(np.int32),
+        "label_quality": issues["label_quality"].astype(float),
+        "is_label_issue": issues["is_label_issue"].astype(bool),
+        "suggested_label": issues["suggested_label"].astype(np.int32),
+        "suggested_confidence": issues["suggested_confidence"].astype(float),
+        "issue_kind": issues["issue_kind"].astype(str),
+        "rank": issues["rank"].astype("Int32"),
+        "scores": scores,
+        "run_id": run_id,
+    })
+
+
+def live_metrics(db: Path) -> pd.DataFrame:
+    """The metrics table with ``relabeled`` recomputed from the current decisions.
+
+    Relabeled accuracy moves with every review decision, so it is computed at
+    read time from the stored top-5 predictions rather than stored.
+    """
+    with connect(db, read_only=True) as con:
+        stored = con.execute(
+            "SELECT model, evaluation, metric, value, low, high, n, params FROM metrics WHERE evaluation <> ? "
+            "ORDER BY model, evaluation, metric", ["relabeled"]).df()
+        sets, _ = current_label_sets(con)
+        valid = np.array([r[0] for r in con.execute("SELECT valid FROM images ORDER BY image_index").fetchall()],
+                         dtype=bool)
+        models = [r[0] for r in con.execute("SELECT DISTINCT model FROM metrics ORDER BY model").fetchall()]
+        rows = []
+        for m in models:
+            top = con.execute("SELECT top_classes FROM predictions WHERE model = ? ORDER BY image_index", [m]).fetchall()
+            cls = np.array([t[0] for t in top], dtype=np.int64)
+            for r in relabeled_accuracy(cls, sets, valid=valid & (cls[:, 0] >= 0)):
+                rows.append({"model": m, "evaluation": r.evaluation, "metric": r.metric, "value": r.value,
+                             "low": r.low, "high": r.high, "n": r.n, "params": json.dumps(r.params)})
+    out = pd.concat([stored, pd.DataFrame(rows)], ignore_index=True) if rows else stored
+    order = {"original": 0, "real": 1, "sigmoid": 2, "clean": 3, "relabeled": 4}
+    out["_o"] = out["evaluation"].map(order).fillna(9)
+    return out.sort_values(["model", "_o", "metric"], kind="stable").drop(columns="_o").reset_index(drop=True)

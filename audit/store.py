@@ -1,0 +1,314 @@
+"""The audit workspace: one DuckDB file plus a folder of arrays beside it.
+
+``<name>.duckdb`` holds every table; ``<name>.arrays/`` holds each model's
+``(N, C)`` logits and probability matrices and the resumable scoring shards.
+
+Concurrency. DuckDB lets one process at a time open a file for writing, and
+while it does, no other process can open it at all. So no ``audit`` process
+holds the file: every read or write opens it, works inside one transaction and
+closes it again, and a process that finds the file locked retries with backoff
+for up to ``timeout`` seconds (:func:`connect`). Long work (scoring) touches
+only files in the arrays folder; its DB writes are one short transaction at the
+end. Decisions are appended one per transaction, so two reviewers on one DB
+never lose each other's work and a crash loses at most the decision in flight.
+
+Schema version 1 (see :data:`SCHEMA`); newer files are refused, never guessed at.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from audit.errors import StoreError
+
+__all__ = [
+    "ACTIONS",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "Decision",
+    "append_decision",
+    "arrays_dir",
+    "connect",
+    "current_label_sets",
+    "decision_history",
+    "default_db",
+    "fetch_one",
+    "init_db",
+    "read_frame",
+]
+
+SCHEMA_VERSION = 1
+
+# Append-only review actions and what each does to an image's label set.
+ACTIONS = {
+    "accept": "take the suggested label",
+    "relabel": "replace the label with another single class",
+    "multi": "several classes are valid",
+    "no_fit": "no class fits; leave the image out of evaluation",
+    "keep": "the original label is right",
+    "undo": "return to the label set before the previous decision",
+}
+
+SCHEMA: tuple[str, ...] = (
+    "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
+    """CREATE TABLE IF NOT EXISTS runs (
+        run_id VARCHAR PRIMARY KEY, started_at TIMESTAMP, finished_at TIMESTAMP,
+        status VARCHAR, command VARCHAR, dataset_root VARCHAR, n_images INTEGER,
+        models VARCHAR[], audit_version VARCHAR, params JSON)""",
+    """CREATE TABLE IF NOT EXISTS classes (
+        class_index INTEGER PRIMARY KEY, key VARCHAR, name VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS images (
+        image_index INTEGER PRIMARY KEY, image_id VARCHAR UNIQUE, label INTEGER,
+        real_labels INTEGER[], valid BOOLEAN)""",
+    """CREATE TABLE IF NOT EXISTS models (
+        model VARCHAR PRIMARY KEY, source VARCHAR, arch VARCHAR, tag VARCHAR, loss VARCHAR,
+        num_classes INTEGER, preprocess JSON, weights_file VARCHAR, logits_file VARCHAR,
+        probs_file VARCHAR, run_id VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS predictions (
+        model VARCHAR, image_index INTEGER, top1 INTEGER, top1_prob FLOAT,
+        label_prob FLOAT, top_classes INTEGER[], top_probs FLOAT[],
+        PRIMARY KEY (model, image_index))""",
+    """CREATE TABLE IF NOT EXISTS metrics (
+        run_id VARCHAR, model VARCHAR, evaluation VARCHAR, metric VARCHAR,
+        value DOUBLE, low DOUBLE, high DOUBLE, n INTEGER, params JSON)""",
+    """CREATE TABLE IF NOT EXISTS label_issues (
+        image_index INTEGER PRIMARY KEY, label_quality DOUBLE, is_label_issue BOOLEAN,
+        suggested_label INTEGER, suggested_confidence DOUBLE, issue_kind VARCHAR,
+        rank INTEGER, scores JSON, run_id VARCHAR)""",
+    "CREATE SEQUENCE IF NOT EXISTS decision_seq START 1",
+    """CREATE TABLE IF NOT EXISTS decisions (
+        decision_id BIGINT PRIMARY KEY DEFAULT nextval('decision_seq'),
+        image_index INTEGER, image_id VARCHAR, old_labels INTEGER[], new_labels INTEGER[],
+        action VARCHAR, reviewer VARCHAR, decided_at TIMESTAMP, reason VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS bad_images (
+        image_index INTEGER PRIMARY KEY, image_id VARCHAR, reason VARCHAR, run_id VARCHAR)""",
+)
+
+
+def default_db() -> Path:
+    """Where ``audit`` keeps its workspace when ``--db`` is not given."""
+    return Path("reports") / "audit.duckdb"
+
+
+def arrays_dir(db: str | Path) -> Path:
+    """The folder beside ``db`` that holds its probability matrices and shards."""
+    p = Path(db)
+    return p.with_name(p.name + ".arrays")
+
+
+def _is_lock_error(e: Exception) -> bool:
+    return "lock" in str(e).lower()
+
+
+@contextlib.contextmanager
+def connect(
+    db: str | Path, *, read_only: bool = False, timeout: float = 30.0, create: bool = False
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open ``db`` briefly, retrying while another process holds it.
+
+    Raises
+    ------
+    StoreError
+        The file is missing (and ``create`` is False), of a newer schema, or
+        stays locked for ``timeout`` seconds.
+    """
+    path = Path(db)
+    if not path.exists() and not create:
+        raise StoreError(f"no audit workspace at {path}; run 'audit run DATASET --db {path}' first")
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=read_only and path.exists())
+            break
+        except duckdb.Error as e:
+            if not _is_lock_error(e) or time.monotonic() > deadline:
+                what = "is locked by another process" if _is_lock_error(e) else f"cannot be opened ({e})"
+                raise StoreError(f"workspace {path} {what}; try again when it finishes") from e
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 0.5)
+    try:
+        if create:
+            init_db(con)
+        else:
+            _check_version(con, path)
+        yield con
+    finally:
+        con.close()
+
+
+def _check_version(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    try:
+        row = fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["schema_version"])
+    except duckdb.CatalogException as e:
+        raise StoreError(f"{path} is not an audit workspace (no meta table); pass the file 'audit run' made") from e
+    version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has schema version {version}, this audit reads up to {SCHEMA_VERSION}; upgrade audit"
+        )
+
+
+def init_db(con: duckdb.DuckDBPyConnection) -> None:
+    """Create any missing tables and stamp the schema version."""
+    con.execute("BEGIN TRANSACTION")
+    for stmt in SCHEMA:
+        con.execute(stmt)
+    con.execute(
+        "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO NOTHING", ["schema_version", str(SCHEMA_VERSION)]
+    )
+    con.execute("COMMIT")
+    _check_version(con, Path("?"))
+
+
+def read_frame(db: str | Path, sql: str, params: Sequence[Any] = (), *, timeout: float = 30.0) -> pd.DataFrame:
+    """Run one parameterised query and return a DataFrame."""
+    with connect(db, read_only=True, timeout=timeout) as con:
+        return con.execute(sql, list(params)).df()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One review decision, as stored."""
+
+    image_index: int
+    new_labels: tuple[int, ...]  # the image's label set after this decision; () = excluded
+    action: str  # one of ACTIONS
+    reviewer: str
+    reason: str = ""
+
+
+def _state(con: duckdb.DuckDBPyConnection, image_index: int) -> tuple[list[int], str, list[list[int]]]:
+    row = fetch_one(con, "SELECT label, image_id FROM images WHERE image_index = ?", [image_index])
+    if row is None:
+        raise StoreError(f"image index {image_index} is not in this workspace")
+    hist = con.execute(
+        "SELECT new_labels FROM decisions WHERE image_index = ? ORDER BY decision_id", [image_index]
+    ).fetchall()
+    original = [int(row[0])] if row[0] is not None and row[0] >= 0 else []
+    states = [original] + [list(h[0]) for h in hist]
+    return states[-1], row[1], states
+
+
+def append_decision(
+    db: str | Path,
+    image_index: int,
+    action: str,
+    *,
+    labels: Sequence[int] = (),
+    reviewer: str | None = None,
+    reason: str = "",
+    timeout: float = 30.0,
+) -> int:
+    """Append one review decision in its own transaction; return its id.
+
+    Parameters
+    ----------
+    action : str
+        One of :data:`ACTIONS`. ``accept`` / ``relabel`` take one label in
+        ``labels``; ``multi`` takes two or more; ``no_fit``, ``keep`` and
+        ``undo`` take none.
+    """
+    if action not in ACTIONS:
+        raise StoreError(f"unknown review action {action!r}; use one of {', '.join(ACTIONS)}")
+    labels = [int(x) for x in labels]
+    need = {"accept": (1, 1), "relabel": (1, 1), "multi": (2, 1000), "no_fit": (0, 0), "keep": (0, 0), "undo": (0, 0)}
+    lo, hi = need[action]
+    if not lo <= len(set(labels)) <= hi:
+        raise StoreError(f"action {action!r} takes {lo}..{hi} distinct labels, got {labels}")
+    who = reviewer or getpass.getuser()
+    with connect(db, timeout=timeout) as con:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            current, image_id, states = _state(con, image_index)
+            n_classes = fetch_one(con, "SELECT count(*) FROM classes")[0]
+            if any(not 0 <= x < n_classes for x in labels):
+                raise StoreError(f"labels {labels} are outside the {n_classes} classes of this workspace")
+            original = states[0]
+            new = {
+                "accept": labels,
+                "relabel": labels,
+                "multi": sorted(set(labels)),
+                "no_fit": [],
+                "keep": original,
+                "undo": states[-2] if len(states) > 1 else original,
+            }[action]
+            row = fetch_one(con,
+                "INSERT INTO decisions (image_index, image_id, old_labels, new_labels, action, reviewer, "
+                "decided_at, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING decision_id",
+                [image_index, image_id, current, new, action, who, datetime.now(UTC).replace(tzinfo=None), reason],
+            )
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    return int(row[0])
+
+
+def decision_history(db: str | Path, image_index: int) -> pd.DataFrame:
+    """Every decision on one image, oldest first."""
+    return read_frame(
+        db,
+        "SELECT decision_id, action, old_labels, new_labels, reviewer, decided_at, reason "
+        "FROM decisions WHERE image_index = ? ORDER BY decision_id",
+        [image_index],
+    )
+
+
+def current_label_sets(con: duckdb.DuckDBPyConnection) -> tuple[list[list[int]], np.ndarray]:
+    """Cleaned label set of every image (latest decision, else the given label).
+
+    Returns
+    -------
+    label_sets : list of list of int, length N; empty = excluded
+    decided : ndarray of bool, shape (N,), True where a decision applies
+    """
+    rows = con.execute(
+        """
+        SELECT i.image_index, i.label, d.new_labels, d.decision_id IS NOT NULL AS decided
+        FROM images i
+        LEFT JOIN (
+            SELECT image_index, new_labels, decision_id,
+                   row_number() OVER (PARTITION BY image_index ORDER BY decision_id DESC) AS rn
+            FROM decisions
+        ) d ON d.image_index = i.image_index AND d.rn = ?
+        ORDER BY i.image_index
+        """,
+        [1],
+    ).fetchall()
+    sets = [list(r[2]) if r[3] else ([int(r[1])] if r[1] is not None and r[1] >= 0 else []) for r in rows]
+    return sets, np.array([bool(r[3]) for r in rows], dtype=bool)
+
+
+def now() -> datetime:
+    """UTC now without tzinfo, as DuckDB TIMESTAMP columns store it."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def fetch_one(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None = None) -> Any:
+    """First row of a query or None, with the result fully consumed.
+
+    DuckDB 2 keeps a result open after ``fetchone()`` and refuses some later
+    calls on the connection, so always fetch to the end.
+    """
+    rows = con.execute(sql, list(params or [])).fetchall()
+    return rows[0] if rows else None

