@@ -69,6 +69,7 @@ class LabelSpace:
     imagenet: bool
     aliases: tuple[tuple[str, ...], ...] = ()
     _lookup: dict[str, int] = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+    _keys: dict[str, int] = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if len(self.keys) != len(self.names):
@@ -86,6 +87,7 @@ class LabelSpace:
         for i, key in enumerate(self.keys):
             lookup[key.lower()] = i
         object.__setattr__(self, "_lookup", lookup)
+        object.__setattr__(self, "_keys", {key: i for i, key in enumerate(self.keys)})
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -98,8 +100,12 @@ class LabelSpace:
         KeyError
             With a message saying why ``token`` names no single class.
         """
+        # An exact key wins: a custom folder named "10" is that folder's class, not index 10.
+        for t in (token, token.strip()):
+            if t in self._keys:
+                return self._keys[t]
         tok = token.strip()
-        if tok.isdigit():
+        if tok.isascii() and tok.isdigit():
             i = int(tok)
             if 0 <= i < len(self.keys):
                 return i
@@ -196,7 +202,8 @@ def _imagefolder(root: Path) -> tuple[list[str], list[str], str, LabelSpace]:
     folder_of: list[str] = []
     for c in classes:
         for p in sorted((root / c).rglob("*")):
-            if _is_image(p) and (p.is_file() or p.is_symlink()):
+            hidden = any(part.startswith(".") for part in p.relative_to(root).parts)  # .ipynb_checkpoints/
+            if not hidden and _is_image(p) and (p.is_file() or p.is_symlink()):
                 ids.append(p.relative_to(root).as_posix())
                 folder_of.append(c)
     wnid = [c for c in classes if _WNID.match(c)]
@@ -308,7 +315,9 @@ def _spread(n: int, limit: int | None) -> np.ndarray:
 def real_index_of(image_id: str) -> int | None:
     """0-based ILSVRC-2012 validation index of an image id, or None."""
     m = _ILSVRC_VAL.match(Path(image_id).name)
-    return int(m.group(1)) - 1 if m else None
+    if not m or not 1 <= int(m.group(1)) <= _N_IMAGENET_VAL:
+        return None  # val_00000000 or val_00050001 is no ILSVRC-2012 validation image
+    return int(m.group(1)) - 1
 
 
 def _timm_real_json() -> tuple[bytes, str]:
@@ -396,6 +405,8 @@ def load_dataset(
             )
     if not ids:
         raise DatasetError(f"no images found under {r}; expected class folders of image files")
+    order = sorted(range(len(ids)), key=ids.__getitem__)  # ids are sorted as strings, whatever the layout
+    ids, toks = [ids[i] for i in order], [toks[i] for i in order]
     keep = _spread(len(ids), limit)
     ids = [ids[i] for i in keep]
     labels = np.array([space.resolve(toks[i]) for i in keep], dtype=np.int64)

@@ -61,7 +61,10 @@ _MAX_CLASS = 2**31 - 1
 # Rows of (N, C) scores handled at once: bounds the temporaries of the top-k
 # selection to a few MiB whatever N is.
 _CHUNK_ELEMENTS = 2**20
-_DEFAULT_GRID = np.round(np.arange(1, 50) * 0.02, 2)  # 0.02, 0.04, ..., 0.98
+# Evenly spaced in logit space, sigmoid(-4) .. sigmoid(14): a model trained with
+# softmax has logits offset by an arbitrary per-image constant, so its useful
+# sigmoid thresholds sit far above 0.98; a probability grid would never reach them.
+_DEFAULT_GRID = 1.0 / (1.0 + np.exp(-np.arange(-4.0, 14.0001, 0.25)))
 _CROSS_FIT = "2-fold cross-fit, max F1"
 
 
@@ -467,7 +470,7 @@ def choose_threshold(
     real_sets : sequence of N lists of int
         ReaL labels of each image; ``[]`` leaves the image out.
     grid : array of float, shape (G,), keyword-only, optional
-        Candidate thresholds; default 0.02, 0.04, ..., 0.98.
+        Candidate thresholds; default sigmoid(-4), sigmoid(-3.75), ..., sigmoid(14).
     valid : array of bool, shape (N,), optional
         Images that may be used; default all.
     max_set : int, keyword-only

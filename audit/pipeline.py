@@ -24,7 +24,7 @@ from audit import __version__
 from audit.datasets import AuditDataset
 from audit.errors import ModelError, StoreError
 from audit.evaluate import Metric, evaluate_all, relabeled_accuracy
-from audit.score import ModelArrays, bad_images, score_dataset
+from audit.score import ModelArrays, bad_images, load_models, score_dataset
 from audit.store import arrays_dir, connect, current_label_sets, fetch_one, now, to_json
 from audit.zoo import ModelSpec
 
@@ -176,9 +176,11 @@ def run_audit(
         raise ModelError("the same model is listed twice in --models; list each once")
     run_id = now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     params = {"batch_size": batch_size, "workers": workers, "sigmoid_threshold": sigmoid_threshold}
+    # Weights problems surface here, before the workspace is touched or any image scored.
+    models = load_models(specs)
     _register_run(db, ds, specs, run_id, params)
     arrays = score_dataset(ds, specs, arrays_dir(db), batch_size=batch_size, workers=workers,
-                           device=device, progress=progress)
+                           device=device, progress=progress, models=models)
     bad: dict[int, str] = {}
     for a in arrays:
         if a.spec.source != "predictions":

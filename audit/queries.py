@@ -26,7 +26,7 @@ def flagged_issues(db: Path, *, limit: int | None = None) -> pd.DataFrame:
                round(li.suggested_confidence, 3) AS suggested_confidence, li.issue_kind,
                round(li.label_quality, 4) AS label_quality,
                CASE WHEN i.real_labels IS NULL THEN NULL
-                    ELSE array_to_string(list_transform(i.real_labels, x -> x::VARCHAR), ' ') END AS real
+                    ELSE array_to_string(i.real_labels, ' ') END AS real
         FROM label_issues li
         JOIN images i USING (image_index)
         LEFT JOIN classes c ON c.class_index = i.label

@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ __all__ = [
     "ModelArrays",
     "decode_image",
     "forward_batch",
+    "load_models",
     "model_key",
     "score_dataset",
     "softmax",
@@ -201,18 +202,18 @@ def _shard_path(d: Path, s: int) -> Path:
     return d / f"{s:06d}.npz"
 
 
-def _load_models(specs: Sequence[ModelSpec], device: str, channels_last: bool) -> list[Any]:
-    import torch
-
+def load_models(specs: Sequence[ModelSpec]) -> dict[str, Any]:
+    """Build every model that runs (not imported predictions), failing before any scoring."""
     from audit.zoo import build_model
 
-    models = []
-    for spec in specs:
-        m = build_model(spec).to(device)
-        if channels_last:
-            m = m.to(memory_format=torch.channels_last)
-        models.append(m)
-    return models
+    return {s.name: build_model(s) for s in specs if s.source != "predictions"}
+
+
+def _prepare(model: Any, device: str, channels_last: bool) -> Any:
+    import torch
+
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -251,6 +252,7 @@ def score_dataset(
     device: str | None = None,
     channels_last: bool = True,
     progress: bool = True,
+    models: Mapping[str, Any] | None = None,
 ) -> list[ModelArrays]:
     """Score every image with every model, resuming from finished shards.
 
@@ -262,6 +264,8 @@ def score_dataset(
         Models to run; ``predictions`` specs are imported instead of run.
     arrays : Path
         Folder for shards and the assembled ``(N, C)`` matrices.
+    models : mapping of name to torch.nn.Module, optional
+        Already-built models (see :func:`load_models`); built here otherwise.
 
     Returns
     -------
@@ -281,8 +285,9 @@ def score_dataset(
     if needed:
         # Build only what still has work: a resumed run skips finished models.
         active = [s for s in run_specs if todo[s.name]]
-        models = _load_models(active, device, channels_last)
-        _score_shards(ds, active, models, dirs, todo, needed, shard_size, batch_size, workers,
+        built = models if models is not None else load_models(active)
+        nets = [_prepare(built[s.name], device, channels_last) for s in active]
+        _score_shards(ds, active, nets, dirs, todo, needed, shard_size, batch_size, workers,
                       device, channels_last, progress)
     out = []
     for s in specs:

@@ -127,11 +127,11 @@ class ModelRegistry:
     def register(self, spec: ModelSpec, *, default: bool = False) -> None:
         if spec.name in self._specs:
             raise ValueError(f"model {spec.name!r} is already registered")
+        arch = spec.name.split(".", 1)[0]
+        if default and arch in self._defaults:  # checked first: a refused spec is not half-registered
+            raise ValueError(f"{arch!r} already has default weights {self._defaults[arch]!r}")
         self._specs[spec.name] = spec
         if default:
-            arch = spec.name.split(".", 1)[0]
-            if arch in self._defaults:
-                raise ValueError(f"{arch!r} already has default weights {self._defaults[arch]!r}")
             self._defaults[arch] = spec.name
 
     def get(self, name: str) -> ModelSpec | None:
@@ -190,8 +190,14 @@ def default_registry() -> ModelRegistry:
 
 def _torchvision_spec(arch: str, tag: str | None) -> ModelSpec:
     import torch
+    import torchvision.models as tvm
     from torchvision.models import get_model_weights
 
+    if arch in tvm.list_models() and arch not in tvm.list_models(module=tvm):
+        raise ModelError(
+            f"{arch!r} is a torchvision model but not an image classifier (detection, segmentation, video, ...); "
+            "run 'audit models' to list names"
+        )
     try:
         enum = get_model_weights(arch)
     except (ValueError, KeyError) as e:
@@ -234,7 +240,11 @@ def _timm_spec(name: str) -> ModelSpec:
     if not timm.is_model(arch):
         raise ModelError(f"unknown timm model {arch!r}; see timm.list_models() for names")
     full = timm.models.get_arch_name(arch) + (f".{tag}" if tag else "")
-    cfg = get_pretrained_cfg(full, allow_unregistered=False) if tag else get_pretrained_cfg(arch)
+    try:
+        cfg = get_pretrained_cfg(full, allow_unregistered=False) if tag else get_pretrained_cfg(arch)
+    except RuntimeError as e:  # timm: "Invalid pretrained tag (...) for ..."
+        known = ", ".join(timm.list_pretrained(f"{arch}.*")[:12]) or "none"
+        raise ModelError(f"timm has no weights {name!r}; choose one of: {known}") from e
     if cfg is None:
         raise ModelError(f"timm has no pretrained weights {name!r}; list them with timm.list_pretrained()")
     tag = tag or (cfg.tag if getattr(cfg, "tag", None) else None)
@@ -278,15 +288,14 @@ def _checkpoint_spec(arch_name: str, file: str) -> ModelSpec:
 
 
 def _load_state_dict(path: Path) -> dict[str, Any]:
-    import pickle
-
     import torch
 
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # truncated or foreign files raise IndexError, KeyError, ... too
+        first = (str(e).splitlines() or [type(e).__name__])[0]
         raise ModelError(
-            f"cannot load checkpoint {path} as a plain state dict ({str(e).splitlines()[0]}); "
+            f"cannot load checkpoint {path} as a plain state dict ({first}); "
             "save it with torch.save(model.state_dict(), path)"
         ) from e
     for key in ("state_dict", "model", "state_dict_ema"):
@@ -455,9 +464,11 @@ def build_model(spec: ModelSpec, *, pretrained: bool = True) -> Any:
             try:
                 model.load_state_dict(sd)
             except RuntimeError as e:
+                # torch lists every missing key: keep the message to one readable line.
+                why = "; ".join(ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()) or str(e)
                 raise ModelError(
                     f"checkpoint {spec.weights_file} does not fit {spec.arch}: "
-                    f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}"
+                    f"{why if len(why) <= 300 else why[:300] + ' ...'}"
                 ) from e
     else:
         raise ModelError(f"unknown model source {spec.source!r}")

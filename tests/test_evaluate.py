@@ -329,13 +329,14 @@ def test_sigmoid_cross_fit_matches_manual_folds():
 
 def test_sigmoid_cross_fit_separable():
     # Positives at 0.9, negatives at 0.15: every threshold in [0.15, 0.9) is perfect and
-    # the smallest grid point above 0.15 is 0.16 on both folds.
+    # the smallest grid point above 0.15 (the grid is even in logit space) wins on both folds.
     sets = [[i % 5, (i + 1) % 5] if i % 3 else [i % 5] for i in range(30)]
     scores = np.full((30, 5), 0.15)
     for i, s in enumerate(sets):
         scores[i, s] = 0.9
     got = by_name(sigmoid_evaluation(scores, sets))
-    assert got["f1"].params["threshold"] == pytest.approx(0.16)
+    grid = 1 / (1 + np.exp(-np.arange(-4.0, 14.0001, 0.25)))
+    assert got["f1"].params["threshold"] == pytest.approx(grid[grid > 0.15].min())
     assert all(m.value == 1.0 for m in got.values())
 
 

@@ -45,20 +45,17 @@ def test_create_stamps_version_and_reopens(tmp_path):
 
 
 def test_missing_and_newer_workspace_are_refused(tmp_path):
-    with pytest.raises(StoreError, match="audit run"):
-        with connect(tmp_path / "nope.duckdb"):
-            pass
+    with pytest.raises(StoreError, match="audit run"), connect(tmp_path / "nope.duckdb"):
+        pass
     db = make_db(tmp_path / "w.duckdb")
     with connect(db) as con:
         con.execute("UPDATE meta SET value = ? WHERE key = ?", [str(SCHEMA_VERSION + 1), "schema_version"])
-    with pytest.raises(StoreError, match="upgrade audit"):
-        with connect(db):
-            pass
+    with pytest.raises(StoreError, match="upgrade audit"), connect(db):
+        pass
     other = tmp_path / "other.duckdb"
     duckdb.connect(str(other)).close()
-    with pytest.raises(StoreError, match="not an audit workspace"):
-        with connect(other):
-            pass
+    with pytest.raises(StoreError, match="not an audit workspace"), connect(other):
+        pass
 
 
 def test_decisions_are_append_only_and_undo_is_a_decision(tmp_path):
@@ -118,9 +115,8 @@ def test_lock_held_too_long_is_a_clear_error(tmp_path):
     p.start()
     try:
         assert ready.wait(60)
-        with pytest.raises(StoreError, match="locked by another process"):
-            with connect(db, timeout=0.5):
-                pass
+        with pytest.raises(StoreError, match="locked by another process"), connect(db, timeout=0.5):
+            pass
     finally:
         p.terminate()
         p.join()

@@ -1,0 +1,43 @@
+"""Seeded synthetic datasets and prediction files for tests (no real data needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361")  # ImageNet classes 0, 1, 2, 3
+
+
+def make_imagefolder(root: Path, *, per_class: int = 6, wnids: tuple[str, ...] = WNIDS, seed: int = 0,
+                     size: tuple[int, int] = (48, 40)) -> Path:
+    """wnid folders of small JPEGs named like ILSVRC-2012 validation files."""
+    rng = np.random.default_rng(seed)
+    k = 1
+    for w in wnids:
+        d = root / "val" / w
+        d.mkdir(parents=True, exist_ok=True)
+        for _ in range(per_class):
+            arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(d / f"ILSVRC2012_val_{k:08d}.JPEG", quality=85)
+            k += 1
+    return root
+
+
+def make_predictions(path: Path, image_ids: list[str], labels: np.ndarray, *, n_classes: int = 1000,
+                     flip: np.ndarray | None = None, seed: int = 1, probs: bool = False) -> Path:
+    """Logits that favour the given label, except at ``flip`` rows (favour label+1)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1, (len(image_ids), n_classes)).astype(np.float32)
+    target = labels.copy()
+    if flip is not None:
+        target[flip] = (labels[flip] + 1) % n_classes
+    logits[np.arange(len(labels)), target] += 9.0
+    out = logits
+    if probs:
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        out = (e / e.sum(1, keepdims=True)).astype(np.float32)
+    np.save(path, out)
+    path.with_suffix(".ids.txt").write_text("\n".join(image_ids) + "\n")
+    return path

@@ -1,0 +1,95 @@
+"""End to end on synthetic data: run -> metrics -> issues -> decisions -> export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _synth import make_imagefolder, make_predictions
+
+from audit.datasets import load_dataset
+from audit.export import export_labels
+from audit.pipeline import ENSEMBLE, live_metrics, run_audit, topk_of
+from audit.store import append_decision, connect
+from audit.zoo import resolve_model
+
+
+@pytest.fixture
+def workspace(tmp_path: Path):
+    root = make_imagefolder(tmp_path / "ds")
+    ds = load_dataset(root)
+    flip = np.array([1, 7, 13])
+    a = make_predictions(tmp_path / "a.npy", list(ds.image_ids), ds.labels, flip=flip, seed=1)
+    b = make_predictions(tmp_path / "b.npy", list(ds.image_ids), ds.labels, flip=flip, seed=2, probs=True)
+    db = tmp_path / "w.duckdb"
+    res = run_audit(ds, [resolve_model(f"preds:{a}"), resolve_model(f"preds:{b}")], db, progress=False)
+    return ds, db, res, flip
+
+
+def _metric(df, model, evaluation, metric):
+    row = df[(df.model == model) & (df.evaluation == evaluation) & (df.metric == metric)]
+    assert len(row) == 1, (model, evaluation, metric)
+    return row.iloc[0]
+
+
+def test_run_writes_every_table(workspace):
+    ds, db, res, flip = workspace
+    n = len(ds)
+    with connect(db, read_only=True) as con:
+        counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
+                  for t in ("images", "classes", "models", "predictions", "label_issues", "runs")}
+        status = con.execute("SELECT status FROM runs").fetchall()[0][0]
+    assert counts == {"images": n, "classes": 1000, "models": 2, "predictions": 3 * n, "label_issues": n, "runs": 1}
+    assert status == "finished"
+    m = live_metrics(db)
+    top1 = _metric(m, ENSEMBLE, "original", "top1")
+    assert top1.value == pytest.approx((n - len(flip)) / n)
+    assert top1.low <= top1.value <= top1.high and top1.n == n
+    assert set(m.evaluation) == {"original", "real", "sigmoid", "clean", "relabeled"}
+
+
+def test_flipped_labels_are_flagged_worst_first(workspace):
+    ds, db, res, flip = workspace
+    with connect(db, read_only=True) as con:
+        flagged = [r[0] for r in con.execute(
+            "SELECT image_index FROM label_issues WHERE is_label_issue ORDER BY label_quality").fetchall()]
+        sugg = dict(con.execute("SELECT image_index, suggested_label FROM label_issues").fetchall())
+    assert set(flagged[: len(flip)]) == set(flip.tolist())
+    for i in flip:
+        assert sugg[int(i)] == (ds.labels[i] + 1) % 1000
+    assert res.n_flagged == len(flagged)
+
+
+def test_decision_moves_relabeled_metric_and_export(workspace, tmp_path):
+    ds, db, res, flip = workspace
+    before = _metric(live_metrics(db), ENSEMBLE, "relabeled", "top1").value
+    for i in flip:
+        append_decision(db, int(i), "accept", labels=[int((ds.labels[i] + 1) % 1000)], reviewer="t")
+    after = _metric(live_metrics(db), ENSEMBLE, "relabeled", "top1").value
+    assert before == pytest.approx((len(ds) - 3) / len(ds)) and after == pytest.approx(1.0)
+    out1 = export_labels(db, tmp_path / "e1")
+    out2 = export_labels(db, tmp_path / "e2")
+    assert out1.n_changed == 3
+    for f in out1.files:
+        assert (tmp_path / "e1" / f).read_bytes() == (tmp_path / "e2" / f).read_bytes()
+    lines = (tmp_path / "e1" / "labels.csv").read_text().splitlines()
+    assert lines[0] == "image,label,labels,status,source"
+    changed = [ln for ln in lines if ",relabeled," in ln]
+    assert len(changed) == 3
+
+
+def test_rerun_resumes_and_refuses_other_dataset(workspace, tmp_path):
+    ds, db, res, _ = workspace
+    other = load_dataset(make_imagefolder(tmp_path / "other", per_class=2, seed=5))
+    from audit.errors import StoreError
+
+    with pytest.raises(StoreError, match="other images"):
+        run_audit(other, [resolve_model(f"preds:{tmp_path / 'a.npy'}")], db, progress=False)
+
+
+def test_topk_of_handles_nan_rows():
+    p = np.array([[0.1, 0.7, 0.2], [np.nan, np.nan, np.nan]], dtype=np.float32)
+    cls, val = topk_of(p, 2)
+    assert cls.tolist() == [[1, 2], [-1, -1]]
+    assert val[0].tolist() == pytest.approx([0.7, 0.2]) and np.isnan(val[1]).all()
