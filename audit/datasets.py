@@ -393,7 +393,8 @@ def load_dataset(
     r = Path(root).expanduser()
     if not r.is_dir():
         raise DatasetError(f"dataset folder {r} does not exist; pass the folder that holds the images")
-    r = _find_root(r.resolve())
+    # A label file names paths relative to the folder the user gave; only ImageFolder descends into val/.
+    r = r.resolve() if label_file is not None else _find_root(r.resolve())
     if label_file is not None:
         ids, toks, space = _label_file(r, Path(label_file))
         layout = "label-file"
