@@ -64,25 +64,46 @@ def cmd_run(a: argparse.Namespace) -> int:
     specs = [resolve_model(n) for n in a.models.split(",") if n.strip()]
     if not specs:
         raise UserError("--models is empty; name at least one model (see 'audit models')")
-    print(f"audit: {len(ds)} images, {len(set(ds.labels.tolist()))} classes from {ds.root} ({ds.layout}); "
-          f"{len(specs)} model(s); workspace {a.db}", file=sys.stderr)
-    res = run_audit(ds, specs, Path(a.db), batch_size=a.batch_size, workers=a.workers, device=a.device,
-                    sigmoid_threshold=a.sigmoid_threshold, progress=not a.quiet)
+    print(
+        f"audit: {len(ds)} images, {len(set(ds.labels.tolist()))} classes from {ds.root} ({ds.layout}); "
+        f"{len(specs)} model(s); workspace {a.db}",
+        file=sys.stderr,
+    )
+    res = run_audit(
+        ds,
+        specs,
+        Path(a.db),
+        batch_size=a.batch_size,
+        workers=a.workers,
+        device=a.device,
+        sigmoid_threshold=a.sigmoid_threshold,
+        progress=not a.quiet,
+    )
     for note in res.skipped:
         print(f"audit: note: {note}", file=sys.stderr)
     from audit.pipeline import live_metrics
 
     _emit(_metrics_view(live_metrics(Path(a.db)), a.format), a.format)
-    print(f"flagged images: {res.n_flagged} of {len(ds)} (bad images left out: {res.n_bad}); "
-          f"review them with 'audit issues --db {a.db}' or 'audit dashboard --db {a.db}'")
+    print(
+        f"flagged images: {res.n_flagged} of {len(ds)} (bad images left out: {res.n_bad}); "
+        f"review them with 'audit issues --db {a.db}' or 'audit dashboard --db {a.db}'"
+    )
     return 0
 
 
 def cmd_models(a: argparse.Namespace) -> int:
     from audit.zoo import list_models, weights_status
 
-    rows = [{"model": s.name, "source": s.source, "input": s.preprocess.crop if s.preprocess else None,
-             "loss": s.loss, "weights": weights_status(s)} for s in list_models(a.filter)]
+    rows = [
+        {
+            "model": s.name,
+            "source": s.source,
+            "input": s.preprocess.crop if s.preprocess else None,
+            "loss": s.loss,
+            "weights": weights_status(s),
+        }
+        for s in list_models(a.filter)
+    ]
     df = pd.DataFrame(rows)
     if a.available:
         df = df[df["weights"] == "available"]
@@ -109,8 +130,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     from audit.export import export_labels
 
     res = export_labels(Path(a.db), Path(a.out))
-    print(f"exported {res.n_images} images ({res.n_changed} changed by review, {res.n_excluded} excluded) "
-          f"to {res.out}: {', '.join(res.files)}")
+    print(
+        f"exported {res.n_images} images ({res.n_changed} changed by review, {res.n_excluded} excluded) "
+        f"to {res.out}: {', '.join(res.files)}"
+    )
     return 0
 
 
@@ -131,8 +154,21 @@ def cmd_dashboard(a: argparse.Namespace) -> int:
     if not Path(a.db).exists():
         raise UserError(f"no audit workspace at {a.db}; run 'audit run DATASET --db {a.db}' first")
     env = dict(os.environ, AUDIT_DB=str(Path(a.db).resolve()))
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", a.host,
-           "--server.port", str(a.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.address",
+        a.host,
+        "--server.port",
+        str(a.port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
     print(f"audit: dashboard on http://{a.host}:{a.port} for {a.db}", file=sys.stderr)
     return subprocess.call(cmd, env=env)
 
@@ -147,8 +183,12 @@ def _parser() -> argparse.ArgumentParser:
     db_help = f"audit workspace (DuckDB file; arrays go in <db>.arrays/), default {default_db()}"
 
     r = sub.add_parser("run", help="score a dataset, evaluate, flag label issues")
-    r.add_argument("dataset", nargs="?", help="dataset folder (ImageFolder, or flat with --labels); "
-                   "default: ../shared/datasets/imagenet-val-1300, else a fetched Imagenette sample in data/")
+    r.add_argument(
+        "dataset",
+        nargs="?",
+        help="dataset folder (ImageFolder, or flat with --labels); "
+        "default: ../shared/datasets/imagenet-val-1300, else a fetched Imagenette sample in data/",
+    )
     r.add_argument("--models", default=_DEFAULT_MODELS, help=f"comma-separated zoo names (default {_DEFAULT_MODELS})")
     r.add_argument("--db", default=str(default_db()), help=db_help)
     r.add_argument("--labels", help="CSV 'path,label' for a flat folder (label: wnid, index or class name)")
@@ -157,8 +197,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="DataLoader workers")
     r.add_argument("--limit", type=int, help="score only this many images, evenly spaced over the sorted ids")
     r.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
-    r.add_argument("--sigmoid-threshold", type=float, help="fixed threshold for the sigmoid evaluation "
-                   "(default: chosen by 2-fold cross-fitting)")
+    r.add_argument(
+        "--sigmoid-threshold",
+        type=float,
+        help="fixed threshold for the sigmoid evaluation (default: chosen by 2-fold cross-fitting)",
+    )
     r.add_argument("--format", choices=["table", "csv", "json"], default="table")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
@@ -169,8 +212,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--format", choices=["table", "csv", "json"], default="table")
     m.set_defaults(func=cmd_models)
 
-    for name, func, hlp in (("metrics", cmd_metrics, "accuracy per model and evaluation, with 95% intervals"),
-                            ("issues", cmd_issues, "flagged images, worst first")):
+    for name, func, hlp in (
+        ("metrics", cmd_metrics, "accuracy per model and evaluation, with 95% intervals"),
+        ("issues", cmd_issues, "flagged images, worst first"),
+    ):
         s = sub.add_parser(name, help=hlp)
         s.add_argument("--db", default=str(default_db()), help=db_help)
         s.add_argument("--format", choices=["table", "csv", "json"], default="table")
@@ -202,8 +247,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="audit: %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="audit: %(levelname)s: %(message)s",
+    )
     try:
         return int(args.func(args) or 0)
     except UserError as e:

@@ -212,8 +212,7 @@ def _imagefolder(root: Path) -> tuple[list[str], list[str], str, LabelSpace]:
         unknown = [c for c in classes if c not in space.keys]
         if unknown:
             raise DatasetError(
-                f"folder {unknown[0]!r} looks like a wnid but is not an ImageNet-1k class; "
-                "rename or remove it"
+                f"folder {unknown[0]!r} looks like a wnid but is not an ImageNet-1k class; rename or remove it"
             )
         return ids, folder_of, "imagefolder-wnid", space
     if wnid:
@@ -232,18 +231,14 @@ def _read_label_csv(path: Path) -> list[tuple[str, str]]:
     except OSError as e:
         raise LabelFileError(f"cannot read label file {path}: {e.strerror}; check the path") from e
     except UnicodeDecodeError as e:
-        raise LabelFileError(
-            f"label file {path} is not UTF-8 (byte {e.start}); re-save it as UTF-8"
-        ) from e
+        raise LabelFileError(f"label file {path} is not UTF-8 (byte {e.start}); re-save it as UTF-8") from e
     rows = list(csv.reader(io.StringIO(text)))
     rows = [r for r in rows if any(cell.strip() for cell in r)]
     if not rows:
         raise LabelFileError(f"label file {path} is empty; expected a header 'path,label' and rows")
     header = [h.strip().lower() for h in rows[0]]
     if "path" not in header or "label" not in header:
-        raise LabelFileError(
-            f"label file {path} has header {rows[0]!r}; expected columns 'path' and 'label'"
-        )
+        raise LabelFileError(f"label file {path} has header {rows[0]!r}; expected columns 'path' and 'label'")
     ip, il = header.index("path"), header.index("label")
     out: list[tuple[str, str]] = []
     for n, r in enumerate(rows[1:], start=2):
@@ -258,9 +253,7 @@ def _read_label_csv(path: Path) -> list[tuple[str, str]]:
 def _safe_relpath(root: Path, rel: str, where: str) -> str:
     p = Path(rel)
     if p.is_absolute() or ".." in p.parts or not rel:
-        raise LabelFileError(
-            f"{where}: path {rel!r} must be relative to the dataset root and stay inside it"
-        )
+        raise LabelFileError(f"{where}: path {rel!r} must be relative to the dataset root and stay inside it")
     return p.as_posix()
 
 
@@ -273,14 +266,12 @@ def _label_file(root: Path, label_file: Path) -> tuple[list[str], list[str], Lab
         rel = _safe_relpath(root, rel, f"{label_file} line {n}")
         if rel in seen:
             raise LabelFileError(
-                f"{label_file} line {n}: {rel!r} is listed twice (first on line {seen[rel]}); "
-                "keep one row per image"
+                f"{label_file} line {n}: {rel!r} is listed twice (first on line {seen[rel]}); keep one row per image"
             )
         seen[rel] = n
         if not (root / rel).exists() and not (root / rel).is_symlink():
             raise LabelFileError(
-                f"{label_file} line {n}: image {rel!r} does not exist under {root}; "
-                "fix the path or drop the row"
+                f"{label_file} line {n}: image {rel!r} does not exist under {root}; fix the path or drop the row"
             )
         ids.append(rel)
         toks.append(tok)
@@ -353,14 +344,10 @@ def load_real_labels(path: str | Path | None = None) -> tuple[list[list[int]], s
         raise LabelFileError(f"ReaL file {source} is not valid JSON ({e}); pass a ReaL-format file") from e
     if not isinstance(data, list) or len(data) != _N_IMAGENET_VAL:
         seen = f"{type(data).__name__} of length {len(data)}" if isinstance(data, list) else type(data).__name__
-        raise LabelFileError(
-            f"ReaL file {source}: expected a list of {_N_IMAGENET_VAL} label lists, got a {seen}"
-        )
+        raise LabelFileError(f"ReaL file {source}: expected a list of {_N_IMAGENET_VAL} label lists, got a {seen}")
     for i, s in enumerate(data):
         if not isinstance(s, list) or not all(isinstance(c, int) and 0 <= c < 1000 for c in s):
-            raise LabelFileError(
-                f"ReaL file {source}: entry {i} should be a list of class indices 0..999, got {s!r}"
-            )
+            raise LabelFileError(f"ReaL file {source}: entry {i} should be a list of class indices 0..999, got {s!r}")
     return data, source
 
 
@@ -401,9 +388,7 @@ def load_dataset(
     else:
         ids, toks, layout, space = _imagefolder(r)
         if not ids and any(_is_image(p) for p in r.iterdir()):
-            raise DatasetError(
-                f"{r} holds images but no class folders; pass --labels FILE.csv with 'path,label' rows"
-            )
+            raise DatasetError(f"{r} holds images but no class folders; pass --labels FILE.csv with 'path,label' rows")
     if not ids:
         raise DatasetError(f"no images found under {r}; expected class folders of image files")
     order = sorted(range(len(ids)), key=ids.__getitem__)  # ids are sorted as strings, whatever the layout

@@ -342,9 +342,7 @@ def relabeled_accuracy(
     return _set_accuracy("relabeled", topk, sets, valid, _as_ks(ks))
 
 
-def _original(
-    topk: np.ndarray, labels: np.ndarray, valid: np.ndarray, ks: tuple[int, ...]
-) -> list[Metric]:
+def _original(topk: np.ndarray, labels: np.ndarray, valid: np.ndarray, ks: tuple[int, ...]) -> list[Metric]:
     return _accuracy("original", topk == labels[:, None], valid & (labels >= 0), ks)
 
 
@@ -360,24 +358,16 @@ def _clean(topk: np.ndarray, labels: np.ndarray, sets: _Sets, valid: np.ndarray)
     return _accuracy("clean", topk[:, :1] == labels[:, None], valid & agreed, (1,))
 
 
-def _accuracy(
-    evaluation: str, hits: np.ndarray, include: np.ndarray, ks: tuple[int, ...]
-) -> list[Metric]:
+def _accuracy(evaluation: str, hits: np.ndarray, include: np.ndarray, ks: tuple[int, ...]) -> list[Metric]:
     """Top-k rows from ``hits`` (bool (N, K), True where ``topk[i, j]`` is right)."""
     h = hits[include]
     big_k = h.shape[1]
     # Rank of the first right answer (K when none) answers every k at once.
     first = np.where(h.any(axis=1), h.argmax(axis=1), big_k)
-    return [
-        _rate(evaluation, f"top{k}", int(np.count_nonzero(first < k)), len(h))
-        for k in ks
-        if k <= big_k
-    ]
+    return [_rate(evaluation, f"top{k}", int(np.count_nonzero(first < k)), len(h)) for k in ks if k <= big_k]
 
 
-def _rate(
-    evaluation: str, name: str, successes: int, n: int, params: dict[str, Any] | None = None
-) -> Metric:
+def _rate(evaluation: str, name: str, successes: int, n: int, params: dict[str, Any] | None = None) -> Metric:
     low, high = wilson_interval(successes, n)
     value = successes / n if n else math.nan
     return Metric(evaluation, name, value, low, high, n, dict(params or {}))
@@ -676,8 +666,7 @@ def _as_topk_valid(topk: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarr
     used = t[mask]
     if used.size and (used.min() < 0 or used.max() > _MAX_CLASS):
         raise ValueError(
-            f"topk holds class indices in [{used.min()}, {used.max()}] on valid images, "
-            f"expected [0, {_MAX_CLASS}]"
+            f"topk holds class indices in [{used.min()}, {used.max()}] on valid images, expected [0, {_MAX_CLASS}]"
         )
     return t, mask
 
@@ -702,8 +691,7 @@ def _as_labels(labels: np.ndarray, n: int) -> np.ndarray:
     lab = lab.astype(np.int64, copy=False)
     if lab.size and (lab.min() < -1 or lab.max() > _MAX_CLASS):
         raise ValueError(
-            f"labels lie in [{lab.min()}, {lab.max()}], expected -1 (excluded) or a class "
-            f"index in [0, {_MAX_CLASS}]"
+            f"labels lie in [{lab.min()}, {lab.max()}], expected -1 (excluded) or a class index in [0, {_MAX_CLASS}]"
         )
     return lab
 
@@ -731,9 +719,7 @@ def _as_sets(sets: Sequence[Sequence[int]], n: int, name: str) -> _Sets:
     bad = np.flatnonzero((flat < 0) | (flat > _MAX_CLASS))
     if bad.size:
         row = int(np.searchsorted(np.cumsum(sizes), bad[0], side="right"))
-        raise ValueError(
-            f"{name}[{row}] holds class {flat[bad[0]]}, expected classes in [0, {_MAX_CLASS}]"
-        )
+        raise ValueError(f"{name}[{row}] holds class {flat[bad[0]]}, expected classes in [0, {_MAX_CLASS}]")
     rows = np.repeat(np.arange(n, dtype=np.int64), sizes)
     keys = np.unique(rows * 2**_SHIFT + flat.astype(np.int64))
     return _Sets(keys, np.bincount(keys >> _SHIFT, minlength=n))

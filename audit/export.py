@@ -86,8 +86,17 @@ def cleaned_labels(db: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         else:
             status, reason = ("multi_label" if len(labels) > 1 else "relabeled"), ""
         source = f"decision {int(r.decision_id)} by {r.reviewer}" if decided else "given"
-        rows.append({"image": r.image, "label": labels[0] if labels else None, "labels": labels,
-                     "status": status, "source": source, "reason": reason, "changed": decided and labels != given})
+        rows.append(
+            {
+                "image": r.image,
+                "label": labels[0] if labels else None,
+                "labels": labels,
+                "status": status,
+                "source": source,
+                "reason": reason,
+                "changed": decided and labels != given,
+            }
+        )
     return pd.DataFrame(rows), classes
 
 
@@ -97,8 +106,16 @@ def render_exports(images: pd.DataFrame, classes: pd.DataFrame) -> dict[str, byt
     out: dict[str, bytes] = {}
     out["labels.csv"] = _csv(
         ["image", "label", "labels", "status", "source"],
-        ([r.image, "" if r.label is None or pd.isna(r.label) else int(r.label), " ".join(map(str, r.labels)),
-          r.status, r.source] for r in images.itertuples(index=False)),
+        (
+            [
+                r.image,
+                "" if r.label is None or pd.isna(r.label) else int(r.label),
+                " ".join(map(str, r.labels)),
+                r.status,
+                r.source,
+            ]
+            for r in images.itertuples(index=False)
+        ),
     )
     out["classes.csv"] = _csv(["index", "key", "name"], classes.itertuples(index=False))
     out["excluded.csv"] = _csv(

@@ -121,8 +121,17 @@ def _register_run(db: Path, ds: AuditDataset, specs: Sequence[ModelSpec], run_id
             _write_dataset(con, ds, fp)
         con.execute(
             "INSERT INTO runs VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?, ?)",
-            [run_id, now(), "running", "audit run", str(ds.root), len(ds), [s.name for s in specs],
-             __version__, to_json(params)],
+            [
+                run_id,
+                now(),
+                "running",
+                "audit run",
+                str(ds.root),
+                len(ds),
+                [s.name for s in specs],
+                __version__,
+                to_json(params),
+            ],
         )
         con.execute("COMMIT")
 
@@ -135,20 +144,25 @@ def _write_dataset(con: Any, ds: AuditDataset, fp: str) -> None:
         ("label_space", "imagenet-1k" if ds.label_space.imagenet else "custom"),
         ("real_source", ds.real_source or ""),
     ):
-        con.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    [key, value])
-    classes = pd.DataFrame({
-        "class_index": np.arange(len(ds.label_space), dtype=np.int32),
-        "key": list(ds.label_space.keys),
-        "name": list(ds.label_space.names),
-    })
-    images = pd.DataFrame({
-        "image_index": np.arange(len(ds), dtype=np.int32),
-        "image_id": list(ds.image_ids),
-        "label": ds.labels.astype(np.int32),
-        "real_labels": ds.real if ds.real is not None else [None] * len(ds),
-        "valid": np.ones(len(ds), dtype=bool),
-    })
+        con.execute(
+            "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", [key, value]
+        )
+    classes = pd.DataFrame(
+        {
+            "class_index": np.arange(len(ds.label_space), dtype=np.int32),
+            "key": list(ds.label_space.keys),
+            "name": list(ds.label_space.names),
+        }
+    )
+    images = pd.DataFrame(
+        {
+            "image_index": np.arange(len(ds), dtype=np.int32),
+            "image_id": list(ds.image_ids),
+            "label": ds.labels.astype(np.int32),
+            "real_labels": ds.real if ds.real is not None else [None] * len(ds),
+            "valid": np.ones(len(ds), dtype=bool),
+        }
+    )
     con.register("classes_df", classes)
     con.register("images_df", images)
     con.execute("INSERT INTO classes SELECT * FROM classes_df")
@@ -179,8 +193,16 @@ def run_audit(
     # Weights problems surface here, before the workspace is touched or any image scored.
     models = load_models(specs)
     _register_run(db, ds, specs, run_id, params)
-    arrays = score_dataset(ds, specs, arrays_dir(db), batch_size=batch_size, workers=workers,
-                           device=device, progress=progress, models=models)
+    arrays = score_dataset(
+        ds,
+        specs,
+        arrays_dir(db),
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        progress=progress,
+        models=models,
+    )
     bad: dict[int, str] = {}
     for a in arrays:
         if a.spec.source != "predictions":
@@ -203,8 +225,7 @@ def run_audit(
         cls, val = topk_of(mean)
         pred_frames.append(_prediction_frame(ENSEMBLE, cls, val, mean, ds.labels))
         metric_rows += _evaluate(ENSEMBLE, cls, None, ds, valid, sigmoid_threshold)
-        issues = flag.find_label_issues([np.load(a.probs, mmap_mode="r") for a in evaluable], ds.labels,
-                                        valid=valid)
+        issues = flag.find_label_issues([np.load(a.probs, mmap_mode="r") for a in evaluable], ds.labels, valid=valid)
     else:
         notes.append("no model predicts the dataset's classes: no evaluations and no label issues")
     if ds.real is None:
@@ -226,26 +247,33 @@ def _ensemble_mean(probs: Sequence[np.ndarray], valid: np.ndarray) -> np.ndarray
     return out
 
 
-def _prediction_frame(model: str, cls: np.ndarray, val: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
+def _prediction_frame(
+    model: str, cls: np.ndarray, val: np.ndarray, probs: np.ndarray, labels: np.ndarray
+) -> pd.DataFrame:
     n = len(cls)
     lab = np.clip(labels, 0, probs.shape[1] - 1)
     label_prob = np.empty(n, dtype=np.float32)
     for s in range(0, n, _CHUNK):
-        label_prob[s : s + _CHUNK] = np.asarray(probs[s : s + _CHUNK])[np.arange(min(_CHUNK, n - s)), lab[s : s + _CHUNK]]
+        label_prob[s : s + _CHUNK] = np.asarray(probs[s : s + _CHUNK])[
+            np.arange(min(_CHUNK, n - s)), lab[s : s + _CHUNK]
+        ]
     label_prob[(labels < 0) | (labels >= probs.shape[1])] = np.nan
-    return pd.DataFrame({
-        "model": model,
-        "image_index": np.arange(n, dtype=np.int32),
-        "top1": cls[:, 0],
-        "top1_prob": val[:, 0],
-        "label_prob": label_prob,
-        "top_classes": list(cls),
-        "top_probs": list(val),
-    })
+    return pd.DataFrame(
+        {
+            "model": model,
+            "image_index": np.arange(n, dtype=np.int32),
+            "top1": cls[:, 0],
+            "top1_prob": val[:, 0],
+            "label_prob": label_prob,
+            "top_classes": list(cls),
+            "top_probs": list(val),
+        }
+    )
 
 
-def _evaluate(model: str, cls: np.ndarray, logits: np.ndarray | None, ds: AuditDataset, valid: np.ndarray,
-              threshold: float | None) -> list[tuple[str, Metric]]:
+def _evaluate(
+    model: str, cls: np.ndarray, logits: np.ndarray | None, ds: AuditDataset, valid: np.ndarray, threshold: float | None
+) -> list[tuple[str, Metric]]:
     scores = None
     if logits is not None and ds.real is not None:
         # Every class scored on its own: sigmoid of the logit, whatever loss trained it.
@@ -253,32 +281,73 @@ def _evaluate(model: str, cls: np.ndarray, logits: np.ndarray | None, ds: AuditD
         for s in range(0, len(logits), _CHUNK):
             x = np.nan_to_num(np.asarray(logits[s : s + _CHUNK], dtype=np.float32), nan=0.0)
             scores[s : s + _CHUNK] = 1.0 / (1.0 + np.exp(-x))
-    rows = evaluate_all(cls, ds.labels, real_sets=ds.real, scores=scores, label_sets=None,
-                        valid=valid & (cls[:, 0] >= 0), threshold=threshold)
+    rows = evaluate_all(
+        cls,
+        ds.labels,
+        real_sets=ds.real,
+        scores=scores,
+        label_sets=None,
+        valid=valid & (cls[:, 0] >= 0),
+        threshold=threshold,
+    )
     rel = relabeled_accuracy(cls, [[int(x)] if x >= 0 else [] for x in ds.labels], valid=valid & (cls[:, 0] >= 0))
     return [(model, m) for m in rows + rel]
 
 
 def _metric_row(run_id: str, model: str, m: Metric) -> dict[str, Any]:
-    return {"run_id": run_id, "model": model, "evaluation": m.evaluation, "metric": m.metric,
-            "value": m.value, "low": m.low, "high": m.high, "n": m.n, "params": to_json(m.params)}
+    return {
+        "run_id": run_id,
+        "model": model,
+        "evaluation": m.evaluation,
+        "metric": m.metric,
+        "value": m.value,
+        "low": m.low,
+        "high": m.high,
+        "n": m.n,
+        "params": to_json(m.params),
+    }
 
 
-def _ingest(db: Path, run_id: str, ds: AuditDataset, arrays: Sequence[ModelArrays], preds: Sequence[pd.DataFrame],
-            metrics: pd.DataFrame, issues: pd.DataFrame | None, bad: dict[int, str], notes: list[str]) -> None:
+def _ingest(
+    db: Path,
+    run_id: str,
+    ds: AuditDataset,
+    arrays: Sequence[ModelArrays],
+    preds: Sequence[pd.DataFrame],
+    metrics: pd.DataFrame,
+    issues: pd.DataFrame | None,
+    bad: dict[int, str],
+    notes: list[str],
+) -> None:
     from audit import flag
 
-    models = pd.DataFrame([{
-        "model": a.spec.name, "source": a.spec.source, "arch": a.spec.arch, "tag": a.spec.tag, "loss": a.spec.loss,
-        "num_classes": a.num_classes,
-        "preprocess": to_json(a.spec.preprocess.__dict__ if a.spec.preprocess else None),
-        "weights_file": a.spec.weights_file, "logits_file": str(a.logits), "probs_file": str(a.probs),
-        "run_id": run_id,
-    } for a in arrays])
+    models = pd.DataFrame(
+        [
+            {
+                "model": a.spec.name,
+                "source": a.spec.source,
+                "arch": a.spec.arch,
+                "tag": a.spec.tag,
+                "loss": a.spec.loss,
+                "num_classes": a.num_classes,
+                "preprocess": to_json(a.spec.preprocess.__dict__ if a.spec.preprocess else None),
+                "weights_file": a.spec.weights_file,
+                "logits_file": str(a.logits),
+                "probs_file": str(a.probs),
+                "run_id": run_id,
+            }
+            for a in arrays
+        ]
+    )
     pred = pd.concat(preds, ignore_index=True)
-    bad_df = pd.DataFrame({"image_index": np.array(sorted(bad), dtype=np.int32),
-                           "image_id": [ds.image_ids[i] for i in sorted(bad)],
-                           "reason": [bad[i] for i in sorted(bad)], "run_id": run_id})
+    bad_df = pd.DataFrame(
+        {
+            "image_index": np.array(sorted(bad), dtype=np.int32),
+            "image_id": [ds.image_ids[i] for i in sorted(bad)],
+            "reason": [bad[i] for i in sorted(bad)],
+            "run_id": run_id,
+        }
+    )
     with connect(db) as con:
         con.execute("BEGIN TRANSACTION")
         try:
@@ -302,8 +371,10 @@ def _ingest(db: Path, run_id: str, ds: AuditDataset, arrays: Sequence[ModelArray
                 con.execute("DELETE FROM label_issues")
                 con.execute("INSERT INTO label_issues SELECT * FROM issues_df")
             params = {"flag": flag.flag_params(), "notes": notes}
-            con.execute("UPDATE runs SET finished_at = ?, status = ?, params = json_merge_patch(params, ?) "
-                        "WHERE run_id = ?", [now(), "finished", to_json(params), run_id])
+            con.execute(
+                "UPDATE runs SET finished_at = ?, status = ?, params = json_merge_patch(params, ?) WHERE run_id = ?",
+                [now(), "finished", to_json(params), run_id],
+            )
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -312,19 +383,23 @@ def _ingest(db: Path, run_id: str, ds: AuditDataset, arrays: Sequence[ModelArray
 
 def _issue_frame(issues: pd.DataFrame, run_id: str) -> pd.DataFrame:
     score_cols = [c for c in issues.columns if c.endswith("_score")]
-    scores = [to_json({c: float(v) for c, v in zip(score_cols, row, strict=True)})
-              for row in issues[score_cols].itertuples(index=False)]
-    return pd.DataFrame({
-        "image_index": issues["index"].astype(np.int32),
-        "label_quality": issues["label_quality"].astype(float),
-        "is_label_issue": issues["is_label_issue"].astype(bool),
-        "suggested_label": issues["suggested_label"].astype(np.int32),
-        "suggested_confidence": issues["suggested_confidence"].astype(float),
-        "issue_kind": issues["issue_kind"].astype(str),
-        "rank": issues["rank"].astype("Int32"),
-        "scores": scores,
-        "run_id": run_id,
-    })
+    scores = [
+        to_json({c: float(v) for c, v in zip(score_cols, row, strict=True)})
+        for row in issues[score_cols].itertuples(index=False)
+    ]
+    return pd.DataFrame(
+        {
+            "image_index": issues["index"].astype(np.int32),
+            "label_quality": issues["label_quality"].astype(float),
+            "is_label_issue": issues["is_label_issue"].astype(bool),
+            "suggested_label": issues["suggested_label"].astype(np.int32),
+            "suggested_confidence": issues["suggested_confidence"].astype(float),
+            "issue_kind": issues["issue_kind"].astype(str),
+            "rank": issues["rank"].astype("Int32"),
+            "scores": scores,
+            "run_id": run_id,
+        }
+    )
 
 
 def live_metrics(db: Path) -> pd.DataFrame:
@@ -336,18 +411,33 @@ def live_metrics(db: Path) -> pd.DataFrame:
     with connect(db, read_only=True) as con:
         stored = con.execute(
             "SELECT model, evaluation, metric, value, low, high, n, params FROM metrics WHERE evaluation <> ? "
-            "ORDER BY model, evaluation, metric", ["relabeled"]).df()
+            "ORDER BY model, evaluation, metric",
+            ["relabeled"],
+        ).df()
         sets, _ = current_label_sets(con)
-        valid = np.array([r[0] for r in con.execute("SELECT valid FROM images ORDER BY image_index").fetchall()],
-                         dtype=bool)
+        valid = np.array(
+            [r[0] for r in con.execute("SELECT valid FROM images ORDER BY image_index").fetchall()], dtype=bool
+        )
         models = [r[0] for r in con.execute("SELECT DISTINCT model FROM metrics ORDER BY model").fetchall()]
         rows = []
         for m in models:
-            top = con.execute("SELECT top_classes FROM predictions WHERE model = ? ORDER BY image_index", [m]).fetchall()
+            top = con.execute(
+                "SELECT top_classes FROM predictions WHERE model = ? ORDER BY image_index", [m]
+            ).fetchall()
             cls = np.array([t[0] for t in top], dtype=np.int64)
             for r in relabeled_accuracy(cls, sets, valid=valid & (cls[:, 0] >= 0)):
-                rows.append({"model": m, "evaluation": r.evaluation, "metric": r.metric, "value": r.value,
-                             "low": r.low, "high": r.high, "n": r.n, "params": json.dumps(r.params)})
+                rows.append(
+                    {
+                        "model": m,
+                        "evaluation": r.evaluation,
+                        "metric": r.metric,
+                        "value": r.value,
+                        "low": r.low,
+                        "high": r.high,
+                        "n": r.n,
+                        "params": json.dumps(r.params),
+                    }
+                )
     out = pd.concat([stored, pd.DataFrame(rows)], ignore_index=True) if rows else stored
     order = {"original": 0, "real": 1, "sigmoid": 2, "clean": 3, "relabeled": 4}
     out["_o"] = out["evaluation"].map(order).fillna(9)

@@ -66,8 +66,8 @@ def run_summary(db: Path) -> dict[str, object]:
         models = [r[0] for r in con.execute("SELECT model FROM models ORDER BY model").fetchall()]
         n_flag = fetch_one(con, "SELECT count(*) FROM label_issues WHERE is_label_issue")[0]
         n_dec = fetch_one(con, "SELECT count(DISTINCT image_index) FROM decisions")[0]
-        last = fetch_one(con,
-            "SELECT run_id, status, started_at, finished_at FROM runs ORDER BY started_at DESC LIMIT ?", [1]
+        last = fetch_one(
+            con, "SELECT run_id, status, started_at, finished_at FROM runs ORDER BY started_at DESC LIMIT ?", [1]
         )
     return {
         "dataset_root": meta.get("dataset_root"),

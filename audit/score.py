@@ -287,8 +287,9 @@ def score_dataset(
         active = [s for s in run_specs if todo[s.name]]
         built = models if models is not None else load_models(active)
         nets = [_prepare(built[s.name], device, channels_last) for s in active]
-        _score_shards(ds, active, nets, dirs, todo, needed, shard_size, batch_size, workers,
-                      device, channels_last, progress)
+        _score_shards(
+            ds, active, nets, dirs, todo, needed, shard_size, batch_size, workers, device, channels_last, progress
+        )
     out = []
     for s in specs:
         if s.source == "predictions":
@@ -341,7 +342,12 @@ def _shard_buf(pending: dict[int, dict[str, Any]], k: int, shard_size: int, n: i
 
 
 def _write_shard(
-    buf: dict[str, Any], k: int, specs: Sequence[ModelSpec], dirs: dict[str, Path], todo: dict[str, list[int]], shard_size: int
+    buf: dict[str, Any],
+    k: int,
+    specs: Sequence[ModelSpec],
+    dirs: dict[str, Path],
+    todo: dict[str, list[int]],
+    shard_size: int,
 ) -> None:
     start = k * shard_size
     bad = sorted(buf["bad"])

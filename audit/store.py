@@ -159,9 +159,7 @@ def _check_version(con: duckdb.DuckDBPyConnection, path: Path) -> None:
         raise StoreError(f"{path} is not an audit workspace (no meta table); pass the file 'audit run' made") from e
     version = int(row[0]) if row else 0
     if version > SCHEMA_VERSION:
-        raise StoreError(
-            f"{path} has schema version {version}, this audit reads up to {SCHEMA_VERSION}; upgrade audit"
-        )
+        raise StoreError(f"{path} has schema version {version}, this audit reads up to {SCHEMA_VERSION}; upgrade audit")
 
 
 def init_db(con: duckdb.DuckDBPyConnection) -> None:
@@ -169,9 +167,7 @@ def init_db(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("BEGIN TRANSACTION")
     for stmt in SCHEMA:
         con.execute(stmt)
-    con.execute(
-        "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO NOTHING", ["schema_version", str(SCHEMA_VERSION)]
-    )
+    con.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO NOTHING", ["schema_version", str(SCHEMA_VERSION)])
     con.execute("COMMIT")
     _check_version(con, Path("?"))
 
@@ -248,7 +244,8 @@ def append_decision(
                 "keep": original,
                 "undo": states[-2] if len(states) > 1 else original,
             }[action]
-            row = fetch_one(con,
+            row = fetch_one(
+                con,
                 "INSERT INTO decisions (image_index, image_id, old_labels, new_labels, action, reviewer, "
                 "decided_at, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING decision_id",
                 [image_index, image_id, current, new, action, who, datetime.now(UTC).replace(tzinfo=None), reason],

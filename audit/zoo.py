@@ -63,9 +63,7 @@ class Preprocess:
 
         return v2.Compose(
             [
-                v2.Resize(
-                    self.resize, interpolation=InterpolationMode(self.interpolation), antialias=True
-                ),
+                v2.Resize(self.resize, interpolation=InterpolationMode(self.interpolation), antialias=True),
                 v2.CenterCrop(self.crop),
                 v2.PILToTensor(),
                 v2.ToDtype(torch.float32, scale=True),
@@ -202,8 +200,7 @@ def _torchvision_spec(arch: str, tag: str | None) -> ModelSpec:
         enum = get_model_weights(arch)
     except (ValueError, KeyError) as e:
         raise ModelError(
-            f"unknown model {arch!r}; run 'audit models' to list names "
-            "(timm models take a 'timm:' prefix)"
+            f"unknown model {arch!r}; run 'audit models' to list names (timm models take a 'timm:' prefix)"
         ) from e
     try:
         weights = enum.DEFAULT if tag is None else enum[tag]
@@ -377,7 +374,7 @@ def list_models(pattern: str = "*", *, registry: ModelRegistry | None = None) ->
 
 
 def weights_status(spec: ModelSpec) -> str:
-    """"available", or a short reason the weights are not on this machine."""
+    """ "available", or a short reason the weights are not on this machine."""
     if spec.source == "efficientnet-lite":
         return "available" if spec.weights_file else f"missing: {spec.weights_url}"
     if spec.weights_file and Path(spec.weights_file).exists():
@@ -434,9 +431,7 @@ def build_model(spec: ModelSpec, *, pretrained: bool = True) -> Any:
         model = timm.create_model(spec.arch, pretrained=False)
         if pretrained:
             if not spec.weights_file:
-                raise WeightsUnavailableError(
-                    f"weights for {spec.name} are not installed; run '{spec.weights_url}'"
-                )
+                raise WeightsUnavailableError(f"weights for {spec.name} are not installed; run '{spec.weights_url}'")
             _load_in_order(model, _load_state_dict(Path(spec.weights_file)), spec.weights_file)
     elif spec.source == "torchvision":
         try:
@@ -447,9 +442,7 @@ def build_model(spec: ModelSpec, *, pretrained: bool = True) -> Any:
         if pretrained and weights_status(spec) != "available" and not _host_resolves(spec.weights_url):
             raise _unavailable(spec, None)
         try:
-            model = timm.create_model(
-                spec.arch + (f".{spec.tag}" if spec.tag else ""), pretrained=pretrained
-            )
+            model = timm.create_model(spec.arch + (f".{spec.tag}" if spec.tag else ""), pretrained=pretrained)
         except (OSError, RuntimeError) as e:
             if not pretrained:
                 raise

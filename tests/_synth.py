@@ -10,8 +10,9 @@ from PIL import Image
 WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361")  # ImageNet classes 0, 1, 2, 3
 
 
-def make_imagefolder(root: Path, *, per_class: int = 6, wnids: tuple[str, ...] = WNIDS, seed: int = 0,
-                     size: tuple[int, int] = (48, 40)) -> Path:
+def make_imagefolder(
+    root: Path, *, per_class: int = 6, wnids: tuple[str, ...] = WNIDS, seed: int = 0, size: tuple[int, int] = (48, 40)
+) -> Path:
     """wnid folders of small JPEGs named like ILSVRC-2012 validation files."""
     rng = np.random.default_rng(seed)
     k = 1
@@ -25,8 +26,16 @@ def make_imagefolder(root: Path, *, per_class: int = 6, wnids: tuple[str, ...] =
     return root
 
 
-def make_predictions(path: Path, image_ids: list[str], labels: np.ndarray, *, n_classes: int = 1000,
-                     flip: np.ndarray | None = None, seed: int = 1, probs: bool = False) -> Path:
+def make_predictions(
+    path: Path,
+    image_ids: list[str],
+    labels: np.ndarray,
+    *,
+    n_classes: int = 1000,
+    flip: np.ndarray | None = None,
+    seed: int = 1,
+    probs: bool = False,
+) -> Path:
     """Logits that favour the given label, except at ``flip`` rows (favour label+1)."""
     rng = np.random.default_rng(seed)
     logits = rng.normal(0, 1, (len(image_ids), n_classes)).astype(np.float32)

@@ -286,9 +286,7 @@ def test_choose_threshold_hand_computed():
 def random_multilabel(n: int, c: int, seed: int) -> tuple[np.ndarray, list[list[int]]]:
     """Scores that are informative but noisy, and random ReaL sets of 0-3 classes."""
     rng = np.random.default_rng(seed)
-    sets = [
-        sorted(rng.choice(c, size=rng.integers(0, 4), replace=False).tolist()) for _ in range(n)
-    ]
+    sets = [sorted(rng.choice(c, size=rng.integers(0, 4), replace=False).tolist()) for _ in range(n)]
     truth = np.zeros((n, c))
     for i, s in enumerate(sets):
         truth[i, s] = 1
@@ -433,9 +431,7 @@ def predictions(draw):
     n = draw(st.integers(0, 25))
     c = draw(st.integers(1, 8))
     k = draw(st.integers(1, min(c, 6)))
-    topk = np.array(
-        [draw(st.permutations(range(c)))[:k] for _ in range(n)], dtype=np.int64
-    ).reshape(n, k)
+    topk = np.array([draw(st.permutations(range(c)))[:k] for _ in range(n)], dtype=np.int64).reshape(n, k)
     labels = np.array(draw(st.lists(st.integers(-1, c - 1), min_size=n, max_size=n)), dtype=int)
     sets = draw(st.lists(st.lists(st.integers(0, c - 1), max_size=3), min_size=n, max_size=n))
     valid = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool)
@@ -500,9 +496,7 @@ def test_sigmoid_properties(p, max_set, threshold):
     n, c = len(sets), max(topk.shape[1], 1)
     c = max(c, max((max(s) for s in sets if s), default=0) + 1)
     scores = np.random.default_rng(n * 31 + c).random((n, c))
-    got = values(
-        sigmoid_evaluation(scores, sets, threshold=threshold, valid=valid, max_set=max_set)
-    )
+    got = values(sigmoid_evaluation(scores, sets, threshold=threshold, valid=valid, max_set=max_set))
     if not math.isnan(got["f1"]):
         assert all(0 <= v <= 1 for v in got.values())
         # Exact match implies F1 = 1 image by image.

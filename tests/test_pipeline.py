@@ -34,11 +34,13 @@ def _metric(df, model, evaluation, metric):
 
 
 def test_run_writes_every_table(workspace):
-    ds, db, res, flip = workspace
+    ds, db, _res, flip = workspace
     n = len(ds)
     with connect(db, read_only=True) as con:
-        counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
-                  for t in ("images", "classes", "models", "predictions", "label_issues", "runs")}
+        counts = {
+            t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
+            for t in ("images", "classes", "models", "predictions", "label_issues", "runs")
+        }
         status = con.execute("SELECT status FROM runs").fetchall()[0][0]
     assert counts == {"images": n, "classes": 1000, "models": 2, "predictions": 3 * n, "label_issues": n, "runs": 1}
     assert status == "finished"
@@ -52,8 +54,12 @@ def test_run_writes_every_table(workspace):
 def test_flipped_labels_are_flagged_worst_first(workspace):
     ds, db, res, flip = workspace
     with connect(db, read_only=True) as con:
-        flagged = [r[0] for r in con.execute(
-            "SELECT image_index FROM label_issues WHERE is_label_issue ORDER BY label_quality").fetchall()]
+        flagged = [
+            r[0]
+            for r in con.execute(
+                "SELECT image_index FROM label_issues WHERE is_label_issue ORDER BY label_quality"
+            ).fetchall()
+        ]
         sugg = dict(con.execute("SELECT image_index, suggested_label FROM label_issues").fetchall())
     assert set(flagged[: len(flip)]) == set(flip.tolist())
     for i in flip:
@@ -62,14 +68,14 @@ def test_flipped_labels_are_flagged_worst_first(workspace):
 
 
 def test_decision_moves_relabeled_metric_and_export(workspace, tmp_path):
-    ds, db, res, flip = workspace
+    ds, db, _res, flip = workspace
     before = _metric(live_metrics(db), ENSEMBLE, "relabeled", "top1").value
     for i in flip:
         append_decision(db, int(i), "accept", labels=[int((ds.labels[i] + 1) % 1000)], reviewer="t")
     after = _metric(live_metrics(db), ENSEMBLE, "relabeled", "top1").value
     assert before == pytest.approx((len(ds) - 3) / len(ds)) and after == pytest.approx(1.0)
     out1 = export_labels(db, tmp_path / "e1")
-    out2 = export_labels(db, tmp_path / "e2")
+    export_labels(db, tmp_path / "e2")
     assert out1.n_changed == 3
     for f in out1.files:
         assert (tmp_path / "e1" / f).read_bytes() == (tmp_path / "e2" / f).read_bytes()
@@ -80,7 +86,7 @@ def test_decision_moves_relabeled_metric_and_export(workspace, tmp_path):
 
 
 def test_rerun_resumes_and_refuses_other_dataset(workspace, tmp_path):
-    ds, db, res, _ = workspace
+    _ds, db, _res, _ = workspace
     other = load_dataset(make_imagefolder(tmp_path / "other", per_class=2, seed=5))
     from audit.errors import StoreError
 

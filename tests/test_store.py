@@ -22,12 +22,26 @@ from audit.store import (
 
 def make_db(path: Path, n: int = 5, n_classes: int = 4) -> Path:
     with connect(path, create=True) as con:
-        con.register("c", pd.DataFrame({"class_index": range(n_classes), "key": [f"k{i}" for i in range(n_classes)],
-                                        "name": [f"class {i}" for i in range(n_classes)]}))
+        con.register(
+            "c",
+            pd.DataFrame(
+                {
+                    "class_index": range(n_classes),
+                    "key": [f"k{i}" for i in range(n_classes)],
+                    "name": [f"class {i}" for i in range(n_classes)],
+                }
+            ),
+        )
         con.execute("INSERT INTO classes SELECT * FROM c")
-        imgs = pd.DataFrame({"image_index": range(n), "image_id": [f"x/{i}.jpg" for i in range(n)],
-                             "label": [i % n_classes for i in range(n)], "real_labels": [[i % n_classes] for i in range(n)],
-                             "valid": [True] * n})
+        imgs = pd.DataFrame(
+            {
+                "image_index": range(n),
+                "image_id": [f"x/{i}.jpg" for i in range(n)],
+                "label": [i % n_classes for i in range(n)],
+                "real_labels": [[i % n_classes] for i in range(n)],
+                "valid": [True] * n,
+            }
+        )
         con.register("i", imgs)
         con.execute("INSERT INTO images SELECT * FROM i")
     return path
@@ -40,8 +54,7 @@ def test_create_stamps_version_and_reopens(tmp_path):
             SCHEMA_VERSION
         )
         tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-    assert {"runs", "images", "models", "predictions", "metrics", "label_issues", "decisions",
-            "bad_images"} <= tables
+    assert {"runs", "images", "models", "predictions", "metrics", "label_issues", "decisions", "bad_images"} <= tables
 
 
 def test_missing_and_newer_workspace_are_refused(tmp_path):
@@ -76,8 +89,12 @@ def test_decisions_are_append_only_and_undo_is_a_decision(tmp_path):
 
 @pytest.mark.parametrize(
     ("action", "labels", "match"),
-    [("explode", [], "unknown review action"), ("relabel", [], "takes 1..1"), ("multi", [2], "takes 2"),
-     ("relabel", [99], "outside the 4 classes")],
+    [
+        ("explode", [], "unknown review action"),
+        ("relabel", [], "takes 1..1"),
+        ("multi", [2], "takes 2"),
+        ("relabel", [99], "outside the 4 classes"),
+    ],
 )
 def test_bad_decisions_are_refused_and_write_nothing(tmp_path, action, labels, match):
     db = make_db(tmp_path / "w.duckdb")
