@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +34,7 @@ from audit.errors import DatasetError, LabelFileError
 __all__ = [
     "AuditDataset",
     "LabelSpace",
+    "decode_image",
     "image_extensions",
     "imagenet_label_space",
     "load_dataset",
@@ -424,3 +426,25 @@ def _attach_real(
         return None, None
     sets, source = load_real_labels(None if not explicit else real)  # type: ignore[arg-type]
     return [list(sets[i]) for i in idx], source  # type: ignore[index]
+
+
+def decode_image(path: Path) -> Any:
+    """Read an image the way a person sees it: EXIF orientation applied, RGB.
+
+    Raises whatever Pillow raises for unreadable files; the caller records it.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit greyscale: scale to 8 bits instead of clipping everything to white.
+            arr = np.asarray(im, dtype=np.float32)
+            top = float(arr.max()) or 1.0
+            im = Image.fromarray((arr * (255.0 / max(top, 255.0 if top <= 255 else 65535.0))).astype(np.uint8))
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            # Composite on white: transparent pixels are "nothing there", not black.
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im)
+        return im.convert("RGB")

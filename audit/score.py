@@ -28,13 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from audit.datasets import AuditDataset
+from audit.datasets import AuditDataset, decode_image
 from audit.errors import ModelError
 from audit.zoo import ModelSpec
 
 __all__ = [
     "ModelArrays",
-    "decode_image",
     "forward_batch",
     "load_models",
     "model_key",
@@ -60,28 +59,6 @@ def model_key(name: str) -> str:
     """A file-system-safe, collision-free key for a model name."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:60]
     return f"{slug}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-
-
-def decode_image(path: Path) -> Any:
-    """Read an image the way a person sees it: EXIF orientation applied, RGB.
-
-    Raises whatever Pillow raises for unreadable files; the caller records it.
-    """
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit greyscale: scale to 8 bits instead of clipping everything to white.
-            arr = np.asarray(im, dtype=np.float32)
-            top = float(arr.max()) or 1.0
-            im = Image.fromarray((arr * (255.0 / max(top, 255.0 if top <= 255 else 65535.0))).astype(np.uint8))
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            # Composite on white: transparent pixels are "nothing there", not black.
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)
-        return im.convert("RGB")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
