@@ -1,50 +1,748 @@
-"""Streamlit entry for the audit dashboard: a thin view over :mod:`audit.queries`.
+"""Streamlit entry for the audit review dashboard: page layout and widgets only.
 
-Run with ``audit dashboard --db WORKSPACE`` (binds to localhost), or
-``AUDIT_DB=path streamlit run app.py``.
+Every query and every decision goes through :mod:`audit.queries`; this file
+only lays pages out. Run it with ``audit dashboard --db WORKSPACE`` (binds to
+127.0.0.1), or ``AUDIT_DB=path streamlit run app.py``. The workspace comes from
+the environment only, never from the URL; the URL carries the page and the
+image index under review (``?page=review&image=17``).
+
+Caching: query results are cached per (query, arguments, data version), where
+the data version is a stat of the DuckDB file and its WAL, so a decision written
+here or by another reviewer, or a finished ``audit run``, shows on the next
+rerun. When another process holds the write lock longer than
+:data:`READ_WAIT` seconds (``audit run`` writing its results), a page shows the
+last data it had, says so, and catches up on the next rerun.
 """
 
 from __future__ import annotations
 
+import getpass
+import io
 import os
+import threading
+import zipfile
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
+import altair as alt
+import pandas as pd
 import streamlit as st
 
-from audit.errors import UserError
-from audit.pipeline import live_metrics
-from audit.queries import flagged_issues, run_summary
-from audit.store import default_db
+from audit import queries as q
+from audit.dashboard.thumbs import UnsafePath, thumb_dir, thumbnail
+from audit.errors import StoreError, UserError
+from audit.store import ACTIONS, default_db
 
 st.set_page_config(page_title="audit", layout="wide")
 
+PAGES = ("Overview", "Disagreements", "Review", "Impact", "Export")
+PAGE_SIZE = 24
+THUMB = 192
+LARGE = 512
+READ_WAIT = 3.0  # seconds a page waits for another process's write before showing its last data
+EVAL_NAMES = {"original": "original", "real": "ReaL", "sigmoid": "sigmoid", "clean": "clean", "relabeled": "relabeled"}
+DEFAULTS: dict[str, Any] = {
+    "f_kinds": ["flagged"],
+    "f_issue": [],
+    "f_model": None,
+    "f_class": None,
+    "f_pair": None,
+    "f_quality": (0.0, 1.0),
+    "f_reviewed": "unreviewed",
+    "f_sort": "quality",
+    "g_page": 1,
+    "c_model": q.ENSEMBLE,
+    "reason": "",
+    "advance": True,
+}
+q.READ_TIMEOUT = READ_WAIT
+
 
 def _db() -> Path:
-    return Path(os.environ.get("AUDIT_DB") or st.query_params.get("db") or default_db())
+    return Path(os.environ.get("AUDIT_DB") or default_db())
+
+
+# --------------------------------------------------------------------------- data access
+
+
+@st.cache_data(ttl=300, max_entries=256, show_spinner=False)
+def _cached(name: str, db: str, version: tuple[int, ...], args: tuple[Any, ...]) -> Any:
+    return getattr(q, name)(Path(db), *args)
+
+
+@st.cache_resource
+def _last_good() -> tuple[threading.Lock, OrderedDict[Any, Any]]:
+    return threading.Lock(), OrderedDict()
+
+
+def load(name: str, *args: Any) -> Any:
+    """``audit.queries.<name>(db, *args)``, cached; the last result when the workspace stays locked."""
+    db = _db()
+    key = (name, str(db), args)
+    lock, last = _last_good()
+    try:
+        value = _cached(name, str(db), q.data_version(db), args)
+    except StoreError as e:
+        with lock:
+            stale = last.get(key)
+        if stale is None or "locked" not in str(e):
+            raise
+        st.session_state["_busy"] = True
+        return stale
+    with lock:
+        last[key] = value
+        last.move_to_end(key)
+        while len(last) > 512:
+            last.popitem(last=False)
+    return value
+
+
+@st.cache_data(max_entries=4096, show_spinner=False)
+def _thumb(root: str, image_id: str, size: int, cache: str) -> tuple[bytes | None, str]:
+    try:
+        return thumbnail(root, image_id, size, cache=cache), ""
+    except UnsafePath as e:
+        return None, f"refused: {e}"
+    except OSError as e:
+        return None, f"cannot read image: {e}"
+
+
+def show_image(image_id: str, size: int) -> None:
+    root = load("run_summary")["dataset_root"]
+    data, why = _thumb(root or "", image_id, size, str(thumb_dir(_db())))
+    if data is None:
+        st.warning(why)
+    else:
+        st.image(data, width=size)
+
+
+# --------------------------------------------------------------------------- state
+
+
+def init_state() -> None:
+    ss = st.session_state
+    if "_init" not in ss:
+        ss["_init"] = True
+        page = str(st.query_params.get("page", "overview")).lower()
+        ss["page"] = next((p for p in PAGES if p.lower() == page), "Overview")
+        img = str(st.query_params.get("image", ""))
+        ss["image"] = int(img) if img.isdigit() else None
+        ss["reviewer"] = os.environ.get("AUDIT_REVIEWER") or getpass.getuser()
+        for k, v in DEFAULTS.items():
+            ss.setdefault(k, v)
+    # Widgets drop their state when not drawn; re-assigning keeps filters alive across pages.
+    for k in (*DEFAULTS, "reviewer"):
+        if k in ss:
+            ss[k] = ss[k]
+
+
+def filters() -> q.Filters:
+    ss = st.session_state
+    return q.Filters(
+        kinds=tuple(ss["f_kinds"]),
+        issue_kinds=tuple(ss["f_issue"]),
+        model=ss["f_model"],
+        class_index=ss["f_class"],
+        pair=tuple(ss["f_pair"]) if ss["f_pair"] else None,
+        quality=(float(ss["f_quality"][0]), float(ss["f_quality"][1])),
+        reviewed=ss["f_reviewed"],
+        sort=ss["f_sort"],
+    )
+
+
+def goto(page: str, image: int | None = None) -> None:
+    st.session_state["page"] = page
+    if image is not None:
+        st.session_state["image"] = int(image)
+
+
+def reset_page() -> None:
+    st.session_state["g_page"] = 1
+
+
+def pct(v: float | None) -> str:
+    return "–" if v is None or pd.isna(v) else f"{100 * v:.1f}%"
+
+
+def class_label(classes: pd.DataFrame, i: int | None) -> str:
+    if i is None:
+        return "any class"
+    r = classes.iloc[int(i)] if 0 <= int(i) < len(classes) else None
+    return f"{r['name']} · {r['key']} · {int(i)}" if r is not None else str(i)
+
+
+# --------------------------------------------------------------------------- pages
+
+
+def page_overview() -> None:
+    s = load("run_summary")
+    m = load("metrics_table")
+    st.header("Overview")
+    c = st.columns(6)
+    c[0].metric("images", f"{s['images']:,}")
+    c[1].metric("classes present", f"{s['classes_present']:,}", help=f"of {s['classes']:,} in the label space")
+    c[2].metric("models", len(s["models"]))
+    c[3].metric("bad images", s["bad_images"], help="could not be read; left out of every metric")
+    c[4].metric("flagged", f"{s['flagged']:,}")
+    c[5].metric("reviewed", f"{s['reviewed']:,}")
+    last = s["last_run"]
+    st.caption(
+        f"dataset `{s['dataset_root']}` ({s['layout']}, {s['label_space']}) · ReaL: "
+        f"{s['real_source'] or 'does not apply'} ({s['with_real']:,} images) · models: {', '.join(s['models'])} · "
+        + (f"last run {last[0]} {last[1]}, finished {last[3]:%Y-%m-%d %H:%M} UTC" if last and last[3] else "no run yet")
+    )
+    if m.empty:
+        st.info("No metrics yet: the run stored no evaluation.")
+        return
+    h = q.headline(m)
+    st.subheader("Accuracy per model and evaluation (95% intervals)")
+    h["cell"] = [f"{pct(v)} ({pct(lo)[:-1]}–{pct(hi)})" for v, lo, hi in zip(h.value, h.low, h.high, strict=True)]
+    h["column"] = [f"{EVAL_NAMES[e]} {mt}" for e, mt in zip(h.evaluation, h.metric, strict=True)]
+    cols = [f"{EVAL_NAMES[e]} {mt}" for e, mt in q.HEADLINE.items() if e in set(h.evaluation)]
+    wide = h.pivot(index="model", columns="column", values="cell")[cols]
+    st.dataframe(wide, width="stretch")
+    n = h.groupby("evaluation")["n"].max()
+    st.caption("images per evaluation: " + ", ".join(f"{EVAL_NAMES[e]} {int(v):,}" for e, v in n.items()))
+    left, right = st.columns([3, 2])
+    with left:
+        st.subheader("Accuracy by evaluation")
+        base = alt.Chart(h).encode(
+            x=alt.X("evaluation:N", sort=list(q.HEADLINE), title=None),
+            xOffset=alt.XOffset("model:N"),
+            color=alt.Color("model:N"),
+        )
+        lo = max(0.0, float(h.low.min()) - 0.05)
+        bars = base.mark_bar().encode(
+            y=alt.Y(
+                "value:Q",
+                title="accuracy (headline metric)",
+                scale=alt.Scale(domain=[lo, 1.0]),
+                axis=alt.Axis(format="%"),
+            ),
+            tooltip=["model", "evaluation", "metric", alt.Tooltip("value:Q", format=".1%"), "n"],
+        )
+        err = base.mark_rule(color="black").encode(y="low:Q", y2="high:Q")
+        st.altair_chart((bars + err).properties(height=320), width="stretch")
+    with right:
+        st.subheader("Model ranking per evaluation")
+        ranks = q.rank_table(m)
+        if ranks.empty or len(ranks) < 2:
+            st.info("Ranking needs at least two models.")
+        else:
+            long = ranks.reset_index().melt(id_vars="model", var_name="evaluation", value_name="rank")
+            chart = (
+                alt.Chart(long)
+                .mark_line(point=True)
+                .encode(
+                    x=alt.X("evaluation:N", sort=list(q.HEADLINE), title=None),
+                    y=alt.Y(
+                        "rank:Q", scale=alt.Scale(reverse=True), axis=alt.Axis(tickMinStep=1), title="rank (1 = best)"
+                    ),
+                    color="model:N",
+                    tooltip=["model", "evaluation", "rank"],
+                )
+                .properties(height=260)
+            )
+            st.altair_chart(chart, width="stretch")
+            st.dataframe(ranks.rename(columns=EVAL_NAMES), width="stretch")
+            for e in ("real", "relabeled", "clean"):
+                if e in ranks and "original" in ranks:
+                    moved = ranks.index[ranks[e] != ranks["original"]].tolist()
+                    if moved:
+                        st.markdown(
+                            f"**{EVAL_NAMES[e]} reorders** the models: "
+                            + ", ".join(f"{mm} {ranks.at[mm, 'original']}→{ranks.at[mm, e]}" for mm in moved)
+                        )
+                    else:
+                        st.caption(f"{EVAL_NAMES[e]} keeps the original order.")
+    with st.expander("All metrics"):
+        view = m.drop(columns=["params"]).copy()
+        for col in ("value", "low", "high"):
+            view[col] = view[col].map(pct)
+        st.dataframe(view, hide_index=True, width="stretch")
+
+
+def filter_bar(models: list[str], classes: pd.DataFrame) -> None:
+    ss = st.session_state
+    a, b, c, d = st.columns([3, 2, 2, 3])
+    a.multiselect(
+        "Show images where",
+        list(q.DISAGREEMENTS),
+        format_func=q.DISAGREEMENTS.get,
+        key="f_kinds",
+        on_change=reset_page,
+        help="any of the selected; empty = every image",
+    )
+    b.multiselect("Issue kind (cleanlab)", list(q.ISSUE_KINDS), key="f_issue", on_change=reset_page)
+    c.selectbox(
+        "Model",
+        [None, *models],
+        format_func=lambda x: "any model" if x is None else x,
+        key="f_model",
+        on_change=reset_page,
+    )
+    d.selectbox(
+        "Class (given, suggested or predicted)",
+        [None, *range(len(classes))],
+        format_func=lambda i: class_label(classes, i),
+        key="f_class",
+        on_change=reset_page,
+    )
+    e, f, g = st.columns([3, 2, 2])
+    e.slider("Label quality", 0.0, 1.0, step=0.01, key="f_quality", on_change=reset_page)
+    f.radio("Reviewed", ["unreviewed", "reviewed", "all"], key="f_reviewed", horizontal=True, on_change=reset_page)
+    g.selectbox("Sort", list(q.SORTS), format_func=lambda k: q.SORTS[k][0], key="f_sort", on_change=reset_page)
+    if ss["f_pair"]:
+        pa, pb = ss["f_pair"]
+        st.info(f"Only the class pair **{class_label(classes, pa)}** ↔ **{class_label(classes, pb)}**")
+        st.button("Clear class pair", on_click=lambda: (ss.__setitem__("f_pair", None), reset_page()))
+
+
+def card(row: pd.Series) -> None:
+    with st.container(border=True):
+        show_image(row.image_id, THUMB)
+        sugg = f" → **{row.suggested}** ({row.suggested_confidence:.0%})" if row.is_label_issue else ""
+        st.markdown(f"given **{row.given}**{sugg}")
+        bits = [f"`{row.image_id}`", f"#{row.image_index}"]
+        if pd.notna(row.label_quality):
+            bits.append(f"quality {row.label_quality:.3f}")
+        if row.issue_kind:
+            bits.append(str(row.issue_kind).replace("_", " "))
+        if row.reviewed:
+            bits.append(f"reviewed: {row.current or 'no class fits'}")
+        st.caption(" · ".join(bits))
+        if row.real is not None:
+            st.caption(f"ReaL: {row.real or '(none fits)'}")
+        lines = [f"{m}: " + ", ".join(f"{n} {p:.0%}" for _, n, p in top) for m, top in row.top3]
+        st.caption("  \n".join(lines))
+        st.button("Review", key=f"rev_{row.image_index}", on_click=goto, args=("Review", int(row.image_index)))
+
+
+def page_disagreements() -> None:
+    st.header("Disagreements")
+    models = load("model_names")
+    classes = load("classes")
+    filter_bar(models, classes)
+    gallery_tab, pairs_tab = st.tabs(["Gallery", "Confused classes"])
+    with gallery_tab:
+        f = filters()
+        ss = st.session_state
+        total, _ = load("gallery", f, 0, 1)
+        pages = max(1, -(-total // PAGE_SIZE))
+        ss["g_page"] = min(max(1, int(ss["g_page"])), pages)
+        top = st.columns([2, 2, 3])
+        top[0].number_input(f"Page (of {pages:,})", 1, pages, key="g_page")
+        top[1].metric("matching images", f"{total:,}")
+        top[2].button("Review these in order", type="primary", on_click=goto, args=("Review",), disabled=total == 0)
+        _, rows = load("gallery", f, int(ss["g_page"]) - 1, PAGE_SIZE)
+        if rows.empty:
+            st.info("No image matches these filters.")
+        cols = st.columns(4)
+        for k, row in enumerate(rows.itertuples(index=False)):
+            with cols[k % 4]:
+                card(row)
+    with pairs_tab:
+        ss = st.session_state
+        if ss["c_model"] not in models:
+            ss["c_model"] = models[-1] if models else None
+        st.selectbox("Model", models, key="c_model")
+        pairs = load("confused_pairs", ss["c_model"], 25) if ss["c_model"] else pd.DataFrame()
+        if pairs.empty:
+            st.info("No confusions: the model's top-1 agrees with every given label.")
+            return
+        pairs["pair"] = pairs["a_name"] + " ↔ " + pairs["b_name"]
+        left, right = st.columns([2, 3])
+        with left:
+            st.dataframe(
+                pairs[["a_name", "b_name", "a_to_b", "b_to_a", "total"]].rename(
+                    columns={
+                        "a_name": "class a",
+                        "b_name": "class b",
+                        "a_to_b": "a labelled, b predicted",
+                        "b_to_a": "b labelled, a predicted",
+                    }
+                ),
+                hide_index=True,
+                width="stretch",
+            )
+        with right:
+            long = pairs.head(15).melt(id_vars=["pair", "total"], value_vars=["a_to_b", "b_to_a"], var_name="direction")
+            chart = (
+                alt.Chart(long)
+                .mark_bar()
+                .encode(
+                    y=alt.Y("pair:N", sort="-x", title=None),
+                    x=alt.X("sum(value):Q", title="images"),
+                    color=alt.Color("direction:N", legend=alt.Legend(orient="bottom")),
+                    tooltip=["pair", "direction", "value"],
+                )
+                .properties(height=28 * min(15, len(pairs)) + 40)
+            )
+            st.altair_chart(chart, width="stretch")
+        pick = st.selectbox("Class pair", range(len(pairs)), format_func=lambda i: pairs["pair"].iloc[i], key="c_pick")
+
+        def show_pair() -> None:
+            ss["f_pair"] = (int(pairs["a"].iloc[pick]), int(pairs["b"].iloc[pick]))
+            ss["f_kinds"], ss["f_issue"], ss["f_class"], ss["f_reviewed"] = [], [], None, "all"
+            ss["f_model"] = ss["c_model"] if ss["c_model"] != q.ENSEMBLE else None
+            reset_page()
+
+        st.button("Show these images in the gallery", on_click=show_pair)
+
+
+def act(action: str, image: int, next_image: int | None, labels: tuple[int, ...] = ()) -> None:
+    """Button callback: append a decision, then move on in the queue."""
+    ss = st.session_state
+    if action == "relabel":
+        choice = ss.get("relabel_to")
+        if choice is None:
+            ss["_flash"] = ("warning", "Pick a class to relabel to first.")
+            return
+        labels = (int(choice),)
+    elif action == "multi":
+        labels = tuple(int(x) for x in ss.get("multi_to") or ())
+    try:
+        did = q.record_decision(
+            _db(),
+            image,
+            action,
+            labels=labels,
+            reviewer=(ss.get("reviewer") or "").strip() or None,
+            reason=(ss.get("reason") or "").strip(),
+        )
+    except (StoreError, UserError) as e:
+        ss["_flash"] = ("error", str(e))
+        return
+    _cached.clear()
+    ss["_flash"] = ("success", f"Decision {did} saved: {action} on image #{image} ({ACTIONS[action]}).")
+    ss["reason"] = ""
+    for k in ("relabel_to", "multi_to"):
+        ss.pop(k, None)
+    if action != "undo" and ss.get("advance", True):
+        ss["image"] = next_image
+
+
+def page_review() -> None:
+    ss = st.session_state
+    st.header("Review")
+    f = filters()
+    total, pos, window = load("queue_window", f, ss["image"])
+    if ss["image"] is None or load("image_detail", ss["image"]) is None:
+        if not window:
+            st.success(
+                "Nothing left in this queue. Change the filters on the Disagreements page, or pick another image."
+            )
+            return
+        ss["image"] = window[0][1] if pos is None else ss["image"]
+        total, pos, window = load("queue_window", f, ss["image"])
+    image = int(ss["image"])
+    d = load("image_detail", image)
+    classes = load("classes")
+    after = [i for p, i in window if pos is not None and p > pos]
+    before = [i for p, i in window if pos is not None and p < pos]
+    next_image = after[0] if after else (before[-1] if before else None)
+    prev_image = before[-1] if before else None
+    where = f"{pos + 1:,} of {total:,}" if pos is not None else f"not in the queue ({total:,} images)"
+    st.caption(
+        f"Queue: {', '.join(q.DISAGREEMENTS[k] for k in f.kinds) or 'all images'} · {f.reviewed} · "
+        f"sorted by {q.SORTS[f.sort][0]} — image {where}. Change it on the Disagreements page."
+    )
+    flash = ss.pop("_flash", None)
+    if flash:
+        getattr(st, flash[0])(flash[1])
+    nav = st.columns([1, 1, 4])
+    nav[0].button(
+        "◀ Previous", on_click=goto, args=("Review", prev_image), disabled=prev_image is None, shortcut="Left"
+    )
+    nav[1].button("Next ▶", on_click=goto, args=("Review", next_image), disabled=next_image is None, shortcut="Right")
+    nav[2].toggle("Move to the next image after a decision", key="advance")
+    left, right = st.columns([5, 6])
+    with left:
+        show_image(d["image_id"], LARGE)
+        st.caption(f"`{d['image_id']}` · image #{image}")
+    with right:
+        status = "**reviewed**" if d["reviewed"] else "not reviewed"
+        st.markdown(
+            f"given label: **{d['given']}** (`{classes.key.iloc[int(d['label'])]}`)  \n"
+            f"current labels: **{d['current'] or '(no class fits: left out)'}** — {status}"
+        )
+        if d["real_labels"] is not None:
+            st.markdown(f"ReaL labels: {d['real'] or '*(none fits)*'}")
+        if d["bad_reason"]:
+            st.error(f"bad image: {d['bad_reason']}")
+        if pd.notna(d["label_quality"]):
+            kind = str(d["issue_kind"] or "not flagged").replace("_", " ")
+            st.markdown(
+                f"cleanlab: label quality **{d['label_quality']:.3f}** · {kind} · suggested "
+                f"**{d['suggested']}** ({d['suggested_confidence']:.0%})"
+            )
+        preds = pd.DataFrame(
+            [
+                {"model": m, **{f"top-{k + 1}": f"{n} {p:.0%}" for k, (_, n, p) in enumerate(top)}}
+                for m, top in d["predictions"]
+            ]
+        )
+        st.dataframe(preds, hide_index=True, width="stretch")
+        st.text_input("Reason (optional; saved with the decision)", key="reason")
+        b = st.columns(4)
+        sug = d["suggested_label"]
+        b[0].button(
+            f"Accept: {d['suggested']}" if pd.notna(sug) else "Accept suggestion",
+            type="primary",
+            shortcut="A",
+            key="do_accept",
+            on_click=act,
+            args=("accept", image, next_image, (int(sug),) if pd.notna(sug) else ()),
+            disabled=pd.isna(sug),
+        )
+        b[1].button("Keep original", shortcut="K", key="do_keep", on_click=act, args=("keep", image, next_image))
+        b[2].button("No class fits", shortcut="N", key="do_nofit", on_click=act, args=("no_fit", image, next_image))
+        b[3].button(
+            "Undo last",
+            shortcut="U",
+            key="do_undo",
+            on_click=act,
+            args=("undo", image, next_image),
+            disabled=d["history"].empty,
+        )
+        options = list(range(len(classes)))
+        with st.form("relabel_form", clear_on_submit=False, border=True):
+            st.selectbox(
+                "Relabel to one class (type a name or wnid)",
+                options,
+                index=None,
+                key="relabel_to",
+                format_func=lambda i: class_label(classes, i),
+                placeholder="search 1,000 classes…",
+            )
+            st.form_submit_button("Relabel", shortcut="Ctrl+Enter", on_click=act, args=("relabel", image, next_image))
+        default = [int(x) for x in d["current_labels"]]
+        for x in [sug, *(d["real_labels"] if d["real_labels"] is not None else [])]:
+            if pd.notna(x) and int(x) not in default:
+                default.append(int(x))
+        with st.form("multi_form", border=True):
+            st.multiselect(
+                "Several valid labels",
+                options,
+                default=default,
+                key="multi_to",
+                format_func=lambda i: class_label(classes, i),
+            )
+            st.form_submit_button(
+                "Save these labels", shortcut="Ctrl+M", on_click=act, args=("multi", image, next_image)
+            )
+        st.caption("Keys: A accept · K keep · N no class fits · U undo · ← → previous / next · Ctrl+Enter relabel")
+    st.subheader("History")
+    hist = d["history"]
+    if hist.empty:
+        st.caption("No decision yet.")
+    else:
+        st.dataframe(
+            hist[["decision_id", "decided_at", "reviewer", "action", "old", "new", "reason"]],
+            hide_index=True,
+            width="stretch",
+        )
+    st.subheader("Queue")
+    cols = st.columns(max(len(window), 1))
+    for col, (p, idx) in zip(cols, window, strict=False):
+        with col:
+            det = load("image_detail", idx)
+            if det is None:
+                continue
+            show_image(det["image_id"], 112)
+            st.button(
+                f"{p + 1}: {det['given']}"[:28],
+                key=f"q_{idx}",
+                on_click=goto,
+                args=("Review", idx),
+                disabled=idx == image,
+                type="primary" if idx == image else "secondary",
+            )
+
+
+def page_impact() -> None:
+    st.header("Impact of the review")
+    c = load("decision_counts")
+    m = load("metrics_table")
+    k = st.columns(6)
+    k[0].metric("decisions", f"{c['decisions']:,}")
+    k[1].metric("images reviewed", f"{c['reviewed']:,}")
+    k[2].metric("flags reviewed", f"{c['reviewed_flagged']:,} / {c['flagged']:,}")
+    k[3].metric("accepted", c["accepted"], help="flagged images given the suggested label")
+    k[4].metric("rejected", c["rejected"], help="flagged images kept as given")
+    k[5].metric(
+        "flag precision",
+        pct(c["precision"]),
+        help="among reviewed flags, the share whose label set the reviewer changed (accepted, relabeled, "
+        "several labels, no class fits) rather than kept",
+    )
+    if c["reviewed_flagged"]:
+        st.caption(
+            f"Flag precision so far {pct(c['precision'])} (95% interval {pct(c['precision_low'])}–"
+            f"{pct(c['precision_high'])}) from {c['reviewed_flagged']:,} reviewed flags; "
+            f"{c['other_change']} changed otherwise (relabel / several labels / no class fits)."
+        )
+    imp = q.impact(m)
+    if imp.empty:
+        st.info("No metrics yet.")
+        return
+    view = pd.DataFrame({"model": imp["model"]})
+    for col, title in (("original", "original top-1"), ("relabeled", "relabeled top-1"), ("real", "ReaL top-1")):
+        if col in imp:
+            view[title] = [
+                f"{pct(v)} ({pct(lo)[:-1]}–{pct(hi)})"
+                for v, lo, hi in zip(imp[col], imp[f"{col}_low"], imp[f"{col}_high"], strict=True)
+            ]
+    if "delta_vs_original" in imp:
+        view["Δ vs original"] = [f"{100 * v:+.2f} pp" for v in imp["delta_vs_original"]]
+    if "delta_vs_real" in imp:
+        view["Δ vs ReaL"] = [f"{100 * v:+.2f} pp" for v in imp["delta_vs_real"]]
+    if "rank_change" in imp:
+        view["rank original → relabeled"] = [
+            "–" if pd.isna(a) else f"{a} → {b}" + (f" ({int(ch):+d})" if ch else "")
+            for a, b, ch in zip(imp["rank_original"], imp["rank_relabeled"], imp["rank_change"], strict=True)
+        ]
+    st.dataframe(view, hide_index=True, width="stretch")
+    long = imp.melt(
+        id_vars="model",
+        value_vars=[e for e in ("original", "relabeled", "real") if e in imp],
+        var_name="evaluation",
+        value_name="top1",
+    )
+    chart = (
+        alt.Chart(long)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("evaluation:N", sort=["original", "relabeled", "real"], title=None),
+            y=alt.Y("top1:Q", scale=alt.Scale(zero=False), axis=alt.Axis(format="%"), title="top-1 accuracy"),
+            color="model:N",
+            tooltip=["model", "evaluation", alt.Tooltip("top1:Q", format=".2%")],
+        )
+        .properties(height=300)
+    )
+    st.altair_chart(chart, width="stretch")
+    st.subheader("Latest decisions")
+    rec = load("recent_decisions", 50)
+    if rec.empty:
+        st.caption("No decision yet: review flagged images on the Review page.")
+    else:
+        st.dataframe(rec, hide_index=True, width="stretch")
+
+
+def page_export() -> None:
+    st.header("Export the cleaned labels")
+    s = load("export_summary")
+    k = st.columns(4)
+    k[0].metric("images", f"{s['images']:,}")
+    k[1].metric("changed by review", f"{s['changed']:,}")
+    k[2].metric("excluded", f"{s['excluded']:,}", help="no class fits, or a bad image")
+    k[3].metric("bad images", f"{s['bad_images']:,}")
+    db = _db()
+    st.markdown(
+        f"The same files, made by the same code, as `audit export --db {db} --out DIR`: "
+        "`labels.csv` (image, label, labels, status, source), `classes.csv`, `excluded.csv`, "
+        "`imagefolder.txt` and, for ILSVRC-2012 file names, `real.json`. They are built when you click."
+    )
+    version = q.data_version(db)
+
+    def files() -> dict[str, bytes]:
+        return _export(str(db), version)
+
+    def zipped() -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for name, data in sorted(files().items()):
+                info = zipfile.ZipInfo(f"cleaned/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+                z.writestr(info, data, zipfile.ZIP_DEFLATED)
+        return buf.getvalue()
+
+    st.download_button(
+        "Download all (zip)",
+        zipped,
+        file_name="cleaned-labels.zip",
+        mime="application/zip",
+        type="primary",
+        key="dl_zip",
+        on_click="ignore",
+    )
+    cols = st.columns(5)
+    for col, name in zip(cols, s["files"], strict=False):
+        col.download_button(
+            name,
+            lambda n=name: files()[n],
+            file_name=name,
+            key=f"dl_{name}",
+            on_click="ignore",
+            mime="application/json"
+            if name.endswith(".json")
+            else "text/csv"
+            if name.endswith(".csv")
+            else "text/plain",
+        )
+    st.subheader("Changed labels")
+    rec = load("recent_decisions", 200)
+    if rec.empty:
+        st.caption("No decision yet: the export equals the given labels (less bad images).")
+    else:
+        st.dataframe(rec, hide_index=True, width="stretch")
+
+
+@st.cache_resource(max_entries=2)
+def _export_store() -> dict[Any, dict[str, bytes]]:
+    return {}
+
+
+def _export(db: str, version: tuple[int, ...]) -> dict[str, bytes]:
+    """Export bytes for one data version (built off the script thread when a download is clicked)."""
+    store = _export_store()
+    key = (db, version)
+    if key not in store:
+        store.clear()
+        store[key] = q.export_files(Path(db))
+    return store[key]
+
+
+# --------------------------------------------------------------------------- main
 
 
 def main() -> None:
+    init_state()
     db = _db()
-    st.title("audit — label quality")
+    ss = st.session_state
+    with st.sidebar:
+        st.title("audit")
+        st.radio("Page", PAGES, key="page")
+        st.text_input("Reviewer", key="reviewer", help="saved with each decision")
+        st.caption(f"workspace `{db}`")
+        st.button("Refresh data", on_click=_cached.clear)
+    page = ss["page"]
+    st.query_params["page"] = page.lower()
+    if page == "Review" and ss.get("image") is not None:
+        st.query_params["image"] = str(ss["image"])
+    elif "image" in st.query_params:
+        del st.query_params["image"]
     try:
-        summary = run_summary(db)
-        metrics = live_metrics(db)
-        issues = flagged_issues(db, limit=200)
+        {
+            "Overview": page_overview,
+            "Disagreements": page_disagreements,
+            "Review": page_review,
+            "Impact": page_impact,
+            "Export": page_export,
+        }[page]()
+    except StoreError as e:
+        busy = "locked" in str(e)
+        st.warning(
+            "The workspace is busy: another process (an `audit run` finishing, an export, another reviewer) "
+            "is writing it. Try again in a moment."
+            if busy
+            else str(e)
+        )
+        st.button("Try again")
     except UserError as e:
         st.error(str(e))
-        return
-    cols = st.columns(5)
-    cols[0].metric("images", summary["images"])
-    cols[1].metric("classes present", summary["classes_present"])
-    cols[2].metric("models", len(summary["models"]))  # type: ignore[arg-type]
-    cols[3].metric("bad images", summary["bad_images"])
-    cols[4].metric("flagged", summary["flagged"])
-    st.caption(f"dataset {summary['dataset_root']} · workspace {db}")
-    st.subheader("Accuracy per model and evaluation (95% intervals)")
-    view = metrics.drop(columns=["params"]).copy()
-    st.dataframe(view, hide_index=True, use_container_width=True)
-    st.subheader("Flagged images, worst first")
-    st.dataframe(issues, hide_index=True, use_container_width=True)
+    if ss.pop("_busy", False):
+        st.info("Another process is writing the workspace; showing the last data read. Refresh in a moment.")
 
 
 main()
