@@ -438,10 +438,12 @@ def decode_image(path: Path) -> Any:
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit greyscale: scale to 8 bits instead of clipping everything to white.
+            # 16-bit greyscale: scale 0..65535 down to 0..255; PIL's own convert
+            # would clip, turning almost every pixel white.
             arr = np.asarray(im, dtype=np.float32)
-            top = float(arr.max()) or 1.0
-            im = Image.fromarray((arr * (255.0 / max(top, 255.0 if top <= 255 else 65535.0))).astype(np.uint8))
+            if arr.max() > 255:
+                arr /= 257.0
+            im = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             im = im.convert("RGBA")
             # Composite on white: transparent pixels are "nothing there", not black.

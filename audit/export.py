@@ -160,6 +160,8 @@ def export_labels(db: str | Path, out: str | Path) -> ExportResult:
     files = render_exports(images, classes)
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
+    for stale in target.glob(".tmp-*"):  # left by an export killed mid-write
+        stale.unlink(missing_ok=True)
     for name, data in files.items():
         _atomic_write(target / name, data)
     return ExportResult(

@@ -89,12 +89,64 @@ DB_LOCK = threading.RLock()
 # and falls back to the data it last read.
 READ_TIMEOUT = 30.0
 
+Source = str | Path | "Reader"
+
+
+class Reader:
+    """One read connection shared by the queries of one page render.
+
+    Opened on first use and closed by :meth:`close` (or leaving the ``with``
+    block), so a page that needs five queries opens the file once, and holds it
+    for no longer than the page takes to draw. Every function here accepts a
+    Reader wherever it takes a workspace path.
+    """
+
+    def __init__(self, db: str | Path) -> None:
+        self.db = Path(db)
+        self._stack: contextlib.ExitStack | None = None
+        self._con: duckdb.DuckDBPyConnection | None = None
+
+    def connection(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            stack = contextlib.ExitStack()
+            self._con = stack.enter_context(_open_file(self.db))
+            self._stack = stack
+        return self._con
+
+    @property
+    def is_open(self) -> bool:
+        return self._con is not None
+
+    def close(self) -> None:
+        if self._stack is not None:
+            stack, self._stack, self._con = self._stack, None, None
+            stack.close()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 @contextlib.contextmanager
-def _open(db: str | Path, *, timeout: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A short read-only connection, serialised with every other open in this process."""
+def _open_file(db: str | Path, timeout: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
     with DB_LOCK, connect(db, read_only=True, timeout=READ_TIMEOUT if timeout is None else timeout) as con:
         yield con
+
+
+@contextlib.contextmanager
+def _open(src: Source) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A short read-only connection (or the Reader's), serialised with every other open in this process."""
+    if isinstance(src, Reader):
+        yield src.connection()
+        return
+    with _open_file(src) as con:
+        yield con
+
+
+def _path(src: Source) -> Path:
+    return src.db if isinstance(src, Reader) else Path(src)
 
 
 def data_version(db: str | Path) -> tuple[int, ...]:
@@ -108,11 +160,102 @@ def data_version(db: str | Path) -> tuple[int, ...]:
     out: list[int] = []
     for f in (p, p.with_name(p.name + ".wal")):
         try:
-            s = os.stat(f)
-            out += [s.st_mtime_ns, s.st_size, s.st_ino]
+            st = os.stat(f)
+            out += [st.st_mtime_ns, st.st_size, st.st_ino]
         except FileNotFoundError:
             out += [0, 0, 0]
     return tuple(out)
+
+
+# --------------------------------------------------------------------------- per-run facts
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What only an ``audit run`` changes, computed once per run and kept in memory.
+
+    ``facts`` (Arrow, one row per valid image) carries the image's label, ReaL
+    set, cleanlab columns, each model's top-1 (``top1s``, in ``models`` order,
+    the ensemble last) and the any-model disagreement flags; queries scan it
+    inside DuckDB beside the live ``decisions`` table. ``base`` holds each
+    evaluated model's relabeled counts under the given labels, so the relabeled
+    metric only needs the decided images' predictions.
+    """
+
+    models: tuple[str, ...]
+    facts: pa.Table
+    base: dict[str, tuple[int, int, int, int]]  # model -> (n, hits@1, hits@5, k)
+
+
+_RUNS: OrderedDict[tuple[Any, ...], _Run] = OrderedDict()
+_RUNS_LOCK = threading.Lock()
+
+
+def _run(con: duckdb.DuckDBPyConnection, db: Path) -> _Run:
+    key = (
+        str(db.resolve()),
+        tuple(con.execute("SELECT value FROM meta WHERE key = ?", ["dataset_fingerprint"]).fetchall()),
+        tuple(con.execute("SELECT run_id, status, finished_at FROM runs ORDER BY run_id").fetchall()),
+    )
+    with _RUNS_LOCK:
+        hit = _RUNS.get(key)
+        if hit is not None:
+            _RUNS.move_to_end(key)
+            return hit
+    run = _build_run(con)
+    with _RUNS_LOCK:
+        _RUNS[key] = run
+        while len(_RUNS) > 4:
+            _RUNS.popitem(last=False)
+    return run
+
+
+def _build_run(con: duckdb.DuckDBPyConnection) -> _Run:
+    models = tuple(_model_names(con))
+    base = [m for m in models if m != ENSEMBLE] or list(models)
+    facts = con.sql(
+        """
+        WITH pa AS (
+            SELECT p.image_index,
+                   list(CASE WHEN p.top1 >= 0 THEN p.top1 END ORDER BY p.model = $ens, p.model) AS top1s,
+                   coalesce(bool_or(p.top1 <> i.label) FILTER (WHERE ok), false) AS dis_label,
+                   count(DISTINCT p.top1) FILTER (WHERE ok) > 1 AS dis_models,
+                   coalesce(bool_or(len(i.real_labels) > 0 AND NOT list_contains(i.real_labels, p.top1))
+                            FILTER (WHERE ok), false) AS dis_real,
+                   count(*) FILTER (WHERE ok AND p.top1 <> i.label) AS n_wrong
+            FROM (SELECT *, list_contains($base, model) AND top1 >= 0 AS ok
+                  FROM predictions WHERE list_contains($models, model)) p
+            JOIN images i USING (image_index)
+            GROUP BY p.image_index)
+        SELECT i.image_index, i.image_id, i.label, i.real_labels,
+               li.label_quality, coalesce(li.is_label_issue, false) AS is_label_issue, li.suggested_label,
+               li.suggested_confidence, nullif(li.issue_kind, '') AS issue_kind,
+               coalesce(pa.top1s, []::INTEGER[]) AS top1s, coalesce(pa.dis_label, false) AS dis_label,
+               coalesce(pa.dis_models, false) AS dis_models, coalesce(pa.dis_real, false) AS dis_real,
+               coalesce(pa.n_wrong, 0) AS n_wrong
+        FROM images i LEFT JOIN label_issues li USING (image_index) LEFT JOIN pa USING (image_index)
+        WHERE i.valid
+        ORDER BY i.image_index
+        """,
+        params={"ens": ENSEMBLE, "base": base, "models": list(models)},
+    ).to_arrow_table()
+    rows = con.execute(
+        """
+        SELECT p.model, count(*), count(*) FILTER (WHERE p.top_classes[1] = i.label),
+               count(*) FILTER (WHERE list_contains(p.top_classes[1:5], i.label)), min(len(p.top_classes))
+        FROM predictions p JOIN images i USING (image_index)
+        WHERE i.valid AND i.label >= 0 AND p.top_classes[1] >= 0
+          AND p.model IN (SELECT DISTINCT model FROM metrics)
+        GROUP BY p.model
+        """
+    ).fetchall()
+    return _Run(models, facts, {r[0]: (int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows})
+
+
+def _with_facts(con: duckdb.DuckDBPyConnection, db: Path) -> _Run:
+    run = _run(con, db)
+    con.register("facts", run.facts)
+    return run
 
 
 # --------------------------------------------------------------------------- CLI queries
