@@ -234,18 +234,25 @@ def _read_label_csv(path: Path) -> list[tuple[str, str]]:
         raise LabelFileError(f"cannot read label file {path}: {e.strerror}; check the path") from e
     except UnicodeDecodeError as e:
         raise LabelFileError(f"label file {path} is not UTF-8 (byte {e.start}); re-save it as UTF-8") from e
-    rows = list(csv.reader(io.StringIO(text)))
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as e:
+        raise LabelFileError(f"label file {path} is not valid CSV ({e}); save it as plain 'path,label' CSV") from e
     rows = [r for r in rows if any(cell.strip() for cell in r)]
     if not rows:
         raise LabelFileError(f"label file {path} is empty; expected a header 'path,label' and rows")
     header = [h.strip().lower() for h in rows[0]]
-    if "path" not in header or "label" not in header:
+    # 'image' is accepted for 'path' so that an exported labels.csv loads back as it is.
+    col = "path" if "path" in header else "image"
+    if col not in header or "label" not in header:
         raise LabelFileError(f"label file {path} has header {rows[0]!r}; expected columns 'path' and 'label'")
-    ip, il = header.index("path"), header.index("label")
+    ip, il = header.index(col), header.index("label")
     out: list[tuple[str, str]] = []
     for n, r in enumerate(rows[1:], start=2):
         if len(r) <= max(ip, il):
             raise LabelFileError(f"label file {path} line {n}: expected 'path,label', got {r!r}")
+        if not r[il].strip():
+            raise LabelFileError(f"label file {path} line {n}: empty label for {r[ip]!r}; give a class or drop the row")
         out.append((r[ip].strip(), r[il].strip()))
     if not out:
         raise LabelFileError(f"label file {path} has a header but no rows")

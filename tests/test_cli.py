@@ -62,6 +62,11 @@ def test_run_metrics_issues_export(synth_ws, capsys, tmp_path):
         (["run", "{ds}", "--models", "preds:/nope.npy"], "does not exist"),
         (["run", "{ds}", "--limit", "0", "--models", "preds:{preds}"], "--limit"),
         (["run", "{ds}", "--labels", "/nope.csv", "--models", "preds:{preds}"], "cannot read label file"),
+        (["run", "{tmp}/empty"], "no images found"),
+        (["run", "{tmp}/mixed"], "neither an ImageNet wnid"),
+        (["run", "{ds}", "--real", "{tmp}/short_real.json", "--models", "preds:{preds}"], "expected a list of 50000"),
+        (["run", "{ds}", "--models", "resnet18@{tmp}/ten.pth"], "predicts 10 classes"),
+        (["run", "{tmp}/custom", "--models", "resnet18@{tmp}/ten.pth"], "dataset has 2"),
         (["metrics", "--db", "{tmp}/missing.duckdb"], "no audit workspace"),
         (["issues", "--db", "{tmp}/missing.duckdb"], "no audit workspace"),
         (["export", "--db", "{tmp}/missing.duckdb", "--out", "{tmp}/o"], "no audit workspace"),
@@ -71,6 +76,15 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path, argv, needle):
     ds_root = make_imagefolder(tmp_path / "ds", per_class=1)
     ds = load_dataset(ds_root)
     preds = make_predictions(tmp_path / "m.npy", list(ds.image_ids), ds.labels)
+    (tmp_path / "empty").mkdir()
+    make_imagefolder(tmp_path / "mixed", per_class=1, wnids=("n01440764", "holiday_photos"))
+    make_imagefolder(tmp_path / "custom", per_class=1, wnids=("cat", "dog"))
+    (tmp_path / "short_real.json").write_text("[[1], [2]]")
+    if "ten.pth" in " ".join(argv):
+        import torch
+        import torchvision
+
+        torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "ten.pth")
     args = [a.format(ds=ds_root, tmp=tmp_path, preds=preds) for a in argv]
     if args[0] == "run":
         args += ["--db", str(tmp_path / "w.duckdb")]
