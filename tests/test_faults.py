@@ -111,7 +111,7 @@ def test_two_reviewers_one_killed_lose_nothing(workspace):
 
 
 def test_kill_during_export_never_leaves_half_files(workspace, tmp_path):
-    ds, db, _ = workspace
+    _, db, _ = workspace
     append_decision(db, 3, "relabel", labels=[2], reviewer="t")
     ref = export_labels(db, tmp_path / "ref")
     out = tmp_path / "out"
