@@ -101,6 +101,7 @@ def cmd_models(a: argparse.Namespace) -> int:
             "input": s.preprocess.crop if s.preprocess else None,
             "loss": s.loss,
             "weights": weights_status(s),
+            "file": s.weights_file if weights_status(s) == "available" else (s.weights_file or s.weights_url),
         }
         for s in list_models(a.filter)
     ]

@@ -27,6 +27,7 @@ import functools
 import importlib
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -258,10 +259,17 @@ def _timm_spec(name: str) -> ModelSpec:
         preprocess=Preprocess.from_timm_cfg(cfg),
         num_classes=int(cfg.num_classes),
         label_space="imagenet-1k" if cfg.num_classes == 1000 else "custom",
-        loss="sigmoid" if "bce" in (tag or "") else "softmax",
+        loss=_timm_loss(tag),
         weights_file=where,
         weights_url=(f"https://huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url),
     )
+
+
+def _timm_loss(tag: str | None) -> str:
+    # ResNet-strikes-back recipes (tags a1_, a2_, a3_, a1h_) and explicit "bce" tags
+    # train with binary cross-entropy; the rest of timm's ImageNet weights use softmax.
+    t = tag or ""
+    return "sigmoid" if "bce" in t or re.match(r"^a[123]h?_", t) else "softmax"
 
 
 def _checkpoint_spec(arch_name: str, file: str) -> ModelSpec:
@@ -355,8 +363,22 @@ def resolve_model(name: str, *, registry: ModelRegistry | None = None) -> ModelS
     return _torchvision_spec(arch, tag or None)
 
 
+# timm architectures of the seed set that torchvision lacks, listed by `audit models`;
+# any other timm model resolves by name too.
+_TIMM_LISTED = (
+    "legacy_seresnet18",
+    "legacy_seresnet50",
+    "seresnet50",
+    "mobilenetv1_100",
+    "mobileone_s0",
+    "mobileone_s1",
+    "repvgg_a0",
+    "repvgg_b0",
+)
+
+
 def list_models(pattern: str = "*", *, registry: ModelRegistry | None = None) -> list[ModelSpec]:
-    """Registered models plus torchvision's ImageNet weights, filtered by fnmatch ``pattern``."""
+    """Registered models, torchvision's ImageNet weights and the seed's timm models, by fnmatch ``pattern``."""
     from torchvision.models import (
         get_model_weights,
         resnet,  # noqa: F401  (ensures the classification registry loads)
@@ -364,22 +386,25 @@ def list_models(pattern: str = "*", *, registry: ModelRegistry | None = None) ->
     from torchvision.models import list_models as tv_list
 
     reg = registry or default_registry()
-    out = list(reg)
+    out = [s for s in reg if fnmatch.fnmatch(s.name, pattern)]
     for arch in tv_list(module=importlib.import_module("torchvision.models")):
         for w in get_model_weights(arch):
-            name = f"{arch}.{w.name}"
-            if fnmatch.fnmatch(name, pattern):
+            if fnmatch.fnmatch(f"{arch}.{w.name}", pattern):
                 out.append(_torchvision_spec(arch, w.name))
-    return [s for s in out if fnmatch.fnmatch(s.name, pattern) or s.source == "torchvision"]
+    for arch in _TIMM_LISTED:
+        spec = _timm_spec(arch)
+        if fnmatch.fnmatch(spec.name, pattern) or fnmatch.fnmatch(arch, pattern):
+            out.append(spec)
+    return out
 
 
 def weights_status(spec: ModelSpec) -> str:
     """ "available", or a short reason the weights are not on this machine."""
     if spec.source == "efficientnet-lite":
-        return "available" if spec.weights_file else f"missing: {spec.weights_url}"
+        return "available" if spec.weights_file else "missing"
     if spec.weights_file and Path(spec.weights_file).exists():
         return "available"
-    return f"not cached: {spec.weights_file}"
+    return "missing"
 
 
 def _unavailable(spec: ModelSpec, err: Exception | None) -> WeightsUnavailableError:
