@@ -25,7 +25,16 @@ from audit.datasets import AuditDataset
 from audit.errors import ModelError, StoreError
 from audit.evaluate import Metric, evaluate_all, relabeled_accuracy
 from audit.score import ModelArrays, bad_images, load_models, score_dataset
-from audit.store import arrays_dir, connect, current_label_sets, fetch_one, now, to_json
+from audit.store import (
+    arrays_dir,
+    connect,
+    current_label_sets,
+    fetch_one,
+    mark_interrupted_runs,
+    now,
+    to_json,
+    workspace_lock,
+)
 from audit.zoo import ModelSpec
 
 __all__ = ["ENSEMBLE", "RunResult", "live_metrics", "run_audit", "topk_of"]
@@ -171,7 +180,23 @@ def _write_dataset(con: Any, ds: AuditDataset, fp: str) -> None:
     con.unregister("images_df")
 
 
-def run_audit(
+def run_audit(ds: AuditDataset, specs: Sequence[ModelSpec], db: Path, **options: Any) -> RunResult:
+    """Score ``ds`` with ``specs`` and write everything into the workspace ``db``.
+
+    One run at a time per workspace: a second ``audit run`` on the same
+    workspace stops with a clear error instead of racing on the shards. A run
+    that died (kill -9, power cut) is marked ``interrupted`` by the next one,
+    which resumes its finished shards.
+
+    Options: ``batch_size`` (64), ``workers`` (2), ``device`` (cuda when
+    present), ``sigmoid_threshold`` (cross-fitted), ``progress`` (True).
+    """
+    with workspace_lock(db):
+        mark_interrupted_runs(db)
+        return _run_audit(ds, specs, db, **options)
+
+
+def _run_audit(
     ds: AuditDataset,
     specs: Sequence[ModelSpec],
     db: Path,
@@ -182,7 +207,6 @@ def run_audit(
     sigmoid_threshold: float | None = None,
     progress: bool = True,
 ) -> RunResult:
-    """Score ``ds`` with ``specs`` and write everything into the workspace ``db``."""
     from audit import flag
 
     notes = _check_compatible(ds, specs)

@@ -47,7 +47,9 @@ __all__ = [
     "default_db",
     "fetch_one",
     "init_db",
+    "mark_interrupted_runs",
     "read_frame",
+    "workspace_lock",
 ]
 
 SCHEMA_VERSION = 1
@@ -309,3 +311,45 @@ def fetch_one(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | 
     """
     rows = con.execute(sql, list(params or [])).fetchall()
     return rows[0] if rows else None
+
+
+@contextlib.contextmanager
+def workspace_lock(db: str | Path) -> Iterator[None]:
+    """Hold the workspace's run lock (an OS file lock, released even on kill -9).
+
+    Raises
+    ------
+    StoreError
+        Another live process holds it.
+    """
+    import fcntl
+    import os
+
+    d = arrays_dir(db)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "run.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise StoreError(
+                f"another audit run (pid {holder}) is writing workspace {db}; wait for it or pass another --db"
+            ) from e
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def mark_interrupted_runs(db: str | Path) -> int:
+    """Mark runs left ``running`` by a dead process as ``interrupted``; call with the run lock held."""
+    if not Path(db).exists():
+        return 0
+    with connect(db) as con:
+        rows = con.execute(
+            "UPDATE runs SET status = ? WHERE status = ? RETURNING run_id", ["interrupted", "running"]
+        ).fetchall()
+    return len(rows)

@@ -146,3 +146,37 @@ def _hold(db: str, ready) -> None:  # type: ignore[no-untyped-def]
     ready.set()
     time.sleep(60)
     con.close()
+
+
+def _hold_run_lock(db: str, ready) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    from audit.store import workspace_lock
+
+    with workspace_lock(db):
+        ready.set()
+        time.sleep(60)
+
+
+def test_one_run_per_workspace_and_dead_runs_are_marked(tmp_path):
+    from audit.store import mark_interrupted_runs, workspace_lock
+
+    db = make_db(tmp_path / "w.duckdb")
+    with connect(db) as con:
+        con.execute("INSERT INTO runs (run_id, status) VALUES (?, ?)", ["dead", "running"])
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    p = ctx.Process(target=_hold_run_lock, args=(str(db), ready))
+    p.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(StoreError, match=f"pid {p.pid}"):
+            with workspace_lock(db):
+                pass
+    finally:
+        p.kill()  # like kill -9: the OS releases the lock
+        p.join()
+    with workspace_lock(db):
+        assert mark_interrupted_runs(db) == 1
+    with connect(db, read_only=True) as con:
+        assert con.execute("SELECT status FROM runs").fetchall() == [("interrupted",)]
