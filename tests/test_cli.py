@@ -143,3 +143,19 @@ def test_real_lite0_on_shared_subset(shared_dir, tmp_path):
         assert abs(r["value"] - ref) <= 0.10, (key, r)
     assert got[("efficientnet_lite0.in1k", "original", "top1")]["n"] == 100
     assert re.search(r"flagged images: \d+ of 100", res.stdout)
+
+
+def test_dashboard_binds_localhost_by_default():
+    from audit.cli import _parser
+
+    assert _parser().parse_args(["dashboard"]).host == "127.0.0.1"
+
+
+def test_second_run_on_a_busy_workspace_is_refused(synth_ws, tmp_path):
+    from audit.store import workspace_lock
+
+    ds_root, db, _, _ = synth_ws
+    preds = tmp_path / "m.npy"
+    with workspace_lock(db):
+        res = run_cli("run", str(ds_root), "--models", f"preds:{preds}", "--db", str(db), "-q")
+    assert res.returncode == 2 and "another audit run" in res.stderr and "Traceback" not in res.stderr
