@@ -40,7 +40,8 @@ PAGES = ("Overview", "Disagreements", "Review", "Impact", "Export")
 PAGE_SIZE = 24
 THUMB = 192
 LARGE = 512
-READ_WAIT = 3.0  # seconds a page waits for another process's write before showing its last data
+# Seconds a page waits for another process's write before showing its last data.
+READ_WAIT = float(os.environ.get("AUDIT_READ_WAIT", "3"))
 EVAL_NAMES = {"original": "original", "real": "ReaL", "sigmoid": "sigmoid", "clean": "clean", "relabeled": "relabeled"}
 DEFAULTS: dict[str, Any] = {
     "f_kinds": ["flagged"],
@@ -53,22 +54,31 @@ DEFAULTS: dict[str, Any] = {
     "f_sort": "quality",
     "g_page": 1,
     "c_model": q.ENSEMBLE,
+    "d_view": "Gallery",
     "reason": "",
     "advance": True,
 }
-q.READ_TIMEOUT = READ_WAIT
 
 
 def _db() -> Path:
     return Path(os.environ.get("AUDIT_DB") or default_db())
 
 
+_READER: list[q.Reader] = []  # this script run's connection, opened on the first cache miss
+
+
+def _reader() -> q.Reader:
+    if not _READER:
+        _READER.append(q.Reader(_db(), timeout=READ_WAIT))
+    return _READER[0]
+
+
 # --------------------------------------------------------------------------- data access
 
 
 @st.cache_data(ttl=300, max_entries=256, show_spinner=False)
-def _cached(name: str, db: str, version: tuple[int, ...], args: tuple[Any, ...]) -> Any:
-    return getattr(q, name)(Path(db), *args)
+def _cached(name: str, db: str, version: tuple[int, ...], args: tuple[Any, ...], _reader: q.Reader) -> Any:
+    return getattr(q, name)(_reader, *args)
 
 
 @st.cache_resource
@@ -82,7 +92,7 @@ def load(name: str, *args: Any) -> Any:
     key = (name, str(db), args)
     lock, last = _last_good()
     try:
-        value = _cached(name, str(db), q.data_version(db), args)
+        value = _cached(name, str(db), q.data_version(db), args, _reader())
     except StoreError as e:
         with lock:
             stale = last.get(key)
@@ -165,11 +175,19 @@ def pct(v: float | None) -> str:
     return "–" if v is None or pd.isna(v) else f"{100 * v:.1f}%"
 
 
-def class_label(classes: pd.DataFrame, i: int | None) -> str:
+def class_labels() -> list[str]:
+    """'name · wnid · index' of every class, for the class pickers (type to search by name or wnid)."""
+    c = load("classes")
+    return [
+        f"{n} · {k} · {i}"
+        for i, k, n in zip(c["class_index"].tolist(), c["key"].tolist(), c["name"].tolist(), strict=True)
+    ]
+
+
+def class_label(labels: list[str], i: int | None) -> str:
     if i is None:
         return "any class"
-    r = classes.iloc[int(i)] if 0 <= int(i) < len(classes) else None
-    return f"{r['name']} · {r['key']} · {int(i)}" if r is not None else str(i)
+    return labels[int(i)] if 0 <= int(i) < len(labels) else str(i)
 
 
 # --------------------------------------------------------------------------- pages
@@ -200,7 +218,7 @@ def page_overview() -> None:
     h["cell"] = [f"{pct(v)} ({pct(lo)[:-1]}–{pct(hi)})" for v, lo, hi in zip(h.value, h.low, h.high, strict=True)]
     h["column"] = [f"{EVAL_NAMES[e]} {mt}" for e, mt in zip(h.evaluation, h.metric, strict=True)]
     cols = [f"{EVAL_NAMES[e]} {mt}" for e, mt in q.HEADLINE.items() if e in set(h.evaluation)]
-    wide = h.pivot(index="model", columns="column", values="cell")[cols]
+    wide = h.pivot(index="model", columns="column", values="cell")[cols].fillna("–")
     st.dataframe(wide, width="stretch")
     n = h.groupby("evaluation")["n"].max()
     st.caption("images per evaluation: " + ", ".join(f"{EVAL_NAMES[e]} {int(v):,}" for e, v in n.items()))
@@ -208,12 +226,12 @@ def page_overview() -> None:
     with left:
         st.subheader("Accuracy by evaluation")
         base = alt.Chart(h).encode(
-            x=alt.X("evaluation:N", sort=list(q.HEADLINE), title=None),
+            x=alt.X("evaluation:N", sort=list(q.HEADLINE), title=None, axis=alt.Axis(labelAngle=0)),
             xOffset=alt.XOffset("model:N"),
-            color=alt.Color("model:N"),
+            color=alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=2)),
         )
         lo = max(0.0, float(h.low.min()) - 0.05)
-        bars = base.mark_bar().encode(
+        bars = base.mark_bar(clip=True).encode(
             y=alt.Y(
                 "value:Q",
                 title="accuracy (headline metric)",
@@ -235,11 +253,13 @@ def page_overview() -> None:
                 alt.Chart(long)
                 .mark_line(point=True)
                 .encode(
-                    x=alt.X("evaluation:N", sort=list(q.HEADLINE), title=None),
+                    x=alt.X("evaluation:N", sort=list(q.HEADLINE), title=None, axis=alt.Axis(labelAngle=0)),
                     y=alt.Y(
-                        "rank:Q", scale=alt.Scale(reverse=True), axis=alt.Axis(tickMinStep=1), title="rank (1 = best)"
+                        "rank:O",
+                        scale=alt.Scale(domain=list(range(1, len(ranks) + 1))),
+                        title="rank (1 = best)",
                     ),
-                    color="model:N",
+                    color=alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=2)),
                     tooltip=["model", "evaluation", "rank"],
                 )
                 .properties(height=260)
@@ -263,7 +283,7 @@ def page_overview() -> None:
         st.dataframe(view, hide_index=True, width="stretch")
 
 
-def filter_bar(models: list[str], classes: pd.DataFrame) -> None:
+def filter_bar(models: list[str], labels: list[str]) -> None:
     ss = st.session_state
     a, b, c, d = st.columns([3, 2, 2, 3])
     a.multiselect(
@@ -284,8 +304,8 @@ def filter_bar(models: list[str], classes: pd.DataFrame) -> None:
     )
     d.selectbox(
         "Class (given, suggested or predicted)",
-        [None, *range(len(classes))],
-        format_func=lambda i: class_label(classes, i),
+        [None, *range(len(labels))],
+        format_func=lambda i: class_label(labels, i),
         key="f_class",
         on_change=reset_page,
     )
@@ -295,7 +315,7 @@ def filter_bar(models: list[str], classes: pd.DataFrame) -> None:
     g.selectbox("Sort", list(q.SORTS), format_func=lambda k: q.SORTS[k][0], key="f_sort", on_change=reset_page)
     if ss["f_pair"]:
         pa, pb = ss["f_pair"]
-        st.info(f"Only the class pair **{class_label(classes, pa)}** ↔ **{class_label(classes, pb)}**")
+        st.info(f"Only the class pair **{class_label(labels, pa)}** ↔ **{class_label(labels, pb)}**")
         st.button("Clear class pair", on_click=lambda: (ss.__setitem__("f_pair", None), reset_page()))
 
 
@@ -322,86 +342,98 @@ def card(row: pd.Series) -> None:
 def page_disagreements() -> None:
     st.header("Disagreements")
     models = load("model_names")
-    classes = load("classes")
-    filter_bar(models, classes)
-    gallery_tab, pairs_tab = st.tabs(["Gallery", "Confused classes"])
-    with gallery_tab:
-        f = filters()
-        ss = st.session_state
-        total, _ = load("gallery", f, 0, 1)
-        pages = max(1, -(-total // PAGE_SIZE))
-        ss["g_page"] = min(max(1, int(ss["g_page"])), pages)
-        top = st.columns([2, 2, 3])
-        top[0].number_input(f"Page (of {pages:,})", 1, pages, key="g_page")
-        top[1].metric("matching images", f"{total:,}")
-        top[2].button("Review these in order", type="primary", on_click=goto, args=("Review",), disabled=total == 0)
-        _, rows = load("gallery", f, int(ss["g_page"]) - 1, PAGE_SIZE)
-        if rows.empty:
-            st.info("No image matches these filters.")
-        cols = st.columns(4)
-        for k, row in enumerate(rows.itertuples(index=False)):
-            with cols[k % 4]:
-                card(row)
-    with pairs_tab:
-        ss = st.session_state
-        if ss["c_model"] not in models:
-            ss["c_model"] = models[-1] if models else None
-        st.selectbox("Model", models, key="c_model")
-        pairs = load("confused_pairs", ss["c_model"], 25) if ss["c_model"] else pd.DataFrame()
-        if pairs.empty:
-            st.info("No confusions: the model's top-1 agrees with every given label.")
-            return
-        pairs["pair"] = pairs["a_name"] + " ↔ " + pairs["b_name"]
-        left, right = st.columns([2, 3])
-        with left:
-            st.dataframe(
-                pairs[["a_name", "b_name", "a_to_b", "b_to_a", "total"]].rename(
-                    columns={
-                        "a_name": "class a",
-                        "b_name": "class b",
-                        "a_to_b": "a labelled, b predicted",
-                        "b_to_a": "b labelled, a predicted",
-                    }
-                ),
-                hide_index=True,
-                width="stretch",
-            )
-        with right:
-            long = pairs.head(15).melt(id_vars=["pair", "total"], value_vars=["a_to_b", "b_to_a"], var_name="direction")
-            chart = (
-                alt.Chart(long)
-                .mark_bar()
-                .encode(
-                    y=alt.Y("pair:N", sort="-x", title=None),
-                    x=alt.X("sum(value):Q", title="images"),
-                    color=alt.Color("direction:N", legend=alt.Legend(orient="bottom")),
-                    tooltip=["pair", "direction", "value"],
-                )
-                .properties(height=28 * min(15, len(pairs)) + 40)
-            )
-            st.altair_chart(chart, width="stretch")
-        pick = st.selectbox("Class pair", range(len(pairs)), format_func=lambda i: pairs["pair"].iloc[i], key="c_pick")
+    if st.session_state.pop("_to_gallery", False):
+        st.session_state["d_view"] = "Gallery"
+    st.radio("View", ["Gallery", "Confused classes"], key="d_view", horizontal=True, label_visibility="collapsed")
+    if st.session_state["d_view"] == "Gallery":
+        gallery_view(models)
+    else:
+        pairs_view(models)
 
-        def show_pair() -> None:
-            ss["f_pair"] = (int(pairs["a"].iloc[pick]), int(pairs["b"].iloc[pick]))
-            ss["f_kinds"], ss["f_issue"], ss["f_class"], ss["f_reviewed"] = [], [], None, "all"
-            ss["f_model"] = ss["c_model"] if ss["c_model"] != q.ENSEMBLE else None
-            reset_page()
 
-        st.button("Show these images in the gallery", on_click=show_pair)
+def gallery_view(models: list[str]) -> None:
+    filter_bar(models, class_labels())
+    f = filters()
+    ss = st.session_state
+    # One query gives the page and the total; a page past the end comes back as the last page.
+    total, rows = load("gallery", f, max(1, int(ss["g_page"])) - 1, PAGE_SIZE)
+    pages = max(1, -(-total // PAGE_SIZE))
+    ss["g_page"] = min(max(1, int(ss["g_page"])), pages)
+    top = st.columns([2, 2, 3])
+    top[0].number_input(f"Page (of {pages:,})", 1, pages, key="g_page")
+    top[1].metric("matching images", f"{total:,}")
+    top[2].button("Review these in order", type="primary", on_click=goto, args=("Review",), disabled=total == 0)
+    if rows.empty:
+        st.info("No image matches these filters.")
+    cols = st.columns(4)
+    for k, row in enumerate(rows.itertuples(index=False)):
+        with cols[k % 4]:
+            card(row)
+
+
+def pairs_view(models: list[str]) -> None:
+    st.caption("Pairs of classes a model mixes up (given label vs its top-1), over every image, both directions.")
+    ss = st.session_state
+    if ss["c_model"] not in models:
+        ss["c_model"] = models[-1] if models else None
+    st.selectbox("Model", models, key="c_model")
+    pairs = load("confused_pairs", ss["c_model"], 25) if ss["c_model"] else pd.DataFrame()
+    if pairs.empty:
+        st.info("No confusions: the model's top-1 agrees with every given label.")
+        return
+    pairs["pair"] = pairs["a_name"] + " ↔ " + pairs["b_name"]
+    left, right = st.columns([2, 3])
+    with left:
+        st.dataframe(
+            pairs[["a_name", "b_name", "a_to_b", "b_to_a", "total"]].rename(
+                columns={
+                    "a_name": "class a",
+                    "b_name": "class b",
+                    "a_to_b": "a labelled, b predicted",
+                    "b_to_a": "b labelled, a predicted",
+                }
+            ),
+            hide_index=True,
+            width="stretch",
+        )
+    with right:
+        long = pairs.head(15).melt(id_vars=["pair", "total"], value_vars=["a_to_b", "b_to_a"], var_name="direction")
+        long["direction"] = long["direction"].map({"a_to_b": "left class labelled", "b_to_a": "right class labelled"})
+        chart = (
+            alt.Chart(long)
+            .mark_bar()
+            .encode(
+                y=alt.Y("pair:N", sort="-x", title=None, axis=alt.Axis(labelLimit=320)),
+                x=alt.X("sum(value):Q", title="images", axis=alt.Axis(tickMinStep=1)),
+                color=alt.Color("direction:N", legend=alt.Legend(orient="bottom")),
+                tooltip=["pair", "direction", "value"],
+            )
+            .properties(height=28 * min(15, len(pairs)) + 40)
+        )
+        st.altair_chart(chart, width="stretch")
+    pick = st.selectbox("Class pair", range(len(pairs)), format_func=lambda i: pairs["pair"].iloc[i], key="c_pick")
+
+    def show_pair() -> None:
+        ss["f_pair"] = (int(pairs["a"].iloc[pick]), int(pairs["b"].iloc[pick]))
+        ss["f_kinds"], ss["f_issue"], ss["f_class"], ss["f_reviewed"] = [], [], None, "all"
+        ss["f_model"] = ss["c_model"] if ss["c_model"] != q.ENSEMBLE else None
+        ss["_to_gallery"] = True
+        reset_page()
+
+    st.button("Show these images in the gallery", on_click=show_pair)
 
 
 def act(action: str, image: int, next_image: int | None, labels: tuple[int, ...] = ()) -> None:
     """Button callback: append a decision, then move on in the queue."""
     ss = st.session_state
     if action == "relabel":
-        choice = ss.get("relabel_to")
+        choice = ss.get(f"relabel_to_{image}")
         if choice is None:
             ss["_flash"] = ("warning", "Pick a class to relabel to first.")
             return
         labels = (int(choice),)
     elif action == "multi":
-        labels = tuple(int(x) for x in ss.get("multi_to") or ())
+        labels = tuple(int(x) for x in ss.get(f"multi_to_{image}") or ())
     try:
         did = q.record_decision(
             _db(),
@@ -417,7 +449,7 @@ def act(action: str, image: int, next_image: int | None, labels: tuple[int, ...]
     _cached.clear()
     ss["_flash"] = ("success", f"Decision {did} saved: {action} on image #{image} ({ACTIONS[action]}).")
     ss["reason"] = ""
-    for k in ("relabel_to", "multi_to"):
+    for k in (f"relabel_to_{image}", f"multi_to_{image}"):
         ss.pop(k, None)
     if action != "undo" and ss.get("advance", True):
         ss["image"] = next_image
@@ -429,18 +461,19 @@ def page_review() -> None:
     f = filters()
     total, pos, window = load("queue_window", f, ss["image"])
     if ss["image"] is None or load("image_detail", ss["image"]) is None:
-        if not window:
+        if window.empty:
             st.success(
                 "Nothing left in this queue. Change the filters on the Disagreements page, or pick another image."
             )
             return
-        ss["image"] = window[0][1] if pos is None else ss["image"]
+        ss["image"] = int(window["image_index"].iloc[0])
         total, pos, window = load("queue_window", f, ss["image"])
     image = int(ss["image"])
     d = load("image_detail", image)
-    classes = load("classes")
-    after = [i for p, i in window if pos is not None and p > pos]
-    before = [i for p, i in window if pos is not None and p < pos]
+    labels = class_labels()
+    order = list(zip(window["pos"].tolist(), window["image_index"].tolist(), strict=True))
+    after = [i for p, i in order if pos is not None and p > pos]
+    before = [i for p, i in order if pos is not None and p < pos]
     next_image = after[0] if after else (before[-1] if before else None)
     prev_image = before[-1] if before else None
     where = f"{pos + 1:,} of {total:,}" if pos is not None else f"not in the queue ({total:,} images)"
@@ -464,7 +497,7 @@ def page_review() -> None:
     with right:
         status = "**reviewed**" if d["reviewed"] else "not reviewed"
         st.markdown(
-            f"given label: **{d['given']}** (`{classes.key.iloc[int(d['label'])]}`)  \n"
+            f"given label: **{class_label(labels, d['label'])}**  \n"
             f"current labels: **{d['current'] or '(no class fits: left out)'}** — {status}"
         )
         if d["real_labels"] is not None:
@@ -485,9 +518,9 @@ def page_review() -> None:
         )
         st.dataframe(preds, hide_index=True, width="stretch")
         st.text_input("Reason (optional; saved with the decision)", key="reason")
-        b = st.columns(4)
+        bar = st.container(horizontal=True)
         sug = d["suggested_label"]
-        b[0].button(
+        bar.button(
             f"Accept: {d['suggested']}" if pd.notna(sug) else "Accept suggestion",
             type="primary",
             shortcut="A",
@@ -496,9 +529,9 @@ def page_review() -> None:
             args=("accept", image, next_image, (int(sug),) if pd.notna(sug) else ()),
             disabled=pd.isna(sug),
         )
-        b[1].button("Keep original", shortcut="K", key="do_keep", on_click=act, args=("keep", image, next_image))
-        b[2].button("No class fits", shortcut="N", key="do_nofit", on_click=act, args=("no_fit", image, next_image))
-        b[3].button(
+        bar.button("Keep original", shortcut="K", key="do_keep", on_click=act, args=("keep", image, next_image))
+        bar.button("No class fits", shortcut="N", key="do_nofit", on_click=act, args=("no_fit", image, next_image))
+        bar.button(
             "Undo last",
             shortcut="U",
             key="do_undo",
@@ -506,15 +539,15 @@ def page_review() -> None:
             args=("undo", image, next_image),
             disabled=d["history"].empty,
         )
-        options = list(range(len(classes)))
+        options = list(range(len(labels)))
         with st.form("relabel_form", clear_on_submit=False, border=True):
             st.selectbox(
                 "Relabel to one class (type a name or wnid)",
                 options,
                 index=None,
-                key="relabel_to",
-                format_func=lambda i: class_label(classes, i),
-                placeholder="search 1,000 classes…",
+                key=f"relabel_to_{image}",
+                format_func=labels.__getitem__,
+                placeholder=f"search {len(labels):,} classes…",
             )
             st.form_submit_button("Relabel", shortcut="Ctrl+Enter", on_click=act, args=("relabel", image, next_image))
         default = [int(x) for x in d["current_labels"]]
@@ -526,8 +559,8 @@ def page_review() -> None:
                 "Several valid labels",
                 options,
                 default=default,
-                key="multi_to",
-                format_func=lambda i: class_label(classes, i),
+                key=f"multi_to_{image}",
+                format_func=labels.__getitem__,
             )
             st.form_submit_button(
                 "Save these labels", shortcut="Ctrl+M", on_click=act, args=("multi", image, next_image)
@@ -544,20 +577,19 @@ def page_review() -> None:
             width="stretch",
         )
     st.subheader("Queue")
-    cols = st.columns(max(len(window), 1))
-    for col, (p, idx) in zip(cols, window, strict=False):
+    if window.empty:
+        return
+    cols = st.columns(len(window))
+    for col, w in zip(cols, window.itertuples(index=False), strict=True):
         with col:
-            det = load("image_detail", idx)
-            if det is None:
-                continue
-            show_image(det["image_id"], 112)
+            show_image(w.image_id, 112)
             st.button(
-                f"{p + 1}: {det['given']}"[:28],
-                key=f"q_{idx}",
+                f"{w.pos + 1}: {w.given}"[:28],
+                key=f"q_{w.image_index}",
                 on_click=goto,
-                args=("Review", idx),
-                disabled=idx == image,
-                type="primary" if idx == image else "secondary",
+                args=("Review", int(w.image_index)),
+                disabled=w.image_index == image,
+                type="primary" if w.image_index == image else "secondary",
             )
 
 
@@ -614,7 +646,7 @@ def page_impact() -> None:
         alt.Chart(long)
         .mark_line(point=True)
         .encode(
-            x=alt.X("evaluation:N", sort=["original", "relabeled", "real"], title=None),
+            x=alt.X("evaluation:N", sort=["original", "relabeled", "real"], title=None, axis=alt.Axis(labelAngle=0)),
             y=alt.Y("top1:Q", scale=alt.Scale(zero=False), axis=alt.Axis(format="%"), title="top-1 accuracy"),
             color="model:N",
             tooltip=["model", "evaluation", alt.Tooltip("top1:Q", format=".2%")],
@@ -680,7 +712,7 @@ def page_export() -> None:
             if name.endswith(".csv")
             else "text/plain",
         )
-    st.subheader("Changed labels")
+    st.subheader("Latest decisions, newest first")
     rec = load("recent_decisions", 200)
     if rec.empty:
         st.caption("No decision yet: the export equals the given labels (less bad images).")
@@ -723,13 +755,14 @@ def main() -> None:
     elif "image" in st.query_params:
         del st.query_params["image"]
     try:
-        {
-            "Overview": page_overview,
-            "Disagreements": page_disagreements,
-            "Review": page_review,
-            "Impact": page_impact,
-            "Export": page_export,
-        }[page]()
+        with _reader():
+            {
+                "Overview": page_overview,
+                "Disagreements": page_disagreements,
+                "Review": page_review,
+                "Impact": page_impact,
+                "Export": page_export,
+            }[page]()
     except StoreError as e:
         busy = "locked" in str(e)
         st.warning(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -169,9 +168,13 @@ def cmd_dashboard(a: argparse.Namespace) -> int:
         "true",
         "--browser.gatherUsageStats",
         "false",
+        "--client.toolbarMode",
+        "minimal",
     ]
     print(f"audit: dashboard on http://{a.host}:{a.port} for {a.db}", file=sys.stderr)
-    return subprocess.call(cmd, env=env)
+    # Become the server (no child left behind when this process is signalled).
+    os.execve(sys.executable, cmd, env)
+    return 0  # pragma: no cover
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -5,13 +5,21 @@ parameterised SQL in DuckDB and returns a small result: one page of a gallery,
 one image, one row per model. Nothing here loads a whole table into pandas to
 filter or aggregate it; what pandas touches is at most a few hundred rows.
 
-Concurrency. Every call opens the file, works and closes it, so the dashboard
-never holds the DuckDB lock across reruns, and a running ``audit run`` or
-``audit export`` waits at most for one short query. Within one process (the
-Streamlit server serves every browser session from one process) DuckDB refuses a
-read-write and a read-only connection to the same file at the same time, so
-every open here, and every decision written through :func:`record_decision`,
-goes through one process-wide lock (:data:`DB_LOCK`).
+Every function takes a workspace path, or a :class:`Reader` that shares one
+read-only connection among the queries of one dashboard page render.
+
+Concurrency. A call (or a Reader) opens the file, works and closes it, so the
+dashboard never holds the DuckDB lock across reruns, and a running ``audit run``
+or a reviewer's write waits at most for one page's queries. Within one process
+(the Streamlit server serves every browser session from one process) DuckDB
+refuses a read-write and a read-only connection to the same file at the same
+time, so every open here, and every decision written through
+:func:`record_decision`, goes through one process-wide lock (:data:`DB_LOCK`).
+
+Speed. What only ``audit run`` changes is read once per run into an in-memory
+Arrow table (:class:`_Run`) that DuckDB scans beside the live ``decisions``
+table, so a gallery page, a queue position or the relabeled metric costs tens of
+milliseconds on 50,000 images.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import contextlib
 import math
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +37,9 @@ from typing import Any
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-from audit.errors import UserError
+from audit.errors import StoreError, UserError
 from audit.evaluate import wilson_interval
 from audit.store import append_decision, connect, fetch_one
 
@@ -40,8 +50,10 @@ __all__ = [
     "EVALUATIONS",
     "HEADLINE",
     "ISSUE_KINDS",
+    "READ_TIMEOUT",
     "SORTS",
     "Filters",
+    "Reader",
     "classes",
     "confused_pairs",
     "data_version",
@@ -85,11 +97,9 @@ SORTS = {
 }
 
 DB_LOCK = threading.RLock()
-# Seconds a read waits for another process's write lock; the dashboard lowers it
-# and falls back to the data it last read.
+# Seconds a read waits for another process's write lock (the dashboard's Reader
+# waits less, and falls back to the data it last read).
 READ_TIMEOUT = 30.0
-
-Source = str | Path | "Reader"
 
 
 class Reader:
@@ -101,15 +111,23 @@ class Reader:
     Reader wherever it takes a workspace path.
     """
 
-    def __init__(self, db: str | Path) -> None:
+    def __init__(self, db: str | Path, *, timeout: float | None = None) -> None:
         self.db = Path(db)
+        self.timeout = timeout  # seconds to wait for another process's write lock; None: READ_TIMEOUT
         self._stack: contextlib.ExitStack | None = None
         self._con: duckdb.DuckDBPyConnection | None = None
+        self._failed: StoreError | None = None
 
     def connection(self) -> duckdb.DuckDBPyConnection:
+        if self._failed is not None:
+            raise self._failed  # a locked file is not waited for twice in one page render
         if self._con is None:
             stack = contextlib.ExitStack()
-            self._con = stack.enter_context(_open_file(self.db))
+            try:
+                self._con = stack.enter_context(_open_file(self.db, self.timeout))
+            except StoreError as e:
+                self._failed = e
+                raise
             self._stack = stack
         return self._con
 
@@ -136,7 +154,7 @@ def _open_file(db: str | Path, timeout: float | None = None) -> Iterator[duckdb.
 
 
 @contextlib.contextmanager
-def _open(src: Source) -> Iterator[duckdb.DuckDBPyConnection]:
+def _open(src: str | Path | Reader) -> Iterator[duckdb.DuckDBPyConnection]:
     """A short read-only connection (or the Reader's), serialised with every other open in this process."""
     if isinstance(src, Reader):
         yield src.connection()
@@ -145,7 +163,7 @@ def _open(src: Source) -> Iterator[duckdb.DuckDBPyConnection]:
         yield con
 
 
-def _path(src: Source) -> Path:
+def _path(src: str | Path | Reader) -> Path:
     return src.db if isinstance(src, Reader) else Path(src)
 
 
@@ -261,7 +279,7 @@ def _with_facts(con: duckdb.DuckDBPyConnection, db: Path) -> _Run:
 # --------------------------------------------------------------------------- CLI queries
 
 
-def flagged_issues(db: Path, *, limit: int | None = None) -> pd.DataFrame:
+def flagged_issues(db: str | Path | Reader, *, limit: int | None = None) -> pd.DataFrame:
     """Flagged images, worst (lowest label quality) first."""
     with _open(db) as con:
         return con.execute(
@@ -283,7 +301,7 @@ def flagged_issues(db: Path, *, limit: int | None = None) -> pd.DataFrame:
         ).df()
 
 
-def resolve_label(db: Path, token: str) -> int:
+def resolve_label(db: str | Path | Reader, token: str) -> int:
     """Class index of a wnid/key, index or class name in the workspace's label space."""
     tok = token.strip()
     with _open(db) as con:
@@ -301,18 +319,19 @@ def resolve_label(db: Path, token: str) -> int:
     return int(row[0])
 
 
-def run_summary(db: Path) -> dict[str, Any]:
+def run_summary(db: str | Path | Reader) -> dict[str, Any]:
     """Dataset and run facts for the overview."""
     with _open(db) as con:
         meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
-        n_img, n_valid = fetch_one(con, "SELECT count(*), count(*) FILTER (WHERE valid) FROM images")
-        n_cls = fetch_one(con, "SELECT count(DISTINCT label) FROM images")[0]
+        n_img, n_valid, n_cls, n_real = fetch_one(
+            con,
+            "SELECT count(*), count(*) FILTER (WHERE valid), count(DISTINCT label), "
+            "count(*) FILTER (WHERE real_labels IS NOT NULL) FROM images",
+        )
         n_space = fetch_one(con, "SELECT count(*) FROM classes")[0]
-        n_real = fetch_one(con, "SELECT count(*) FROM images WHERE real_labels IS NOT NULL")[0]
         models = [r[0] for r in con.execute("SELECT model FROM models ORDER BY model").fetchall()]
         n_flag = fetch_one(con, "SELECT count(*) FROM label_issues WHERE is_label_issue")[0]
-        n_dec = fetch_one(con, "SELECT count(DISTINCT image_index) FROM decisions")[0]
-        n_decisions = fetch_one(con, "SELECT count(*) FROM decisions")[0]
+        n_dec, n_decisions = fetch_one(con, "SELECT count(DISTINCT image_index), count(*) FROM decisions")
         last = fetch_one(
             con, "SELECT run_id, status, started_at, finished_at FROM runs ORDER BY started_at DESC LIMIT ?", [1]
         )
@@ -338,66 +357,67 @@ def run_summary(db: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- metrics
 
-
-# The cleaned label set of every image (latest decision, else the given label), as SQL.
-_CURRENT = """
+# Each decided image's latest label set and action.
+_LAST = """
     last AS (
-        SELECT image_index, arg_max(new_labels, decision_id) AS labels, arg_max(action, decision_id) AS action,
-               count(*) AS n_decisions
-        FROM decisions GROUP BY image_index),
-    cur AS (
-        SELECT i.image_index, i.valid, i.label,
-               CASE WHEN l.image_index IS NOT NULL THEN l.labels
-                    WHEN i.label >= 0 THEN [i.label]
-                    ELSE []::INTEGER[] END AS labels,
-               l.action,
-               -- undo back to the given label returns the image to the unreviewed pile
-               coalesce(NOT (l.action = 'undo' AND list_sort(l.labels) = [i.label]), false) AS reviewed
-        FROM images i LEFT JOIN last l USING (image_index))
+        SELECT image_index, arg_max(new_labels, decision_id) AS labels, arg_max(action, decision_id) AS action
+        FROM decisions GROUP BY image_index)
 """
+# Undo back to the given label returns an image to the unreviewed pile.
+_REVIEWED = "NOT (l.action = 'undo' AND list_sort(l.labels) = [i.label])"
 
 
-def metrics_table(db: str | Path) -> pd.DataFrame:
-    """The metrics table with ``relabeled`` recomputed in SQL from the current decisions.
+def metrics_table(db: str | Path | Reader) -> pd.DataFrame:
+    """The metrics table with ``relabeled`` recomputed from the current decisions.
 
     Same rows and values as :func:`audit.pipeline.live_metrics` (columns model,
-    evaluation, metric, value, low, high, n, params), but the relabeled top-k
-    counts are aggregated inside DuckDB rather than over Python lists, so it
-    stays fast on 50,000 images.
+    evaluation, metric, value, low, high, n, params). The relabeled counts
+    start from each model's counts under the given labels (computed once per
+    run) and are corrected on the decided images only, inside DuckDB, so the
+    cost follows the number of decisions, not of images.
     """
     with _open(db) as con:
+        run = _run(con, _path(db))
         stored = con.execute(
             "SELECT model, evaluation, metric, value, low, high, n, params FROM metrics WHERE evaluation <> ? "
             "ORDER BY model, evaluation, metric",
             ["relabeled"],
         ).df()
-        counts = con.execute(
-            f"""
-            WITH {_CURRENT}
-            SELECT m.model,
-                   count(c.image_index) AS n,
-                   count(c.image_index) FILTER (WHERE list_contains(c.labels, p.top_classes[1])) AS hit1,
-                   count(c.image_index) FILTER (WHERE list_has_any(c.labels, p.top_classes[1:5])) AS hit5,
-                   coalesce(min(len(p.top_classes)), 0) AS k
-            FROM (SELECT DISTINCT model FROM metrics) m
-            LEFT JOIN predictions p ON p.model = m.model
-            LEFT JOIN cur c ON c.image_index = p.image_index AND c.valid AND len(c.labels) > 0
-                             AND p.top_classes[1] >= 0
-            GROUP BY m.model ORDER BY m.model
-            """
-        ).fetchall()
+        evaluated = [r[0] for r in con.execute("SELECT DISTINCT model FROM metrics ORDER BY model").fetchall()]
+        delta = {
+            r[0]: r[1:]
+            for r in con.execute(
+                f"""
+                WITH {_LAST}
+                SELECT p.model,
+                       count(*) FILTER (WHERE i.label >= 0),
+                       count(*) FILTER (WHERE i.label >= 0 AND p.top_classes[1] = i.label),
+                       count(*) FILTER (WHERE i.label >= 0 AND list_contains(p.top_classes[1:5], i.label)),
+                       count(*) FILTER (WHERE len(l.labels) > 0),
+                       count(*) FILTER (WHERE list_contains(l.labels, p.top_classes[1])),
+                       count(*) FILTER (WHERE list_has_any(l.labels, p.top_classes[1:5]))
+                FROM last l JOIN images i USING (image_index) JOIN predictions p USING (image_index)
+                WHERE i.valid AND p.top_classes[1] >= 0 AND list_contains(?, p.model)
+                GROUP BY p.model
+                """,
+                [evaluated],
+            ).fetchall()
+        }
     rows = []
-    for model, n, hit1, hit5, k in counts:
-        for kk, hits in ((1, hit1), (5, hit5)):
+    for model in evaluated:
+        n, h1, h5, k = run.base.get(model, (0, 0, 0, 0))
+        n0, h10, h50, n1, h11, h51 = delta.get(model, (0,) * 6)
+        n, hits = n - n0 + n1, {1: h1 - h10 + h11, 5: h5 - h50 + h51}
+        for kk in (1, 5):
             if kk > max(k, 1):
                 continue
-            low, high = wilson_interval(int(hits), int(n))
+            low, high = wilson_interval(int(hits[kk]), int(n))
             rows.append(
                 {
                     "model": model,
                     "evaluation": "relabeled",
                     "metric": f"top{kk}",
-                    "value": hits / n if n else math.nan,
+                    "value": hits[kk] / n if n else math.nan,
                     "low": low,
                     "high": high,
                     "n": int(n),
@@ -411,7 +431,7 @@ def metrics_table(db: str | Path) -> pd.DataFrame:
 
 
 def headline(metrics: pd.DataFrame) -> pd.DataFrame:
-    """One row per model, one value per evaluation (its :data:`HEADLINE` metric), with low/high/n."""
+    """One row per model and evaluation: its :data:`HEADLINE` metric, with low/high/n."""
     keep = [(metrics["evaluation"] == e) & (metrics["metric"] == m) for e, m in HEADLINE.items()]
     sel = metrics[np.logical_or.reduce(keep)] if keep else metrics.iloc[:0]
     return sel[["model", "evaluation", "metric", "value", "low", "high", "n"]].reset_index(drop=True)
@@ -424,7 +444,7 @@ def rank_table(metrics: pd.DataFrame) -> pd.DataFrame:
     present, in :data:`EVALUATIONS` order; ties share the better rank.
     """
     h = headline(metrics)
-    h = h[h["model"] != ENSEMBLE]
+    h = h[(h["model"] != ENSEMBLE) & h["value"].notna()]
     if h.empty:
         return pd.DataFrame()
     wide = h.pivot(index="model", columns="evaluation", values="value")
@@ -432,23 +452,58 @@ def rank_table(metrics: pd.DataFrame) -> pd.DataFrame:
     return wide.rank(ascending=False, method="min").astype("Int64")
 
 
+def impact(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per model: original, relabeled and ReaL top-1 (with intervals), deltas and rank changes.
+
+    Pure: takes :func:`metrics_table`'s frame. Deltas are fractions
+    (relabeled - original, relabeled - real); ranks leave the ensemble out;
+    ``rank_change`` > 0 means the model moved up under the relabeled set.
+    """
+    top1 = metrics[metrics["metric"] == "top1"]
+    if top1.empty:
+        return pd.DataFrame()
+    wide = top1.pivot(index="model", columns="evaluation", values="value")
+    out = pd.DataFrame(index=wide.index)
+    for e in ("original", "relabeled", "real"):
+        if e in wide:
+            out[e] = wide[e]
+            rows = top1[top1["evaluation"] == e].set_index("model")
+            out[f"{e}_low"] = rows["low"]
+            out[f"{e}_high"] = rows["high"]
+    if "relabeled" in out and "original" in out:
+        out["delta_vs_original"] = out["relabeled"] - out["original"]
+    if "relabeled" in out and "real" in out:
+        out["delta_vs_real"] = out["relabeled"] - out["real"]
+    ranks = rank_table(metrics)
+    for e in ("original", "relabeled", "real"):
+        if not ranks.empty and e in ranks:
+            out[f"rank_{e}"] = ranks[e]
+    if "rank_original" in out and "rank_relabeled" in out:
+        out["rank_change"] = out["rank_original"] - out["rank_relabeled"]
+    return out.reset_index()
+
+
 # --------------------------------------------------------------------------- classes, models
 
 
-def classes(db: str | Path) -> pd.DataFrame:
+def classes(db: str | Path | Reader) -> pd.DataFrame:
     """The label space: class_index, key (wnid), name. At most a few thousand rows."""
     with _open(db) as con:
         return con.execute("SELECT class_index, key, name FROM classes ORDER BY class_index").df()
 
 
-def model_names(db: str | Path) -> list[str]:
+def _model_names(con: duckdb.DuckDBPyConnection) -> list[str]:
+    rows = con.execute(
+        "SELECT model FROM models WHERE num_classes = (SELECT count(*) FROM classes) ORDER BY model"
+    ).fetchall()
+    has_ens = fetch_one(con, "SELECT count(*) > 0 FROM predictions WHERE model = ?", [ENSEMBLE])[0]
+    return [r[0] for r in rows] + ([ENSEMBLE] if has_ens else [])
+
+
+def model_names(db: str | Path | Reader) -> list[str]:
     """Models with predictions in the workspace's label space, the ensemble last."""
     with _open(db) as con:
-        rows = con.execute(
-            "SELECT model FROM models WHERE num_classes = (SELECT count(*) FROM classes) ORDER BY model"
-        ).fetchall()
-        has_ens = fetch_one(con, "SELECT count(*) FROM predictions WHERE model = ?", [ENSEMBLE])[0] > 0
-    return [r[0] for r in rows] + ([ENSEMBLE] if has_ens else [])
+        return _model_names(con)
 
 
 # --------------------------------------------------------------------------- disagreements
@@ -465,7 +520,7 @@ class Filters:
     model : the model whose disagreements count (None = any model; ``"ensemble"`` allowed).
     class_index : keep images whose given label, suggestion or some model's top-1 is this class.
     pair : (a, b): keep images labelled a with some model's top-1 b, or the other way round.
-    quality : (low, high) range of cleanlab's label quality (images without a score are kept only at (0, 1)).
+    quality : (low, high) range of cleanlab's label quality; (0, 1) keeps every image.
     reviewed : ``"all"``, ``"unreviewed"`` or ``"reviewed"``.
     sort : key of :data:`SORTS`.
     """
@@ -489,54 +544,32 @@ class Filters:
             raise ValueError(f"unknown sort {self.sort!r}; use {list(SORTS)}")
 
 
-def _filtered_sql(f: Filters) -> tuple[str, list[Any]]:
-    """``WITH ... , f AS (facts), sel AS (filtered f)``: one row per valid image, and its parameters."""
+def _selection(run: _Run, f: Filters) -> tuple[str, list[Any]]:
+    """``WITH last, f, sel``: the facts of valid images with their review state, filtered; and its parameters.
+
+    Needs ``facts`` registered on the connection (:func:`_with_facts`).
+    """
     params: list[Any] = []
     if f.model is None:
-        sel_models = "p.model <> ?"
-        params.append(ENSEMBLE)
+        dis_label, dis_real = "f.dis_label", "f.dis_real"
+    elif f.model in run.models:
+        k = run.models.index(f.model) + 1
+        dis_label = "coalesce(f.top1s[?] <> f.label, false)"
+        dis_real = "coalesce(len(f.real_labels) > 0 AND NOT list_contains(f.real_labels, f.top1s[?]), false)"
+        params_label, params_real = [k], [k]
     else:
-        sel_models = "p.model = ?"
-        params.append(f.model)
-    sql = f"""
-    WITH {_CURRENT},
-    pa AS (
-        SELECT p.image_index,
-               bool_or(p.top1 <> i.label) FILTER (WHERE {sel_models}) AS dis_label,
-               count(DISTINCT p.top1) FILTER (WHERE p.model <> ?) > 1 AS dis_models,
-               bool_or(len(i.real_labels) > 0 AND NOT list_contains(i.real_labels, p.top1))
-                   FILTER (WHERE {sel_models}) AS dis_real,
-               count(*) FILTER (WHERE p.top1 <> i.label AND p.model <> ?) AS n_wrong,
-               list(p.top1) FILTER (WHERE p.model <> ?) AS top1s
-        FROM predictions p JOIN images i USING (image_index)
-        WHERE p.top1 >= 0
-        GROUP BY p.image_index),
-    f AS (
-        SELECT i.image_index, i.image_id, i.label, i.real_labels,
-               li.label_quality, coalesce(li.is_label_issue, false) AS is_label_issue, li.suggested_label,
-               li.suggested_confidence, nullif(li.issue_kind, '') AS issue_kind,
-               coalesce(pa.dis_label, false) AS dis_label, coalesce(pa.dis_models, false) AS dis_models,
-               coalesce(pa.dis_real, false) AS dis_real, coalesce(pa.n_wrong, 0) AS n_wrong,
-               coalesce(pa.top1s, []::INTEGER[]) AS top1s,
-               c.reviewed, c.labels AS current_labels, c.action AS last_action
-        FROM images i
-        JOIN cur c USING (image_index)
-        LEFT JOIN label_issues li USING (image_index)
-        LEFT JOIN pa USING (image_index)
-        WHERE i.valid)
-    """
-    params += [ENSEMBLE]  # dis_models
-    params += [params[0]]  # dis_real uses the same model selection
-    params += [ENSEMBLE, ENSEMBLE]  # n_wrong, top1s
+        raise UserError(f"model {f.model!r} has no predictions in this workspace; pick one of {list(run.models)}")
+    kinds = {"flagged": "f.is_label_issue", "label": dis_label, "models": "f.dis_models", "real": dis_real}
     where: list[str] = []
-    kinds = {
-        "flagged": "f.is_label_issue",
-        "label": "f.dis_label",
-        "models": "f.dis_models",
-        "real": "f.dis_real",
-    }
     if f.kinds:
-        where.append("(" + " OR ".join(kinds[k] for k in f.kinds) + ")")
+        parts = []
+        for kind in f.kinds:
+            parts.append(kinds[kind])
+            if f.model is not None and kind == "label":
+                params += params_label
+            if f.model is not None and kind == "real":
+                params += params_real
+        where.append("(" + " OR ".join(parts) + ")")
     if f.issue_kinds:
         where.append("list_contains(?, f.issue_kind)")
         params.append(list(f.issue_kinds))
@@ -555,34 +588,53 @@ def _filtered_sql(f: Filters) -> tuple[str, list[Any]]:
         where.append("NOT f.reviewed")
     elif f.reviewed == "reviewed":
         where.append("f.reviewed")
-    sql += ", sel AS (SELECT * FROM f" + (" WHERE " + " AND ".join(where) if where else "") + ")"
+    sql = f"""
+    WITH {_LAST},
+    f AS (
+        SELECT i.*, coalesce({_REVIEWED}, false) AS reviewed,
+               CASE WHEN l.image_index IS NOT NULL THEN l.labels
+                    WHEN i.label >= 0 THEN [i.label] ELSE []::INTEGER[] END AS current_labels,
+               l.action AS last_action
+        FROM facts i LEFT JOIN last l USING (image_index)),
+    sel AS (SELECT * FROM f {"WHERE " + " AND ".join(where) if where else ""})
+    """
     return sql, params
 
 
-def gallery(db: str | Path, filters: Filters, page: int = 0, page_size: int = 24) -> tuple[int, pd.DataFrame]:
+def gallery(db: str | Path | Reader, filters: Filters, page: int = 0, page_size: int = 24) -> tuple[int, pd.DataFrame]:
     """One page of the images matching ``filters``, in their sort order, and how many match in all.
 
-    The frame has one row per image: image_index, image_id, label, given (name),
-    real_labels, real (names), label_quality, is_label_issue, issue_kind,
-    suggested_label, suggested (name), suggested_confidence, reviewed,
-    current_labels, current (names), dis_label, dis_models, dis_real, n_wrong,
-    and ``top3``: a list of (model, [(class name, probability), ...]) for every model.
+    A page past the end gives the last page. The frame has one row per image:
+    image_index, image_id, label, given (name), real_labels, real (names),
+    label_quality, is_label_issue, issue_kind, suggested_label, suggested (name),
+    suggested_confidence, reviewed, current_labels, current (names),
+    dis_label, dis_models, dis_real, n_wrong, and ``top3``: a list of
+    (model, [(class, name, probability), ...]) for every model, the ensemble last.
     """
-    sql, params = _filtered_sql(filters)
     order = SORTS[filters.sort][1]
     page, page_size = max(int(page), 0), max(int(page_size), 1)
     with _open(db) as con:
-        total = fetch_one(con, sql + " SELECT count(*) FROM sel", params)[0]
-        df = con.execute(
-            sql + f" SELECT * FROM sel f ORDER BY {order} LIMIT ? OFFSET ?", [*params, page_size, page * page_size]
-        ).df()
+        run = _with_facts(con, _path(db))
+        sql, params = _selection(run, filters)
+        query = sql + f" SELECT *, count(*) OVER () AS total FROM sel f ORDER BY {order} LIMIT ? OFFSET ?"
+        df = con.execute(query, [*params, page_size, page * page_size]).df()
+        if df.empty and page > 0:
+            total = fetch_one(con, sql + " SELECT count(*) FROM sel", params)[0]
+            last_page = max(0, (int(total) - 1) // page_size)
+            df = con.execute(query, [*params, page_size, last_page * page_size]).df()
+        total = int(df["total"].iloc[0]) if len(df) else 0
+        df = df.drop(columns=["total", "top1s"])
         _add_names(con, df)
-        df["top3"] = _top_predictions(con, df["image_index"].tolist(), k=3)
-    return int(total), df
+        df["top3"] = _top_predictions(con, run, df["image_index"].tolist(), k=3)
+    return total, df
 
 
 def _add_names(con: duckdb.DuckDBPyConnection, df: pd.DataFrame) -> None:
     """Class names for the label columns of a small frame (one query for the classes it mentions)."""
+
+    def listed(v: Any) -> list[int] | None:
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else [int(x) for x in v]
+
     ids: set[int] = set()
     for col in ("label", "suggested_label"):
         if col in df:
@@ -590,26 +642,19 @@ def _add_names(con: duckdb.DuckDBPyConnection, df: pd.DataFrame) -> None:
     for col in ("real_labels", "current_labels"):
         if col in df:
             for v in df[col]:
-                if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                    ids.update(int(x) for x in v)
+                ids.update(listed(v) or [])
     names = _names(con, ids)
 
-    def one(x: Any) -> str | None:
-        return None if x is None or pd.isna(x) else names.get(int(x), str(x))
-
     def many(v: Any) -> str | None:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return None
-        return "; ".join(names.get(int(x), str(x)) for x in v)
+        xs = listed(v)
+        return None if xs is None else "; ".join(names.get(x, str(x)) for x in xs)
 
-    if "label" in df:
-        df["given"] = df["label"].map(one)
-    if "suggested_label" in df:
-        df["suggested"] = df["suggested_label"].map(one)
-    if "real_labels" in df:
-        df["real"] = df["real_labels"].map(many)
-    if "current_labels" in df:
-        df["current"] = df["current_labels"].map(many)
+    for col, out in (("label", "given"), ("suggested_label", "suggested")):
+        if col in df:
+            df[out] = [None if pd.isna(x) else names.get(int(x), str(x)) for x in df[col]]
+    for col, out in (("real_labels", "real"), ("current_labels", "current")):
+        if col in df:
+            df[out] = [many(v) for v in df[col]]
 
 
 def _names(con: duckdb.DuckDBPyConnection, ids: set[int]) -> dict[int, str]:
@@ -622,7 +667,7 @@ def _names(con: duckdb.DuckDBPyConnection, ids: set[int]) -> dict[int, str]:
 
 
 def _top_predictions(
-    con: duckdb.DuckDBPyConnection, images: Sequence[int], *, k: int
+    con: duckdb.DuckDBPyConnection, run: _Run, images: Sequence[int], *, k: int
 ) -> list[list[tuple[str, list[tuple[int, str, float]]]]]:
     """Per image (in ``images`` order): [(model, [(class, name, prob), ...k]), ...], ensemble last."""
     if not images:
@@ -631,10 +676,10 @@ def _top_predictions(
         """
         SELECT p.image_index, p.model, p.top_classes[1:?] AS cls, p.top_probs[1:?] AS prob
         FROM predictions p
-        WHERE list_contains(?, p.image_index) AND p.top1 >= 0
+        WHERE list_contains(?, p.image_index) AND list_contains(?, p.model) AND p.top1 >= 0
         ORDER BY p.image_index, p.model = ?, p.model
         """,
-        [k, k, [int(i) for i in images], ENSEMBLE],
+        [k, k, [int(i) for i in images], list(run.models), ENSEMBLE],
     ).fetchall()
     names = _names(con, {int(c) for r in rows for c in r[2]})
     by: dict[int, list[tuple[str, list[tuple[int, str, float]]]]] = {int(i): [] for i in images}
@@ -646,21 +691,23 @@ def _top_predictions(
 
 
 def queue_window(
-    db: str | Path, filters: Filters, image_index: int | None, *, radius: int = 3
-) -> tuple[int, int | None, list[tuple[int, int]]]:
+    db: str | Path | Reader, filters: Filters, image_index: int | None, radius: int = 3
+) -> tuple[int, int | None, pd.DataFrame]:
     """Where an image sits in the review queue ``filters`` defines, and its neighbours.
 
     Returns
     -------
     total : images in the queue.
     position : 0-based position of ``image_index`` in the queue, None when it is not in it.
-    window : (position, image_index) of up to ``2 * radius + 1`` queue entries around it
-        (the head of the queue when the image is not in it).
+    window : up to ``2 * radius + 1`` queue entries around it (the head of the
+        queue when it is not in it): pos, image_index, image_id, label, given (name).
     """
-    sql, params = _filtered_sql(filters)
     order = SORTS[filters.sort][1]
-    sql += f", q AS (SELECT f.image_index, row_number() OVER (ORDER BY {order}) - 1 AS pos FROM sel f)"
     with _open(db) as con:
+        run = _with_facts(con, _path(db))
+        sql, params = _selection(run, filters)
+        sql += f""", q AS (SELECT row_number() OVER (ORDER BY {order}) - 1 AS pos, f.image_index, f.image_id, f.label
+                           FROM sel f)"""
         total, pos = fetch_one(
             con,
             sql + " SELECT (SELECT count(*) FROM q), (SELECT min(pos) FROM q WHERE image_index = ?)",
@@ -669,40 +716,53 @@ def queue_window(
         centre = 0 if pos is None else int(pos)
         lo = max(0, centre - radius)
         hi = lo + 2 * radius if pos is None else centre + radius
-        rows = con.execute(
-            sql + " SELECT pos, image_index FROM q WHERE pos BETWEEN ? AND ? ORDER BY pos", [*params, lo, hi]
-        ).fetchall()
-    return int(total), (None if pos is None else int(pos)), [(int(a), int(b)) for a, b in rows]
+        window = con.execute(
+            sql + " SELECT pos, image_index, image_id, label FROM q WHERE pos BETWEEN ? AND ? ORDER BY pos",
+            [*params, lo, hi],
+        ).df()
+        _add_names(con, window)
+    return int(total), (None if pos is None else int(pos)), window
 
 
-def image_detail(db: str | Path, image_index: int) -> dict[str, Any] | None:
-    """Everything the review page shows about one image; None when the index is not in the workspace."""
+def image_detail(db: str | Path | Reader, image_index: int) -> dict[str, Any] | None:
+    """Everything the review page shows about one image; None when the index is not in the workspace.
+
+    Keys: the ``images`` and ``label_issues`` columns, bad_reason, given,
+    suggested, real (names), current_labels / current (the label set now),
+    last_action, reviewed, predictions (each model's top 5 with names and
+    probabilities) and history (every decision on it, oldest first).
+    """
+    idx = int(image_index)
     with _open(db) as con:
+        run = _run(con, _path(db))
         df = con.execute(
             f"""
-            WITH {_CURRENT}
+            WITH {_LAST}
             SELECT i.image_index, i.image_id, i.label, i.real_labels, i.valid,
                    li.label_quality, coalesce(li.is_label_issue, false) AS is_label_issue, li.suggested_label,
                    li.suggested_confidence, nullif(li.issue_kind, '') AS issue_kind, li.scores, li.rank,
-                   c.reviewed, c.labels AS current_labels, c.action AS last_action, b.reason AS bad_reason
-            FROM images i JOIN cur c USING (image_index)
+                   coalesce({_REVIEWED}, false) AS reviewed,
+                   CASE WHEN l.image_index IS NOT NULL THEN l.labels
+                        WHEN i.label >= 0 THEN [i.label] ELSE []::INTEGER[] END AS current_labels,
+                   l.action AS last_action, b.reason AS bad_reason
+            FROM images i
+            LEFT JOIN (SELECT * FROM last WHERE image_index = ?) l USING (image_index)
             LEFT JOIN label_issues li USING (image_index)
             LEFT JOIN bad_images b USING (image_index)
             WHERE i.image_index = ?
             """,
-            [int(image_index)],
+            [idx, idx],
         ).df()
         if df.empty:
             return None
         _add_names(con, df)
-        top = _top_predictions(con, [int(image_index)], k=5)[0]
+        top = _top_predictions(con, run, [idx], k=5)[0]
         hist = con.execute(
             "SELECT decision_id, decided_at, reviewer, action, old_labels, new_labels, reason "
             "FROM decisions WHERE image_index = ? ORDER BY decision_id",
-            [int(image_index)],
+            [idx],
         ).df()
-        ids = {int(x) for col in ("old_labels", "new_labels") for v in hist[col] for x in v}
-        names = _names(con, ids)
+        names = _names(con, {int(x) for col in ("old_labels", "new_labels") for v in hist[col] for x in v})
     for col in ("old_labels", "new_labels"):
         hist[col.replace("_labels", "")] = [
             "; ".join(names.get(int(x), str(x)) for x in v) if len(v) else "(no class fits)" for v in hist[col]
@@ -713,19 +773,21 @@ def image_detail(db: str | Path, image_index: int) -> dict[str, Any] | None:
     return row
 
 
-def confused_pairs(db: str | Path, model: str = ENSEMBLE, limit: int = 20) -> pd.DataFrame:
+def confused_pairs(db: str | Path | Reader, model: str = ENSEMBLE, limit: int = 20) -> pd.DataFrame:
     """The class pairs a model confuses most: given label a, top-1 b, counted both ways.
 
-    Columns: a, a_name, b, b_name, a_to_b (labelled a, predicted b), b_to_a, total;
-    pairs by total descending.
+    Columns: a, a_name, b, b_name, a_to_b (labelled a, predicted b), b_to_a,
+    total; pairs by total descending. Bad images are left out.
     """
     with _open(db) as con:
+        run = _with_facts(con, _path(db))
+        if model not in run.models:
+            raise UserError(f"model {model!r} has no predictions in this workspace; pick one of {list(run.models)}")
         return con.execute(
             """
             WITH d AS (
-                SELECT i.label AS given, p.top1 AS pred, count(*) AS n
-                FROM predictions p JOIN images i USING (image_index)
-                WHERE p.model = ? AND i.valid AND i.label >= 0 AND p.top1 >= 0 AND p.top1 <> i.label
+                SELECT label AS given, top1s[?] AS pred, count(*) AS n
+                FROM facts WHERE label >= 0 AND top1s[?] IS NOT NULL AND top1s[?] <> label
                 GROUP BY ALL),
             u AS (
                 SELECT least(given, pred) AS a, greatest(given, pred) AS b,
@@ -738,7 +800,7 @@ def confused_pairs(db: str | Path, model: str = ENSEMBLE, limit: int = 20) -> pd
             ORDER BY total DESC, u.a, u.b
             LIMIT ?
             """,
-            [model, int(limit)],
+            [run.models.index(model) + 1] * 3 + [int(limit)],
         ).df()
 
 
@@ -762,25 +824,26 @@ def record_decision(
         )
 
 
-def decision_counts(db: str | Path) -> dict[str, Any]:
+def decision_counts(db: str | Path | Reader) -> dict[str, Any]:
     """What review has done so far, from each image's latest decision.
 
-    Keys: decisions (rows in the log), reviewed (images), reviewed_flagged,
-    flagged, accepted (flagged images given the suggested label), rejected
-    (flagged images kept as given), other_change (flagged images relabeled
-    otherwise, multi-labelled or excluded), by_action (latest action -> images),
-    precision (changed / reviewed_flagged) with a Wilson interval.
+    Keys: decisions (rows in the log), reviewed (images), flagged,
+    reviewed_flagged, accepted (flagged images given the suggested label),
+    rejected (flagged images kept as given), other_change (flagged images
+    relabeled otherwise, multi-labelled or excluded), by_action (latest action
+    -> images), and precision = (accepted + other_change) / reviewed_flagged
+    with its Wilson interval (precision_low, precision_high).
     """
     with _open(db) as con:
         rows = con.execute(
             f"""
-            WITH {_CURRENT}
-            SELECT coalesce(li.is_label_issue, false) AS flagged, c.action,
-                   list_sort(c.labels) = [c.label] AS kept,
-                   c.labels = [li.suggested_label] AS took_suggestion,
+            WITH {_LAST}
+            SELECT coalesce(li.is_label_issue, false) AS flagged, l.action,
+                   coalesce(list_sort(l.labels) = [i.label], false) AS kept,
+                   coalesce(l.labels = [li.suggested_label], false) AS took_suggestion,
                    count(*) AS n
-            FROM cur c LEFT JOIN label_issues li USING (image_index)
-            WHERE c.reviewed
+            FROM last l JOIN images i USING (image_index) LEFT JOIN label_issues li USING (image_index)
+            WHERE {_REVIEWED}
             GROUP BY ALL
             """
         ).fetchall()
@@ -818,36 +881,8 @@ def decision_counts(db: str | Path) -> dict[str, Any]:
     }
 
 
-def impact(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Per model: original, relabeled and ReaL top-1 (with intervals), deltas and rank changes.
-
-    Pure: takes :func:`metrics_table`'s frame. Deltas are in fractions
-    (relabeled - original, relabeled - real); ranks leave the ensemble out.
-    """
-    top1 = metrics[metrics["metric"] == "top1"]
-    wide = top1.pivot(index="model", columns="evaluation", values="value")
-    out = pd.DataFrame(index=wide.index)
-    for e in ("original", "relabeled", "real"):
-        if e in wide:
-            out[e] = wide[e]
-            lows = top1[top1["evaluation"] == e].set_index("model")
-            out[f"{e}_low"] = lows["low"]
-            out[f"{e}_high"] = lows["high"]
-    if "relabeled" in out and "original" in out:
-        out["delta_vs_original"] = out["relabeled"] - out["original"]
-    if "relabeled" in out and "real" in out:
-        out["delta_vs_real"] = out["relabeled"] - out["real"]
-    ranks = rank_table(metrics)
-    for e in ("original", "relabeled", "real"):
-        if not ranks.empty and e in ranks:
-            out[f"rank_{e}"] = ranks[e]
-    if "rank_original" in out and "rank_relabeled" in out:
-        out["rank_change"] = out["rank_original"] - out["rank_relabeled"]  # > 0: moved up
-    return out.reset_index()
-
-
-def recent_decisions(db: str | Path, limit: int = 50) -> pd.DataFrame:
-    """The latest decisions, newest first, with class names."""
+def recent_decisions(db: str | Path | Reader, limit: int = 50) -> pd.DataFrame:
+    """The latest decisions, newest first, with class names (old, new)."""
     with _open(db) as con:
         df = con.execute(
             "SELECT decision_id, decided_at, reviewer, image_index, image_id, action, old_labels, new_labels, reason "
@@ -865,23 +900,32 @@ def recent_decisions(db: str | Path, limit: int = 50) -> pd.DataFrame:
 # --------------------------------------------------------------------------- export
 
 
-def export_summary(db: str | Path) -> dict[str, Any]:
-    """What ``audit export`` will report: images, changed by review, excluded, bad images, and its file names."""
+def export_summary(db: str | Path | Reader) -> dict[str, Any]:
+    """What ``audit export`` will report (images, changed by review, excluded), bad images, and its file names."""
     with _open(db) as con:
-        row = fetch_one(
+        n_img = fetch_one(con, "SELECT count(*) FROM images")[0]
+        n_bad = fetch_one(con, "SELECT count(*) FROM bad_images")[0]
+        changed, excluded_decided, bad_decided = fetch_one(
             con,
             f"""
-            WITH {_CURRENT},
+            WITH {_LAST},
             e AS (
-                SELECT c.action IS NOT NULL AS decided, b.image_index IS NOT NULL AS bad,
-                       CASE WHEN b.image_index IS NOT NULL THEN []::INTEGER[] ELSE c.labels END AS labels,
-                       CASE WHEN c.label >= 0 THEN [c.label] ELSE []::INTEGER[] END AS given
-                FROM cur c LEFT JOIN bad_images b USING (image_index))
-            SELECT count(*), count(*) FILTER (WHERE decided AND labels <> given),
-                   count(*) FILTER (WHERE len(labels) = 0), count(*) FILTER (WHERE bad)
+                SELECT b.image_index IS NOT NULL AS bad,
+                       CASE WHEN b.image_index IS NOT NULL THEN []::INTEGER[] ELSE l.labels END AS labels,
+                       CASE WHEN i.label >= 0 THEN [i.label] ELSE []::INTEGER[] END AS given
+                FROM last l JOIN images i USING (image_index) LEFT JOIN bad_images b USING (image_index))
+            SELECT count(*) FILTER (WHERE labels <> given), count(*) FILTER (WHERE len(labels) = 0 AND NOT bad),
+                   count(*) FILTER (WHERE bad)
             FROM e
             """,
         )
+        # Undecided images are excluded when bad or without a label; decided ones when their set is empty.
+        n_excl_undecided = fetch_one(
+            con,
+            "SELECT count(*) FROM images i LEFT JOIN bad_images b USING (image_index) "
+            "WHERE i.image_index NOT IN (SELECT image_index FROM decisions) "
+            "AND (b.image_index IS NOT NULL OR i.label < 0)",
+        )[0]
         # real.json is written when every id is an ILSVRC-2012 validation file (audit.datasets.real_index_of).
         ilsvrc = fetch_one(
             con,
@@ -891,10 +935,10 @@ def export_summary(db: str | Path) -> dict[str, Any]:
         )[0]
     files = ["labels.csv", "classes.csv", "excluded.csv", "imagefolder.txt"] + (["real.json"] if ilsvrc else [])
     return {
-        "images": int(row[0]),
-        "changed": int(row[1]),
-        "excluded": int(row[2]),
-        "bad_images": int(row[3]),
+        "images": int(n_img),
+        "changed": int(changed),
+        "excluded": int(n_excl_undecided) + int(excluded_decided) + int(bad_decided),
+        "bad_images": int(n_bad),
         "files": files,
     }
 
