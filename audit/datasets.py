@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import csv
 import functools
+import importlib.util
 import io
 import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -120,14 +120,26 @@ class LabelSpace:
         return i
 
 
+def _timm_info(name: str) -> Path:
+    """A metadata file of timm's ``data/_info`` folder, found without importing timm.
+
+    ``import timm`` costs seconds (it loads every model definition); the class
+    list and the ReaL labels are plain files inside the wheel.
+    """
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetError("the timm package is not installed; run: pip install timm")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "_info" / name
+
+
 @functools.cache
 def imagenet_label_space() -> LabelSpace:
-    """The ImageNet-1k label space in standard index order, from timm's metadata."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo("imagenet-1k")
-    wnids = tuple(info.label_names())
-    desc = [info.index_to_description(i) for i in range(len(wnids))]
+    """The ImageNet-1k label space in standard index order, from timm's metadata files."""
+    wnids = tuple(_timm_info("imagenet_synsets.txt").read_text().split())
+    lemma = dict(
+        line.split("\t", 1) for line in _timm_info("imagenet_synset_to_lemma.txt").read_text().splitlines() if line
+    )
+    desc = [lemma[w].strip() for w in wnids]
     # "tench, Tinca tinca": the first synonym is the familiar short name.
     syn = [tuple(x.strip() for x in d.split(",")) for d in desc]
     names = tuple(s[0] for s in syn)
@@ -321,8 +333,7 @@ def real_index_of(image_id: str) -> int | None:
 
 
 def _timm_real_json() -> tuple[bytes, str]:
-    ref = resources.files("timm.data").joinpath("_info/imagenet_real_labels.json")
-    return ref.read_bytes(), "timm:" + "timm/data/_info/imagenet_real_labels.json"
+    return _timm_info("imagenet_real_labels.json").read_bytes(), "timm:timm/data/_info/imagenet_real_labels.json"
 
 
 def load_real_labels(path: str | Path | None = None) -> tuple[list[list[int]], str]:

@@ -346,14 +346,13 @@ def resolve_model(name: str, *, registry: ModelRegistry | None = None) -> ModelS
     ModelError
         Unknown architecture, weights tag or file.
     """
-    reg = registry or default_registry()
     name = name.strip()
     if not name:
         raise ModelError("empty model name; run 'audit models' to list names")
-    if spec := reg.get(name):
-        return spec
-    if name.startswith("preds:"):
+    if name.startswith("preds:"):  # before the registry: building it imports timm (seconds)
         return _predictions_spec(name[6:])
+    if spec := (registry or default_registry()).get(name):
+        return spec
     if "@" in name:
         arch, _, file = name.partition("@")
         return _checkpoint_spec(arch, file)
