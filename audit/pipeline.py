@@ -189,7 +189,8 @@ def run_audit(ds: AuditDataset, specs: Sequence[ModelSpec], db: Path, **options:
     which resumes its finished shards.
 
     Options: ``batch_size`` (64), ``workers`` (2), ``device`` (cuda when
-    present), ``sigmoid_threshold`` (cross-fitted), ``progress`` (True).
+    present), ``sigmoid_threshold`` (cross-fitted), ``progress`` (True),
+    ``backend`` ("auto") and ``precision`` ("fp32"; see :func:`audit.score.score_dataset`).
     """
     with workspace_lock(db):
         mark_interrupted_runs(db)
@@ -206,6 +207,8 @@ def _run_audit(
     device: str | None = None,
     sigmoid_threshold: float | None = None,
     progress: bool = True,
+    backend: str = "auto",
+    precision: str = "fp32",
 ) -> RunResult:
     from audit import flag
 
@@ -213,7 +216,13 @@ def _run_audit(
     if len({s.name for s in specs}) != len(specs):
         raise ModelError("the same model is listed twice in --models; list each once")
     run_id = now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    params = {"batch_size": batch_size, "workers": workers, "sigmoid_threshold": sigmoid_threshold}
+    params = {
+        "batch_size": batch_size,
+        "workers": workers,
+        "sigmoid_threshold": sigmoid_threshold,
+        "backend": backend,
+        "precision": precision,
+    }
     # Weights problems surface here, before the workspace is touched or any image scored.
     models = load_models(specs)
     _register_run(db, ds, specs, run_id, params)
@@ -226,6 +235,8 @@ def _run_audit(
         device=device,
         progress=progress,
         models=models,
+        backend=backend,
+        precision=precision,
     )
     bad: dict[int, str] = {}
     for a in arrays:

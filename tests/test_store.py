@@ -170,9 +170,8 @@ def test_one_run_per_workspace_and_dead_runs_are_marked(tmp_path):
     p.start()
     try:
         assert ready.wait(60)
-        with pytest.raises(StoreError, match=f"pid {p.pid}"):
-            with workspace_lock(db):
-                pass
+        with pytest.raises(StoreError, match=f"pid {p.pid}"), workspace_lock(db):
+            pass
     finally:
         p.kill()  # like kill -9: the OS releases the lock
         p.join()

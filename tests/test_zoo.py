@@ -457,8 +457,7 @@ def test_state_dict_of_another_arch_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_lite0_predicts_real_images(shared_dir):
-    from audit.datasets import load_dataset
-    from audit.datasets import decode_image
+    from audit.datasets import decode_image, load_dataset
 
     root = shared_dir / "datasets" / "imagenet-val-1300"
     if not root.is_dir():
