@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -103,20 +104,33 @@ def test_bad_decisions_are_refused_and_write_nothing(tmp_path, action, labels, m
     assert len(decision_history(db, 0)) == 0
 
 
-def _writer(db: str, who: str, n: int) -> None:
-    for k in range(n):
-        append_decision(db, k % 5, "relabel", labels=[k % 4], reviewer=who, timeout=60)
+_WRITER = """
+import sys
+from audit.store import append_decision
+db, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for k in range(n):
+    append_decision(db, k % 5, "relabel", labels=[k % 4], reviewer=who, timeout=60)
+"""
+
+_HOLDER = """
+import sys, time
+{setup}
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def _python(code: str, *args: str) -> subprocess.Popen[str]:
+    # Plain subprocesses, not multiprocessing: forking or spawning from a pytest
+    # process that has OpenVINO loaded has crashed the parent.
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
 
 
 def test_two_processes_appending_lose_nothing(tmp_path):
     db = make_db(tmp_path / "w.duckdb")
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(str(db), who, 15)) for who in ("ann", "bob")]
+    procs = [_python(_WRITER, str(db), who, "15") for who in ("ann", "bob")]
     for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
+        assert p.wait(120) == 0
     with connect(db, read_only=True) as con:
         counts = dict(con.execute("SELECT reviewer, count(*) FROM decisions GROUP BY reviewer").fetchall())
         ids = [r[0] for r in con.execute("SELECT decision_id FROM decisions ORDER BY decision_id").fetchall()]
@@ -126,36 +140,14 @@ def test_two_processes_appending_lose_nothing(tmp_path):
 
 def test_lock_held_too_long_is_a_clear_error(tmp_path):
     db = make_db(tmp_path / "w.duckdb")
-    ctx = mp.get_context("spawn")
-    ready = ctx.Event()
-    p = ctx.Process(target=_hold, args=(str(db), ready))
-    p.start()
+    p = _python(_HOLDER.format(setup=f"import duckdb; con = duckdb.connect({str(db)!r})"))
     try:
-        assert ready.wait(60)
+        assert p.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
         with pytest.raises(StoreError, match="locked by another process"), connect(db, timeout=0.5):
             pass
     finally:
-        p.terminate()
-        p.join()
-
-
-def _hold(db: str, ready) -> None:  # type: ignore[no-untyped-def]
-    import time
-
-    con = duckdb.connect(db)
-    ready.set()
-    time.sleep(60)
-    con.close()
-
-
-def _hold_run_lock(db: str, ready) -> None:  # type: ignore[no-untyped-def]
-    import time
-
-    from audit.store import workspace_lock
-
-    with workspace_lock(db):
-        ready.set()
-        time.sleep(60)
+        p.kill()
+        p.wait()
 
 
 def test_one_run_per_workspace_and_dead_runs_are_marked(tmp_path):
@@ -164,17 +156,15 @@ def test_one_run_per_workspace_and_dead_runs_are_marked(tmp_path):
     db = make_db(tmp_path / "w.duckdb")
     with connect(db) as con:
         con.execute("INSERT INTO runs (run_id, status) VALUES (?, ?)", ["dead", "running"])
-    ctx = mp.get_context("spawn")
-    ready = ctx.Event()
-    p = ctx.Process(target=_hold_run_lock, args=(str(db), ready))
-    p.start()
+    setup = f"from audit.store import workspace_lock; lock = workspace_lock({str(db)!r}); lock.__enter__()"
+    p = _python(_HOLDER.format(setup=setup))
     try:
-        assert ready.wait(60)
+        assert p.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
         with pytest.raises(StoreError, match=f"pid {p.pid}"), workspace_lock(db):
             pass
     finally:
         p.kill()  # like kill -9: the OS releases the lock
-        p.join()
+        p.wait()
     with workspace_lock(db):
         assert mark_interrupted_runs(db) == 1
     with connect(db, read_only=True) as con:
