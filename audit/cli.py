@@ -77,6 +77,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         device=a.device,
         sigmoid_threshold=a.sigmoid_threshold,
         progress=not a.quiet,
+        backend=a.backend,
+        precision=a.precision,
     )
     for note in res.skipped:
         print(f"audit: note: {note}", file=sys.stderr)
@@ -201,6 +203,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="DataLoader workers")
     r.add_argument("--limit", type=int, help="score only this many images, evenly spaced over the sorted ids")
     r.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    r.add_argument(
+        "--backend",
+        choices=["auto", "openvino", "onnxruntime", "torch"],
+        default="auto",
+        help="inference engine (auto: OpenVINO on CPU, PyTorch on CUDA; see reports/PERF.md)",
+    )
+    r.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="fp32 (default) or an opt-in reduced precision; its agreement is measured by python -m audit.bench",
+    )
     r.add_argument(
         "--sigmoid-threshold",
         type=float,

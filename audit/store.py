@@ -322,6 +322,7 @@ def workspace_lock(db: str | Path) -> Iterator[None]:
     StoreError
         Another live process holds it.
     """
+    import errno
     import fcntl
     import os
 
@@ -331,8 +332,12 @@ def workspace_lock(db: str | Path) -> Iterator[None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
+            # POSIX record lock, not flock: DataLoader workers forked from a run must not
+            # inherit it, or a run killed with -9 keeps its workspace locked until they exit.
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             raise StoreError(
                 f"another audit run (pid {holder}) is writing workspace {db}; wait for it or pass another --db"

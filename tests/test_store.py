@@ -169,3 +169,26 @@ def test_one_run_per_workspace_and_dead_runs_are_marked(tmp_path):
         assert mark_interrupted_runs(db) == 1
     with connect(db, read_only=True) as con:
         assert con.execute("SELECT status FROM runs").fetchall() == [("interrupted",)]
+
+
+_FORK_THEN_DIE = """
+import os, signal, sys, time
+from audit.store import workspace_lock
+with workspace_lock(sys.argv[1]):
+    if os.fork() == 0:  # like a DataLoader worker: outlives its killed parent for a while
+        time.sleep(30)
+        os._exit(0)
+    print("ready", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_run_lock_is_not_kept_by_forked_workers_of_a_killed_run(tmp_path):
+    from audit.store import workspace_lock
+
+    db = make_db(tmp_path / "w.duckdb")
+    p = _python(_FORK_THEN_DIE, str(db))
+    assert p.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+    p.wait(30)
+    with workspace_lock(db):  # at once, while the orphaned child still runs
+        pass
