@@ -26,8 +26,8 @@ Data flow for N images and M models:
 Backends (``backend=``):
 
 * ``"openvino"``, the CPU default when installed: the PyTorch model is
-  exported to ONNX once per run and compiled by OpenVINO in fp32 (4-5x
-  PyTorch eager on a 2-core CPU, same argmaxes; ``reports/PERF.md``).
+  exported to ONNX once per run and compiled by OpenVINO in fp32 (on a 2-core
+  CPU, 2.5x channels_last PyTorch end to end, identical argmaxes; ``reports/PERF.md``).
 * ``"onnxruntime"``: the same ONNX graph on ONNX Runtime's CPU provider.
 * ``"torch"``: eager PyTorch, channels_last; the CUDA path (pinned host
   memory, non-blocking copies, normalisation on the GPU).
@@ -43,6 +43,7 @@ engine can call it unchanged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import io
@@ -287,6 +288,24 @@ def export_onnx(module: Any, crop: int) -> bytes:
     return buf.getvalue()
 
 
+@functools.cache
+def _openvino_core() -> Any:
+    """The process's one ``openvino.Core``, kept for the life of the process.
+
+    Why not a Core per model: OpenVINO's CPU plugin installs its own
+    ``sigaltstack`` on the thread that creates it and puts back the previous
+    one when it is destroyed. Two Cores alive at once and freed out of order
+    leave the main thread's alternate signal stack pointing at unmapped
+    memory; the next Python signal handler (CPython installs them with
+    ``SA_ONSTACK``; PyTorch's DataLoader adds one for SIGCHLD) then kills the
+    process with SIGSEGV when any child exits. One Core, never freed, is also
+    what OpenVINO recommends.
+    """
+    import openvino as ov
+
+    return ov.Core()
+
+
 class OpenVINORunner:
     """An ONNX graph compiled by OpenVINO for the CPU, fed uint8 ``(B, H, W, 3)`` batches.
 
@@ -308,7 +327,7 @@ class OpenVINORunner:
         import openvino as ov
         from openvino.preprocess import PrePostProcessor
 
-        core = ov.Core()
+        core = _openvino_core()
         ppp = PrePostProcessor(core.read_model(onnx))
         ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
         ppp.input().model().set_layout(ov.Layout("NCHW"))

@@ -66,8 +66,17 @@ def machine() -> dict[str, Any]:
 
 
 def peak_rss_mib() -> dict[str, float]:
-    """Peak resident memory of this process and of its largest finished child, MiB (getrusage)."""
+    """Peak resident memory of this process (VmHWM) and of its largest finished child (getrusage), MiB.
+
+    VmHWM, not getrusage's ru_maxrss, for this process: Linux carries ru_maxrss
+    across fork and exec, so a child started by a big parent would report the
+    parent's size as its own peak.
+    """
     me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                me = int(line.split()[1]) / 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"peak_rss_mib": round(me, 1), "peak_child_rss_mib": round(kids, 1)}
 
@@ -172,7 +181,11 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def md_table(rows: Sequence[dict[str, Any]], cols: Sequence[str] | None = None) -> str:
-    cols = list(cols or (rows[0].keys() if rows else []))
+    if cols is None:
+        cols = []
+        for r in rows:
+            cols += [k for k in r if k not in cols]
+    cols = list(cols)
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         out.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
