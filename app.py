@@ -654,10 +654,14 @@ def page_impact() -> None:
         .properties(height=300)
     )
     st.altair_chart(chart, width="stretch")
-    st.subheader("Latest decisions")
-    rec = load("recent_decisions", 50)
+    _recent_decisions("Latest decisions", 50, "No decision yet: review flagged images on the Review page.")
+
+
+def _recent_decisions(title: str, limit: int, empty: str) -> None:
+    st.subheader(title)
+    rec = load("recent_decisions", limit)
     if rec.empty:
-        st.caption("No decision yet: review flagged images on the Review page.")
+        st.caption(empty)
     else:
         st.dataframe(rec, hide_index=True, width="stretch")
 
@@ -712,12 +716,9 @@ def page_export() -> None:
             if name.endswith(".csv")
             else "text/plain",
         )
-    st.subheader("Latest decisions, newest first")
-    rec = load("recent_decisions", 200)
-    if rec.empty:
-        st.caption("No decision yet: the export equals the given labels (less bad images).")
-    else:
-        st.dataframe(rec, hide_index=True, width="stretch")
+    _recent_decisions(
+        "Latest decisions, newest first", 200, "No decision yet: the export equals the given labels (less bad images)."
+    )
 
 
 @st.cache_resource(max_entries=2)

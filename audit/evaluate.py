@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from audit._checks import as_labels, as_mask
+
 __all__ = [
     "Metric",
     "choose_threshold",
@@ -672,28 +674,11 @@ def _as_topk_valid(topk: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarr
 
 
 def _as_valid(valid: np.ndarray | None, n: int) -> np.ndarray:
-    if valid is None:
-        return np.ones(n, dtype=bool)
-    v = np.asarray(valid)
-    if v.shape != (n,):
-        raise ValueError(f"valid has shape {v.shape}, expected (N,)=({n},)")
-    if v.dtype != bool:
-        raise ValueError(f"valid has dtype {v.dtype}, expected bool")
-    return v
+    return np.ones(n, dtype=bool) if valid is None else as_mask(valid, n)
 
 
 def _as_labels(labels: np.ndarray, n: int) -> np.ndarray:
-    lab = np.asarray(labels)
-    if lab.shape != (n,):
-        raise ValueError(f"labels has shape {lab.shape}, expected (N,)=({n},)")
-    if lab.size and not np.issubdtype(lab.dtype, np.integer):
-        raise ValueError(f"labels has dtype {lab.dtype}, expected integers")
-    lab = lab.astype(np.int64, copy=False)
-    if lab.size and (lab.min() < -1 or lab.max() > _MAX_CLASS):
-        raise ValueError(
-            f"labels lie in [{lab.min()}, {lab.max()}], expected -1 (excluded) or a class index in [0, {_MAX_CLASS}]"
-        )
-    return lab
+    return as_labels(labels, n, _MAX_CLASS)
 
 
 def _as_ks(ks: Sequence[int]) -> tuple[int, ...]:

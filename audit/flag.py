@@ -52,6 +52,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from audit._checks import as_labels, as_mask
+
 __all__ = [
     "DEFAULT_KINDS",
     "METHODS",
@@ -741,29 +743,12 @@ def _check_probs(probs: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 
 def _check_labels(labels: np.ndarray, n: int, c: int) -> np.ndarray:
-    lab = np.asarray(labels)
-    if lab.shape != (n,):
-        raise ValueError(f"labels has shape {lab.shape}, expected (N,)=({n},) to match probs")
-    if lab.size and not np.issubdtype(lab.dtype, np.integer):
-        raise ValueError(f"labels has dtype {lab.dtype}, expected integers")
-    lab = lab.astype(np.int64, copy=False)
-    if lab.size and (lab.min() < -1 or lab.max() >= c):
-        raise ValueError(
-            f"labels lie in [{lab.min()}, {lab.max()}], expected -1 (excluded) or a class index in [0, {c - 1}] "
-            f"(probs have C={c} columns)"
-        )
-    return lab
+    return as_labels(labels, n, c - 1, shape_hint=" to match probs", range_hint=f" (probs have C={c} columns)")
 
 
 def _check_valid(valid: np.ndarray | None, n: int) -> np.ndarray | None:
-    if valid is None:
-        return None
-    v = np.asarray(valid)
-    if v.shape != (n,):
-        raise ValueError(f"valid has shape {v.shape}, expected (N,)=({n},)")
-    if v.dtype != bool:
-        raise ValueError(f"valid has dtype {v.dtype}, expected bool")
-    return v
+    # None stays None: unscored (non-finite) rows are then skipped instead of refused.
+    return None if valid is None else as_mask(valid, n)
 
 
 def _check_method(method: str) -> None:
