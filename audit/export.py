@@ -21,13 +21,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from audit._io import atomic_write
 from audit.datasets import real_index_of
 from audit.store import connect
 
@@ -140,19 +139,6 @@ def _csv(header: list[str], rows: object) -> bytes:
     return buf.getvalue().encode()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_labels(db: str | Path, out: str | Path) -> ExportResult:
     """Write the cleaned label set of workspace ``db`` into folder ``out``."""
     images, classes = cleaned_labels(db)
@@ -162,7 +148,7 @@ def export_labels(db: str | Path, out: str | Path) -> ExportResult:
     for stale in target.glob(".tmp-*"):  # left by an export killed mid-write
         stale.unlink(missing_ok=True)
     for name, data in files.items():
-        _atomic_write(target / name, data)
+        atomic_write(target / name, data)
     return ExportResult(
         out=target,
         files=tuple(sorted(files)),

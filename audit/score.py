@@ -52,7 +52,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -62,6 +61,7 @@ from typing import Any
 
 import numpy as np
 
+from audit._io import atomic_file, atomic_write
 from audit.datasets import AuditDataset, decode_image
 from audit.errors import ModelError
 from audit.zoo import ModelSpec, Preprocess
@@ -502,22 +502,12 @@ def _shard_batches(shards: Sequence[int], n: int, shard_size: int, batch_size: i
 def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Not "*.npz": a file left half-written by a kill must never look like a shard.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, prefix=".", suffix=".npz.tmp") as f:
+        np.savez(f, **arrays)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text.encode(), prefix=".", suffix=".tmp")
 
 
 def _fingerprint(ds: AuditDataset, spec: ModelSpec, shard_size: int, backend: str, precision: str) -> str:
