@@ -144,10 +144,12 @@ from audit.score import OpenVINORunner, export_onnx
 from audit.zoo import build_model, resolve_model
 spec = resolve_model(sys.argv[1])
 onnx = export_onnx(build_model(spec), 64)
-a = OpenVINORunner(onnx, spec.preprocess)
-b = OpenVINORunner(onnx, spec.preprocess)
+a, b, c = (OpenVINORunner(onnx, spec.preprocess) for _ in range(3))
 del a; gc.collect()  # freed first-in, first-out: the order that used to break the stack
+del c; gc.collect()
+d = OpenVINORunner(onnx, spec.preprocess)  # a later scoring in the same process
 del b; gc.collect()
+del d; gc.collect()
 signal.signal(signal.SIGCHLD, lambda *_: None)  # as torch's DataLoader leaves behind
 subprocess.run([sys.executable, "-c", "pass"], check=True)
 print("alive")
@@ -155,7 +157,7 @@ print("alive")
 
 
 def test_openvino_runners_leave_the_signal_stack_usable(checkpoint):
-    """Two runners freed out of order, then a child exits: the process must survive the SIGCHLD."""
+    """Runners freed out of order, then a child exits: the process must survive the SIGCHLD."""
     if "openvino" not in CPU_BACKENDS:
         pytest.skip("openvino is not installed")
     p = subprocess.run(
