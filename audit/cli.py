@@ -53,16 +53,34 @@ def _metrics_view(df: pd.DataFrame, fmt: str) -> pd.DataFrame:
     return df
 
 
+def _absolute(path: str | None) -> str | None:
+    return str(Path(path).expanduser().resolve()) if path else None
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from audit.datasets import load_dataset
-    from audit.pipeline import run_audit
+    from audit.pipeline import last_run_inputs, run_audit
     from audit.zoo import resolve_model
 
-    root = Path(a.dataset) if a.dataset else _default_dataset()
-    ds = load_dataset(root, label_file=a.labels, real=a.real, limit=a.limit)
-    specs = [resolve_model(n) for n in a.models.split(",") if n.strip()]
-    if not specs:
+    prev = last_run_inputs(a.db)
+    labels, real, limit = a.labels, a.real, a.limit
+    if a.dataset:
+        root = Path(a.dataset)
+    elif prev:
+        # A bare `audit run --db WS` continues the workspace: same images, same label file.
+        root = Path(prev["dataset"])
+        labels = labels or prev.get("labels")
+        real = real or prev.get("real")
+        limit = limit if limit is not None else prev.get("limit")
+        print(f"audit: continuing workspace {a.db} (dataset {root}, from its last run)", file=sys.stderr)
+    else:
+        root = _default_dataset()
+    ds = load_dataset(root, label_file=labels, real=real, limit=limit)
+    model_names = a.models if a.models is not None else ",".join(prev["models"]) if prev else _DEFAULT_MODELS
+    names = [n.strip() for n in model_names.split(",") if n.strip()]
+    if not names:
         raise UserError("--models is empty; name at least one model (see 'audit models')")
+    specs = [resolve_model(n) for n in names]
     print(
         f"audit: {len(ds)} images, {len(set(ds.labels.tolist()))} classes from {ds.root} ({ds.layout}); "
         f"{len(specs)} model(s); workspace {a.db}",
@@ -79,6 +97,13 @@ def cmd_run(a: argparse.Namespace) -> int:
         progress=not a.quiet,
         backend=a.backend,
         precision=a.precision,
+        inputs={
+            "dataset": str(root.expanduser().resolve()),
+            "labels": _absolute(labels),
+            "real": _absolute(real),
+            "limit": limit,
+            "models": names,
+        },
     )
     for note in res.skipped:
         print(f"audit: note: {note}", file=sys.stderr)
@@ -192,10 +217,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "dataset",
         nargs="?",
-        help="dataset folder (ImageFolder, or flat with --labels); "
-        "default: ../shared/datasets/imagenet-val-1300, else a fetched Imagenette sample in data/",
+        help="dataset folder (ImageFolder, or flat with --labels); default: the workspace's dataset when --db "
+        "exists (continue or resume it), else ../shared/datasets/imagenet-val-1300, else a fetched Imagenette "
+        "sample in data/",
     )
-    r.add_argument("--models", default=_DEFAULT_MODELS, help=f"comma-separated zoo names (default {_DEFAULT_MODELS})")
+    r.add_argument(
+        "--models",
+        help="comma-separated zoo names; they define the workspace's models (default: those of the workspace's "
+        f"last run, else {_DEFAULT_MODELS})",
+    )
     r.add_argument("--db", default=str(default_db()), help=db_help)
     r.add_argument("--labels", help="CSV 'path,label' for a flat folder (label: wnid, index or class name)")
     r.add_argument("--real", help="ReaL label JSON (default: the copy inside the timm wheel, when it applies)")

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from audit.store import (
 )
 from audit.zoo import ModelSpec
 
-__all__ = ["ENSEMBLE", "RunResult", "live_metrics", "run_audit", "topk_of"]
+__all__ = ["ENSEMBLE", "RunResult", "last_run_inputs", "live_metrics", "run_audit", "topk_of"]
 
 _log = logging.getLogger(__name__)
 ENSEMBLE = "ensemble"
@@ -209,6 +209,7 @@ def _run_audit(
     progress: bool = True,
     backend: str = "auto",
     precision: str = "fp32",
+    inputs: Mapping[str, Any] | None = None,
 ) -> RunResult:
     from audit import flag
 
@@ -222,6 +223,8 @@ def _run_audit(
         "sigmoid_threshold": sigmoid_threshold,
         "backend": backend,
         "precision": precision,
+        # What the user passed, so that a bare `audit run --db WS` can continue this workspace.
+        "inputs": dict(inputs or {}),
     }
     # Weights problems surface here, before the workspace is touched or any image scored.
     models = load_models(specs)
@@ -269,6 +272,26 @@ def _run_audit(
     _ingest(db, run_id, ds, arrays, pred_frames, metrics, issues, bad, notes)
     n_flag = int(issues["is_label_issue"].sum()) if issues is not None else 0
     return RunResult(run_id, db, metrics, n_flag, len(bad), tuple(notes))
+
+
+def last_run_inputs(db: str | Path) -> dict[str, Any] | None:
+    """What the newest run of workspace ``db`` was given, or None for a new workspace.
+
+    Returns
+    -------
+    dict or None
+        ``dataset``, ``labels``, ``real``, ``limit`` and ``models`` (the names
+        as the user typed them), as recorded by ``run_audit(inputs=...)``.
+    """
+    if not Path(db).exists():
+        return None
+    with connect(db, read_only=True) as con:
+        rows = con.execute("SELECT params FROM runs ORDER BY started_at DESC").fetchall()
+    for (params,) in rows:
+        inputs = json.loads(params or "{}").get("inputs") or {}
+        if inputs.get("dataset") and inputs.get("models"):
+            return dict(inputs)
+    return None
 
 
 def _ensemble_mean(probs: Sequence[np.ndarray], valid: np.ndarray) -> np.ndarray:
@@ -386,11 +409,21 @@ def _ingest(
     with connect(db) as con:
         con.execute("BEGIN TRANSACTION")
         try:
-            names = [a.spec.name for a in arrays] + [ENSEMBLE]
-            for name in names:
-                con.execute("DELETE FROM models WHERE model = ?", [name])
-                con.execute("DELETE FROM predictions WHERE model = ?", [name])
-                con.execute("DELETE FROM metrics WHERE model = ?", [name])
+            # A run defines the workspace's models: the ensemble, the flags and every table
+            # then describe the same set. Earlier models not listed again leave the tables;
+            # their arrays stay cached, so listing them again costs no scoring.
+            names = [a.spec.name for a in arrays]
+            dropped = con.execute(
+                "SELECT model FROM models WHERE NOT list_contains(?, model) ORDER BY model", [names]
+            ).fetchall()
+            if dropped:
+                notes.append(
+                    f"{', '.join(r[0] for r in dropped)} (from an earlier run) left the workspace: this run's "
+                    "--models define it; their scores stay cached, so listing them again scores nothing"
+                )
+            con.execute("DELETE FROM models")
+            con.execute("DELETE FROM predictions")
+            con.execute("DELETE FROM metrics")
             for name, df in (("models_df", models), ("pred_df", pred), ("metrics_df", metrics), ("bad_df", bad_df)):
                 con.register(name, df)
             con.execute("INSERT INTO models SELECT * FROM models_df")
@@ -400,10 +433,9 @@ def _ingest(
             con.execute("DELETE FROM bad_images")
             con.execute("INSERT INTO bad_images SELECT * FROM bad_df")
             con.execute("UPDATE images SET valid = NOT list_contains(?, image_index)", [sorted(bad)])
+            con.execute("DELETE FROM label_issues")
             if issues is not None:
-                li = _issue_frame(issues, run_id)
-                con.register("issues_df", li)
-                con.execute("DELETE FROM label_issues")
+                con.register("issues_df", _issue_frame(issues, run_id))
                 con.execute("INSERT INTO label_issues SELECT * FROM issues_df")
             params = {"flag": flag.flag_params(), "notes": notes}
             con.execute(

@@ -159,3 +159,53 @@ def test_second_run_on_a_busy_workspace_is_refused(synth_ws, tmp_path):
     with workspace_lock(db):
         res = run_cli("run", str(ds_root), "--models", f"preds:{preds}", "--db", str(db), "-q")
     assert res.returncode == 2 and "another audit run" in res.stderr and "Traceback" not in res.stderr
+
+
+def _models_in(db: Path) -> tuple[list[str], list[str], int]:
+    from audit.store import connect
+
+    with connect(db, read_only=True) as con:
+        models = [r[0] for r in con.execute("SELECT model FROM models ORDER BY model").fetchall()]
+        metric_models = [r[0] for r in con.execute("SELECT DISTINCT model FROM metrics ORDER BY model").fetchall()]
+        runs = con.execute("SELECT count(*) FROM runs").fetchall()[0][0]
+    return models, metric_models, runs
+
+
+def test_a_bare_rerun_continues_the_workspace_with_its_dataset_and_models(synth_ws, tmp_path, capsys):
+    ds_root, db, _, _ = synth_ws
+    before, _, _ = _models_in(db)
+    # From another folder, with neither dataset nor --models: the workspace's own are used.
+    res = run_cli("run", "--db", str(db), "-q", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert f"continuing workspace {db}" in res.stderr and str(ds_root) in res.stderr
+    after, _, runs = _models_in(db)
+    assert after == before and runs == 2
+
+
+def test_a_run_defines_the_workspace_models_and_dropped_ones_come_back_without_rescoring(synth_ws, tmp_path, capsys):
+    import torch
+    import torchvision
+
+    ds_root, db, _, _ = synth_ws
+    torch.manual_seed(0)
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "mnv3.pth")
+    m1, m2 = f"preds:{tmp_path / 'm.npy'}", f"mobilenet_v3_small@{tmp_path / 'mnv3.pth'}"
+    assert main(["run", str(ds_root), "--models", f"{m1},{m2}", "--db", str(db), "-q", "--workers", "0"]) == 0
+    two, metric_models, _ = _models_in(db)
+    assert len(two) == 2 and set(metric_models) == {*two, "ensemble"}
+    shards = sorted((db.parent / f"{db.name}.arrays").rglob("*.npz"))
+    assert shards
+    stamps = {p: p.stat().st_mtime_ns for p in shards}
+    capsys.readouterr()
+
+    assert main(["run", str(ds_root), "--models", m1, "--db", str(db), "-q"]) == 0
+    err = capsys.readouterr().err
+    one, metric_models, _ = _models_in(db)
+    (gone,) = set(two) - set(one)
+    assert gone.startswith("mobilenet_v3_small") and set(metric_models) == {*one, "ensemble"}
+    assert f"note: {gone} (from an earlier run) left the workspace" in err
+    assert all(p.exists() for p in shards), "the dropped model's scores stay cached"
+
+    assert main(["run", str(ds_root), "--models", f"{m1},{m2}", "--db", str(db), "-q", "--workers", "0"]) == 0
+    assert _models_in(db)[0] == two
+    assert {p: p.stat().st_mtime_ns for p in shards} == stamps, "listing it again rescored nothing"
