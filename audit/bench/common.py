@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import json
@@ -162,6 +163,16 @@ def run_child(args: Sequence[str], *, timeout: float | None = None) -> dict[str,
         return res
     finally:
         out.unlink(missing_ok=True)
+
+
+def add_run_args(p: argparse.ArgumentParser, *, backend: bool = True) -> None:
+    """The options every scoring benchmark shares: what to score, and how."""
+    p.add_argument("--dataset", type=Path, default=SHARED_SET)
+    p.add_argument("--models", default=",".join(LITE))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    if backend:
+        p.add_argument("--backend", default="auto")
 
 
 def write_json(path: Path, obj: Any) -> None:

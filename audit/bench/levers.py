@@ -25,9 +25,8 @@ from typing import Any
 import numpy as np
 
 from audit.bench.common import (
-    LITE,
     REPORTS,
-    SHARED_SET,
+    add_run_args,
     machine,
     machine_md,
     md_table,
@@ -245,10 +244,7 @@ def render(
 
 def levers(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m audit.bench levers", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", type=Path, default=SHARED_SET)
-    p.add_argument("--models", default=",".join(LITE))
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    add_run_args(p, backend=False)
     p.add_argument("--forward-model", default="efficientnet_lite0")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the forward table")

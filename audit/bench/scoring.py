@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 
 from audit.bench.common import (
-    LITE,
     REPORTS,
-    SHARED_SET,
     TreeMemory,
+    add_run_args,
     machine,
     machine_md,
     md_table,
@@ -170,12 +169,8 @@ def _agreement(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
 
 def scoring(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m audit.bench scoring", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", type=Path, default=SHARED_SET)
-    p.add_argument("--models", default=",".join(LITE))
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    add_run_args(p)
     p.add_argument("--repeats", type=int, default=2, help="baseline/audit pairs, interleaved")
-    p.add_argument("--backend", default="auto")
     p.add_argument("--out", type=Path, default=REPORTS / "perf_scoring")
     p.add_argument("--render", type=Path, help="re-render the report from a .raw.json of an earlier run")
     a = p.parse_args(argv)
@@ -278,11 +273,7 @@ def scoring(argv: list[str] | None = None) -> int:
 def arm(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m audit.bench arm")
     p.add_argument("kind", choices=["baseline", "audit"])
-    p.add_argument("--dataset", type=Path, default=SHARED_SET)
-    p.add_argument("--models", default=",".join(LITE))
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--backend", default="auto")
+    add_run_args(p)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--threads", type=int)

@@ -22,7 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from audit.bench.common import LITE, REPORTS, SHARED_SET, machine, machine_md, md_table, write_csv, write_json
+from audit.bench.common import (
+    REPORTS,
+    add_run_args,
+    machine,
+    machine_md,
+    md_table,
+    write_csv,
+    write_json,
+)
 
 
 def _loading_stages(ds: Any, specs: list[Any], batch_size: int) -> dict[str, float]:
@@ -76,11 +84,7 @@ def _ceiling(runners: list[Any], specs: list[Any], n: int, batch_size: int) -> d
 
 def stages(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m audit.bench stages", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", type=Path, default=SHARED_SET)
-    p.add_argument("--models", default=",".join(LITE))
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--backend", default="auto")
+    add_run_args(p)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--limit", type=int)
     p.add_argument("--out", type=Path, default=REPORTS / "perf_stages")

@@ -1,0 +1,46 @@
+"""Benchmarks (``python -m audit.bench``): each command runs end to end on a tiny set and writes its report.
+
+The figures themselves are measured by running the benchmarks (reports/PERF.md), never in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from _synth import make_imagefolder
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import torchvision
+
+    d = tmp_path_factory.mktemp("bench")
+    root = make_imagefolder(d / "ds", per_class=2)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), d / "m.pth")
+    return d, root, f"mobilenet_v3_small@{d / 'm.pth'}"
+
+
+@pytest.mark.parametrize("command", ["stages", "scoring"])
+def test_scoring_benchmarks_write_their_reports(tiny, command):
+    d, root, model = tiny
+    out = d / command
+    args = ["--dataset", str(root), "--models", model, "--batch-size", "4", "--workers", "1", "--repeats", "1"]
+    res = subprocess.run(
+        [sys.executable, "-m", "audit.bench", command, *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    for suffix in (".md", ".csv", ".json"):
+        assert out.with_suffix(suffix).stat().st_size > 0
+    report = out.with_suffix(".md").read_text()
+    assert "Machine:" in report
+    assert ("forward-only ceiling" in report) if command == "stages" else ("argmax agreement" in report)
+    json.loads(out.with_suffix(".json").read_text())
