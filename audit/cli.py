@@ -1,4 +1,4 @@
-"""Command line: ``audit run | models | metrics | issues | export | review | dashboard``.
+"""Command line: ``audit run | models | metrics | issues | runs | export | review | dashboard``.
 
 Machine-readable output goes to stdout; progress and logs go to stderr. A
 mistake the user can fix prints one line naming it and the fix, and exits 2.
@@ -38,7 +38,7 @@ def _emit(df: pd.DataFrame, fmt: str) -> None:
     if fmt == "csv":
         sys.stdout.write(df.to_csv(index=False))
     elif fmt == "json":
-        sys.stdout.write(df.to_json(orient="records", indent=1) + "\n")
+        sys.stdout.write(df.to_json(orient="records", indent=1, date_format="iso") + "\n")
     else:
         with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200):
             sys.stdout.write(df.to_string(index=False) + "\n")
@@ -153,6 +153,13 @@ def cmd_issues(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(a: argparse.Namespace) -> int:
+    from audit.queries import runs_table
+
+    _emit(runs_table(Path(a.db)), a.format)
+    return 0
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from audit.export import export_labels
 
@@ -263,6 +270,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, func, hlp in (
         ("metrics", cmd_metrics, "accuracy per model and evaluation, with 95% intervals"),
         ("issues", cmd_issues, "flagged images, worst first"),
+        ("runs", cmd_runs, "every audit run on the workspace: status (finished / interrupted), times, models"),
     ):
         s = sub.add_parser(name, help=hlp)
         s.add_argument("--db", default=str(default_db()), help=db_help)

@@ -24,7 +24,7 @@ from audit import __version__
 from audit.datasets import AuditDataset
 from audit.errors import ModelError, StoreError
 from audit.evaluate import Metric, evaluate_all, relabeled_accuracy
-from audit.score import ModelArrays, bad_images, load_models, score_dataset
+from audit.score import ModelArrays, ScoreStats, bad_images, load_models, score_dataset
 from audit.store import (
     arrays_dir,
     connect,
@@ -229,6 +229,7 @@ def _run_audit(
     # Weights problems surface here, before the workspace is touched or any image scored.
     models = load_models(specs)
     _register_run(db, ds, specs, run_id, params)
+    stats = ScoreStats()
     arrays = score_dataset(
         ds,
         specs,
@@ -240,6 +241,7 @@ def _run_audit(
         models=models,
         backend=backend,
         precision=precision,
+        stats=stats,
     )
     bad: dict[int, str] = {}
     for a in arrays:
@@ -269,7 +271,7 @@ def _run_audit(
     if ds.real is None:
         notes.append("ReaL labels do not apply to these images: real, sigmoid and clean evaluations skipped")
     metrics = pd.DataFrame([_metric_row(run_id, m, r) for m, r in metric_rows])
-    _ingest(db, run_id, ds, arrays, pred_frames, metrics, issues, bad, notes)
+    _ingest(db, run_id, ds, arrays, pred_frames, metrics, issues, bad, notes, stats)
     n_flag = int(issues["is_label_issue"].sum()) if issues is not None else 0
     return RunResult(run_id, db, metrics, n_flag, len(bad), tuple(notes))
 
@@ -376,6 +378,7 @@ def _ingest(
     issues: pd.DataFrame | None,
     bad: dict[int, str],
     notes: list[str],
+    stats: ScoreStats,
 ) -> None:
     from audit import flag
 
@@ -437,7 +440,9 @@ def _ingest(
             if issues is not None:
                 con.register("issues_df", _issue_frame(issues, run_id))
                 con.execute("INSERT INTO label_issues SELECT * FROM issues_df")
-            params = {"flag": flag.flag_params(), "notes": notes}
+            # What ran: the backend "auto" resolved to, and how many images were scored (0 when all were cached).
+            scoring = {"backend_used": stats.backend, "images_scored": stats.images}
+            params = {"flag": flag.flag_params(), "notes": notes, "scoring": scoring}
             con.execute(
                 "UPDATE runs SET finished_at = ?, status = ?, params = json_merge_patch(params, ?) WHERE run_id = ?",
                 [now(), "finished", to_json(params), run_id],

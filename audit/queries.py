@@ -73,6 +73,7 @@ __all__ = [
     "record_decision",
     "resolve_label",
     "run_summary",
+    "runs_table",
 ]
 
 ENSEMBLE = "ensemble"
@@ -353,6 +354,26 @@ def run_summary(db: str | Path | Reader) -> dict[str, Any]:
         "last_run": last,
         "runs": n_runs,
     }
+
+
+def runs_table(db: str | Path | Reader) -> pd.DataFrame:
+    """Every ``audit run`` on the workspace, newest first: status, times, images, models and settings.
+
+    ``status`` is ``running``, ``finished`` or ``interrupted`` (a run that died;
+    the next run marks it and resumes its finished shards).
+    """
+    with _open(db) as con:
+        df = con.execute(
+            "SELECT run_id, status, started_at, finished_at, "
+            "round(epoch(finished_at - started_at), 1) AS seconds, n_images, models, "
+            "coalesce(nullif(json_extract_string(params, '$.scoring.backend_used'), ''), "
+            "json_extract_string(params, '$.backend')) AS backend, "
+            "json_extract(params, '$.scoring.images_scored')::INTEGER AS images_scored, "
+            "json_extract_string(params, '$.precision') AS precision, audit_version "
+            "FROM runs ORDER BY started_at DESC"
+        ).df()
+    df["models"] = df["models"].map(lambda m: ",".join(m) if m is not None else "")
+    return df
 
 
 # --------------------------------------------------------------------------- metrics

@@ -209,3 +209,15 @@ def test_a_run_defines_the_workspace_models_and_dropped_ones_come_back_without_r
     assert main(["run", str(ds_root), "--models", f"{m1},{m2}", "--db", str(db), "-q", "--workers", "0"]) == 0
     assert _models_in(db)[0] == two
     assert {p: p.stat().st_mtime_ns for p in shards} == stamps, "listing it again rescored nothing"
+
+
+def test_runs_lists_every_run_with_what_ran(synth_ws, capsys):
+    _, db, _, _ = synth_ws
+    assert main(["run", "--db", str(db), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["runs", "--db", str(db), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["status"] for r in rows] == ["finished", "finished"]
+    assert rows[0]["started_at"] > rows[1]["started_at"] and rows[0]["started_at"].startswith("20")
+    assert rows[0]["models"].startswith("preds:") and rows[0]["n_images"] == 24
+    assert rows[0]["images_scored"] == 0  # imported predictions: nothing to score
