@@ -193,6 +193,11 @@ def class_label(labels: list[str], i: int | None) -> str:
 # --------------------------------------------------------------------------- pages
 
 
+def _runs(n: int) -> None:
+    with st.expander(f"Runs on this workspace ({n})"):
+        st.dataframe(load("runs_table"), hide_index=True, width="stretch")
+
+
 def page_overview() -> None:
     s = load("run_summary")
     m = load("metrics_table")
@@ -212,6 +217,7 @@ def page_overview() -> None:
     )
     if m.empty:
         st.info("No metrics yet: the run stored no evaluation.")
+        _runs(s["runs"])
         return
     h = q.headline(m)
     st.subheader("Accuracy per model and evaluation (95% intervals)")
@@ -281,6 +287,7 @@ def page_overview() -> None:
         for col in ("value", "low", "high"):
             view[col] = view[col].map(pct)
         st.dataframe(view, hide_index=True, width="stretch")
+    _runs(s["runs"])
 
 
 def filter_bar(models: list[str], labels: list[str]) -> None:

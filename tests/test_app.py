@@ -72,6 +72,8 @@ def test_overview_shows_facts_metrics_chart_and_ranking(app):
     assert "Accuracy by evaluation" in subs and "Model ranking per evaluation" in subs
     ranks = app.dataframe[1].value
     assert ENSEMBLE not in ranks.index and ranks.min().min() == 1
+    runs = app.dataframe[-1].value
+    assert list(runs["status"]) == ["finished"] and runs["models"][0].count("preds:") == 3
 
 
 def test_disagreements_gallery_filters_and_pairs(app):
