@@ -30,7 +30,7 @@ import pandas as pd
 import streamlit as st
 
 from audit import queries as q
-from audit.dashboard.thumbs import UnsafePath, thumb_dir, thumbnail
+from audit.dashboard.thumbs import UnsafePath, safe_image_path, thumb_dir, thumbnail
 from audit.errors import StoreError, UserError
 from audit.store import ACTIONS, default_db
 
@@ -108,8 +108,17 @@ def load(name: str, *args: Any) -> Any:
     return value
 
 
+def _stamp(root: str, image_id: str) -> str:
+    """The file's mtime and size: part of the memory cache's key, so a replaced image shows anew."""
+    try:
+        st_ = safe_image_path(root, image_id).stat()
+    except (UnsafePath, OSError):
+        return ""
+    return f"{st_.st_mtime_ns}:{st_.st_size}"
+
+
 @st.cache_data(max_entries=4096, show_spinner=False)
-def _thumb(root: str, image_id: str, size: int, cache: str) -> tuple[bytes | None, str]:
+def _thumb(root: str, image_id: str, size: int, cache: str, stamp: str) -> tuple[bytes | None, str]:
     try:
         return thumbnail(root, image_id, size, cache=cache), ""
     except UnsafePath as e:
@@ -120,7 +129,7 @@ def _thumb(root: str, image_id: str, size: int, cache: str) -> tuple[bytes | Non
 
 def show_image(image_id: str, size: int) -> None:
     root = load("run_summary")["dataset_root"]
-    data, why = _thumb(root or "", image_id, size, str(thumb_dir(_db())))
+    data, why = _thumb(root or "", image_id, size, str(thumb_dir(_db())), _stamp(root or "", image_id))
     if data is None:
         st.warning(why)
     else:
