@@ -257,14 +257,14 @@ def _run_audit(
         cls, val = topk_of(probs)
         pred_frames.append(_prediction_frame(a.spec.name, cls, val, probs, ds.labels))
         if a in evaluable:
-            logits = np.load(a.logits, mmap_mode="r")
-            metric_rows += _evaluate(a.spec.name, cls, logits, ds, valid, sigmoid_threshold)
+            metric_rows += _evaluate(a.spec.name, cls, [np.load(a.logits, mmap_mode="r")], ds, valid, sigmoid_threshold)
     issues = None
     if evaluable:
         mean = _ensemble_mean([np.load(a.probs, mmap_mode="r") for a in evaluable], valid)
         cls, val = topk_of(mean)
         pred_frames.append(_prediction_frame(ENSEMBLE, cls, val, mean, ds.labels))
-        metric_rows += _evaluate(ENSEMBLE, cls, None, ds, valid, sigmoid_threshold)
+        ens_logits = [np.load(a.logits, mmap_mode="r") for a in evaluable]
+        metric_rows += _evaluate(ENSEMBLE, cls, ens_logits, ds, valid, sigmoid_threshold)
         issues = flag.find_label_issues([np.load(a.probs, mmap_mode="r") for a in evaluable], ds.labels, valid=valid)
     else:
         notes.append("no model predicts the dataset's classes: no evaluations and no label issues")
@@ -332,15 +332,15 @@ def _prediction_frame(
 
 
 def _evaluate(
-    model: str, cls: np.ndarray, logits: np.ndarray | None, ds: AuditDataset, valid: np.ndarray, threshold: float | None
+    model: str,
+    cls: np.ndarray,
+    logits: Sequence[np.ndarray],
+    ds: AuditDataset,
+    valid: np.ndarray,
+    threshold: float | None,
 ) -> list[tuple[str, Metric]]:
-    scores = None
-    if logits is not None and ds.real is not None:
-        # Every class scored on its own: sigmoid of the logit, whatever loss trained it.
-        scores = np.empty(logits.shape, dtype=np.float32)
-        for s in range(0, len(logits), _CHUNK):
-            x = np.nan_to_num(np.asarray(logits[s : s + _CHUNK], dtype=np.float32), nan=0.0)
-            scores[s : s + _CHUNK] = 1.0 / (1.0 + np.exp(-x))
+    """Every evaluation of one model, or of the ensemble when ``logits`` holds several models'."""
+    scores = _sigmoid_scores(logits) if logits and ds.real is not None else None
     rows = evaluate_all(
         cls,
         ds.labels,
@@ -352,6 +352,25 @@ def _evaluate(
     )
     rel = relabeled_accuracy(cls, [[int(x)] if x >= 0 else [] for x in ds.labels], valid=valid & (cls[:, 0] >= 0))
     return [(model, m) for m in rows + rel]
+
+
+def _sigmoid_scores(logits: Sequence[np.ndarray]) -> np.ndarray:
+    """Each class scored on its own, ``(N, C)`` float32: the sigmoid of its logit, averaged over the models.
+
+    The sigmoid whatever loss trained the model; for the ensemble, the mean of the
+    models' sigmoid scores (its counterpart of the mean of their probabilities).
+    Streamed in chunks so memory-mapped logits are never loaded whole.
+    """
+    n, c = logits[0].shape
+    out = np.zeros((n, c), dtype=np.float32)
+    with np.errstate(over="ignore"):  # exp(-x) overflows to inf for very negative logits: score 0, as it should
+        for lg in logits:
+            for s in range(0, n, _CHUNK):
+                x = np.nan_to_num(np.asarray(lg[s : s + _CHUNK], dtype=np.float32), nan=0.0)
+                out[s : s + _CHUNK] += 1.0 / (1.0 + np.exp(-x))
+    if len(logits) > 1:
+        out /= len(logits)
+    return out
 
 
 def _metric_row(run_id: str, model: str, m: Metric) -> dict[str, Any]:

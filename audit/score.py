@@ -511,8 +511,15 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _fingerprint(ds: AuditDataset, spec: ModelSpec, shard_size: int, backend: str, precision: str) -> str:
+    """What the cached shards of ``spec`` depend on: the weights' content (not their path), settings, image ids."""
+    model = spec.as_dict()
+    if spec.weights_file and Path(spec.weights_file).is_file():
+        # By content: a checkpoint overwritten in place (a retrained best.pth) must be rescored,
+        # and the same weights in another venv or on another machine must not be.
+        with open(spec.weights_file, "rb") as f:
+            model["weights_file"] = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
     h = hashlib.sha256()
-    h.update(json.dumps([_SHARD_FORMAT, shard_size, backend, precision, spec.as_dict()], sort_keys=True).encode())
+    h.update(json.dumps([_SHARD_FORMAT, shard_size, backend, precision, model], sort_keys=True).encode())
     for i in ds.image_ids:
         h.update(i.encode() + b"\0")
     return h.hexdigest()

@@ -99,3 +99,19 @@ def test_topk_of_handles_nan_rows():
     cls, val = topk_of(p, 2)
     assert cls.tolist() == [[1, 2], [-1, -1]]
     assert val[0].tolist() == pytest.approx([0.7, 0.2]) and np.isnan(val[1]).all()
+
+
+def test_ensemble_sigmoid_scores_are_the_mean_of_the_models_sigmoids(workspace):
+    from audit.pipeline import _sigmoid_scores
+
+    _, db, _, _ = workspace
+    m = live_metrics(db)
+    f1 = _metric(m, ENSEMBLE, "sigmoid", "f1")
+    assert 0 <= f1.value <= 1 and f1.n == _metric(m, "preds:a", "sigmoid", "f1").n
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 30, (5, 7)).astype(np.float32), rng.normal(0, 3, (5, 7)).astype(np.float32)
+    a[0, 0] = np.nan  # an unscored cell counts as logit 0
+    got = _sigmoid_scores([a, b])
+    want = (1 / (1 + np.exp(-np.nan_to_num(a.astype(np.float64)))) + 1 / (1 + np.exp(-b.astype(np.float64)))) / 2
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(_sigmoid_scores([b]), 1 / (1 + np.exp(-b.astype(np.float64))), atol=1e-6)

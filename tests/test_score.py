@@ -253,3 +253,30 @@ def test_cuda_runner_pinned_non_blocking_and_amp_agree(checkpoint):
     for precision in ("fp16", "bf16"):
         amp = TorchRunner(build_model(spec), spec.preprocess, "cuda", precision=precision)(u8).cpu().numpy()
         assert amp.dtype == np.float32 and np.isfinite(amp).all()
+
+
+def test_cached_shards_follow_the_weights_content_not_their_path(tmp_path, small_set):
+    import shutil
+
+    import torchvision
+
+    kw = {"batch_size": 8, "workers": 0, "shard_size": 8, "progress": False, "backend": "torch"}
+    a, b = tmp_path / "a" / "m.pth", tmp_path / "b" / "m.pth"
+    a.parent.mkdir()
+    b.parent.mkdir()
+    torch.manual_seed(1)
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), a)
+    score_dataset(small_set, [resolve_model(f"mobilenet_v3_small@{a}")], tmp_path / "arr", **kw)
+
+    # The same weights moved (another machine, another venv): nothing is rescored.
+    shutil.copy(a, b)
+    st = ScoreStats()
+    score_dataset(small_set, [resolve_model(f"mobilenet_v3_small@{b}")], tmp_path / "arr", stats=st, **kw)
+    assert st.images == 0
+
+    # A checkpoint overwritten in place (a retrained best.pth): cached scores must not be reused.
+    torch.manual_seed(2)
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), b)
+    st = ScoreStats()
+    (arr,) = score_dataset(small_set, [resolve_model(f"mobilenet_v3_small@{b}")], tmp_path / "arr", stats=st, **kw)
+    assert st.images == len(small_set)
