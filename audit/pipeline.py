@@ -263,6 +263,7 @@ def _run_audit(
         mean = _ensemble_mean([np.load(a.probs, mmap_mode="r") for a in evaluable], valid)
         cls, val = topk_of(mean)
         pred_frames.append(_prediction_frame(ENSEMBLE, cls, val, mean, ds.labels))
+        del mean  # an (N, C) matrix: freed before the ensemble's sigmoid scores take its place
         ens_logits = [np.load(a.logits, mmap_mode="r") for a in evaluable]
         metric_rows += _evaluate(ENSEMBLE, cls, ens_logits, ds, valid, sigmoid_threshold)
         issues = flag.find_label_issues([np.load(a.probs, mmap_mode="r") for a in evaluable], ds.labels, valid=valid)
