@@ -54,6 +54,7 @@ def _metrics_view(df: pd.DataFrame, fmt: str) -> pd.DataFrame:
 
 
 def _absolute(path: str | None) -> str | None:
+    # Recorded absolute, so that a bare re-run from another folder finds the same files.
     return str(Path(path).expanduser().resolve()) if path else None
 
 
@@ -98,7 +99,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         backend=a.backend,
         precision=a.precision,
         inputs={
-            "dataset": str(root.expanduser().resolve()),
+            "dataset": _absolute(str(root)),
             "labels": _absolute(labels),
             "real": _absolute(real),
             "limit": limit,

@@ -50,3 +50,14 @@ def make_predictions(
     np.save(path, out)
     path.with_suffix(".ids.txt").write_text("\n".join(image_ids) + "\n")
     return path
+
+
+def make_checkpoint(path: Path, *, arch: str = "mobilenet_v3_small", seed: int = 0) -> str:
+    """A seeded random-weights torchvision state dict at ``path``; returns its zoo name ``arch@path``."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(getattr(torchvision.models, arch)(weights=None).state_dict(), path)
+    return f"{arch}@{path}"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _synth import make_checkpoint
 from PIL import Image
 
 from audit.datasets import decode_image, load_dataset
@@ -62,13 +63,7 @@ def _write_cases(d: Path) -> dict[str, str | None]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "mnv3.pth"
-    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), path)
-    return f"mobilenet_v3_small@{path}"
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "mnv3.pth")
 
 
 def test_decode_handles_modes_as_a_person_would(tmp_path):

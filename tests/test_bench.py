@@ -10,20 +10,15 @@ import subprocess
 import sys
 
 import pytest
-from _synth import make_imagefolder
+from _synth import make_checkpoint, make_imagefolder
 
 torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    import torchvision
-
     d = tmp_path_factory.mktemp("bench")
-    root = make_imagefolder(d / "ds", per_class=2)
-    torch.manual_seed(0)
-    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), d / "m.pth")
-    return d, root, f"mobilenet_v3_small@{d / 'm.pth'}"
+    return d, make_imagefolder(d / "ds", per_class=2), make_checkpoint(d / "m.pth")
 
 
 @pytest.mark.parametrize("command", ["stages", "scoring"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _synth import make_imagefolder, make_predictions
+from _synth import make_checkpoint, make_imagefolder, make_predictions
 
 from audit.cli import main
 from audit.datasets import load_dataset
@@ -183,13 +183,8 @@ def test_a_bare_rerun_continues_the_workspace_with_its_dataset_and_models(synth_
 
 
 def test_a_run_defines_the_workspace_models_and_dropped_ones_come_back_without_rescoring(synth_ws, tmp_path, capsys):
-    import torch
-    import torchvision
-
     ds_root, db, _, _ = synth_ws
-    torch.manual_seed(0)
-    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "mnv3.pth")
-    m1, m2 = f"preds:{tmp_path / 'm.npy'}", f"mobilenet_v3_small@{tmp_path / 'mnv3.pth'}"
+    m1, m2 = f"preds:{tmp_path / 'm.npy'}", make_checkpoint(tmp_path / "mnv3.pth")
     assert main(["run", str(ds_root), "--models", f"{m1},{m2}", "--db", str(db), "-q", "--workers", "0"]) == 0
     two, metric_models, _ = _models_in(db)
     assert len(two) == 2 and set(metric_models) == {*two, "ensemble"}

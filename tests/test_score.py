@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _synth import make_imagefolder
+from _synth import make_checkpoint, make_imagefolder
 from PIL import Image
 
 from audit.datasets import decode_image, load_dataset
@@ -41,12 +41,7 @@ CPU_BACKENDS = [b for b in ("openvino", "onnxruntime") if __import__("importlib.
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    import torchvision
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "mnv3.pth"
-    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), path)
-    return f"mobilenet_v3_small@{path}"
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "mnv3.pth")
 
 
 @pytest.fixture(scope="module")
@@ -258,15 +253,10 @@ def test_cuda_runner_pinned_non_blocking_and_amp_agree(checkpoint):
 def test_cached_shards_follow_the_weights_content_not_their_path(tmp_path, small_set):
     import shutil
 
-    import torchvision
-
     kw = {"batch_size": 8, "workers": 0, "shard_size": 8, "progress": False, "backend": "torch"}
     a, b = tmp_path / "a" / "m.pth", tmp_path / "b" / "m.pth"
-    a.parent.mkdir()
+    score_dataset(small_set, [resolve_model(make_checkpoint(a, seed=1))], tmp_path / "arr", **kw)
     b.parent.mkdir()
-    torch.manual_seed(1)
-    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), a)
-    score_dataset(small_set, [resolve_model(f"mobilenet_v3_small@{a}")], tmp_path / "arr", **kw)
 
     # The same weights moved (another machine, another venv): nothing is rescored.
     shutil.copy(a, b)
@@ -275,8 +265,6 @@ def test_cached_shards_follow_the_weights_content_not_their_path(tmp_path, small
     assert st.images == 0
 
     # A checkpoint overwritten in place (a retrained best.pth): cached scores must not be reused.
-    torch.manual_seed(2)
-    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), b)
     st = ScoreStats()
-    score_dataset(small_set, [resolve_model(f"mobilenet_v3_small@{b}")], tmp_path / "arr", stats=st, **kw)
+    score_dataset(small_set, [resolve_model(make_checkpoint(b, seed=2))], tmp_path / "arr", stats=st, **kw)
     assert st.images == len(small_set)
