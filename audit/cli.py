@@ -20,7 +20,7 @@ from audit.errors import UserError
 
 __all__ = ["main"]
 
-_DEFAULT_MODELS = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
+_DEFAULT_MODELS = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2,squeezenet1_1"
 # Where the main job looks for a dataset when none is given, in order.
 _SAMPLE_CANDIDATES = (Path("../shared/datasets/imagenet-val-1300"), Path("data/imagenette2-320/val"))
 

