@@ -53,14 +53,15 @@ def text_cell(value: str) -> str:
 
 
 def path_cell(rel: str) -> str:
-    """An image path (relative to the dataset root) as a CSV cell that names the same file when read back.
+    """An image path (relative to the dataset root) as a value that names the same file and starts no formula.
 
     A path beginning with a formula character, or with white space (which a
-    label-file reader strips), is written ``./<path>``.
+    label-file reader strips), becomes ``./<path>``; :func:`rows_to_csv` then
+    quotes it like any text.
     """
     if rel and (rel[0] in FORMULA_START or rel[0].isspace()):
-        rel = "./" + rel
-    return text_cell(rel)
+        return "./" + rel
+    return rel
 
 
 def _number(value: Any) -> str | None:
