@@ -10,8 +10,8 @@ ASVS 1.2.10):
   quote ``'`` in front (spreadsheets show it as text; the quote is not part of the
   value);
 * a text cell is double-quoted (embedded quotes doubled) unless it consists only of
-  ASCII letters, digits and ``_ . / -`` and does not begin with ``-``, so no
-  separator inside a cell can start a new cell in any locale;
+  ASCII letters, digits, spaces and ``_ . / : -`` (not first, nor a trailing space),
+  so no separator inside a cell can start a new cell in any locale;
 * numbers (and booleans, dates) are written as they are: ``-0.5`` stays a number.
 
 These files are for people and spreadsheets. The lossless, machine-readable forms
@@ -38,7 +38,7 @@ __all__ = ["FORMULA_START", "frame_to_csv", "path_cell", "rows_to_csv", "text_ce
 
 # First characters that make a spreadsheet read a cell as a formula (OWASP, ASVS 1.2.10; LF for good measure).
 FORMULA_START = frozenset("=+-@\t\r\n\0")
-_PLAIN = re.compile(r"[A-Za-z0-9_./][A-Za-z0-9_./ -]*")
+_PLAIN = re.compile(r"[A-Za-z0-9_./:][A-Za-z0-9_./: -]*")
 
 
 def text_cell(value: str) -> str:
