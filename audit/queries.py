@@ -749,7 +749,8 @@ def image_detail(db: str | Path | Reader, image_index: int) -> dict[str, Any] | 
 
     Keys: the ``images`` and ``label_issues`` columns, bad_reason, given,
     suggested, real (names), current_labels / current (the label set now),
-    last_action, reviewed, predictions (each model's top 5 with names and
+    last_action (the action of the decision in effect, None when none is),
+    reviewed (a decision is in effect), predictions (each model's top 5 with names and
     probabilities) and history (every decision on it, oldest first).
     """
     idx = int(image_index)
