@@ -66,7 +66,7 @@ ACTIONS = {
     "multi": "several classes are valid",
     "no_fit": "no class fits; leave the image out of evaluation",
     "keep": "the original label is right",
-    "undo": "withdraw the newest decision still in effect (each undo walks back one more)",
+    "undo": "withdraw the newest decision still in effect; each undo walks back one more",
 }
 
 SCHEMA: tuple[str, ...] = (
