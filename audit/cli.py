@@ -36,7 +36,10 @@ def _default_dataset() -> Path:
 
 def _emit(df: pd.DataFrame, fmt: str) -> None:
     if fmt == "csv":
-        sys.stdout.write(df.to_csv(index=False))
+        from audit._csvsafe import frame_to_csv
+
+        # Spreadsheet-safe (formula cells neutralised, text quoted); --format json is the lossless form.
+        sys.stdout.write(frame_to_csv(df))
     elif fmt == "json":
         sys.stdout.write(df.to_json(orient="records", indent=1, date_format="iso") + "\n")
     else:
@@ -174,11 +177,15 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def cmd_review(a: argparse.Namespace) -> int:
     from audit.queries import resolve_label
-    from audit.store import append_decision
+    from audit.store import append_decision, label_state
 
     labels = [resolve_label(Path(a.db), t) for t in (a.labels or "").split(",") if t.strip()]
     did = append_decision(Path(a.db), a.image, a.action, labels=labels, reviewer=a.reviewer, reason=a.reason or "")
-    print(f"decision {did} recorded")
+    # What the image's label set is now, by the same fold of the log that the dashboard and export read.
+    now = label_state(Path(a.db), a.image)
+    shown = " ".join(map(str, now.labels)) if now.labels else "none (excluded)"
+    state = "a decision is in effect" if now.reviewed else "no decision in effect, the given label"
+    print(f"decision {did} recorded; image {a.image} labels now: {shown} ({state})")
     return 0
 
 

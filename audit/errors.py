@@ -12,6 +12,7 @@ __all__ = [
     "DatasetError",
     "LabelFileError",
     "ModelError",
+    "ReviewError",
     "StoreError",
     "UserError",
     "WeightsUnavailableError",
@@ -46,3 +47,7 @@ class WeightsUnavailableError(ModelError):
 
 class StoreError(UserError):
     """The DuckDB workspace is missing, locked, or of an unknown schema version."""
+
+
+class ReviewError(StoreError):
+    """A review decision cannot be applied: unknown action, wrong labels, or nothing left to undo."""

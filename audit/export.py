@@ -4,13 +4,22 @@ Files written into ``--out``:
 
 * ``labels.csv`` — ``image,label,labels,status,source`` for every image, sorted
   by image id. ``label`` is the primary class index (empty when excluded),
-  ``labels`` every valid class index separated by spaces.
+  ``labels`` every valid class index separated by spaces. It loads back as a
+  label file (``audit run --labels labels.csv``).
 * ``classes.csv`` — ``index,key,name`` of the label space.
+* ``excluded.csv`` — ``image,reason`` for images left out.
+* ``labels.jsonl`` / ``classes.jsonl`` — the same rows (labels.jsonl adds ``reason``)
+  as JSON lines: the lossless machine-readable form.
 * ``real.json`` — ReaL-style list of label lists in file-name order, when every
   image id is an ``ILSVRC2012_val_XXXXXXXX`` file.
 * ``imagefolder.txt`` — ImageFolder-style listing ``<class key>/<file name>``,
-  one line per valid label of each kept image.
-* ``excluded.csv`` — ``image,reason`` for images left out.
+  one line per valid label of each kept image, escaped by :func:`escape_listing`.
+
+The CSV files are for spreadsheets: a text cell beginning with ``= + - @``, tab,
+CR, LF or NUL is prefixed with ``'`` and text cells are quoted (OWASP's
+CSV-injection guidance, :mod:`audit._csvsafe`); an image path is prefixed with
+``./`` instead, so it still names its file. Read the JSON lines when you need every
+name exactly as it is.
 
 Nothing time-dependent goes into the files, and each is written to a temporary
 name and renamed, so an interrupted export never leaves a half-written file.
@@ -18,19 +27,21 @@ name and renamed, so an interrupted export never leaves a half-written file.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pandas as pd
 
+from audit._csvsafe import path_cell, rows_to_csv
 from audit._io import atomic_write
 from audit.datasets import real_index_of
-from audit.store import connect
+from audit.store import connect, current_labels_sql, current_sql
 
-__all__ = ["ExportResult", "cleaned_labels", "export_labels", "render_exports"]
+__all__ = ["ExportResult", "cleaned_labels", "escape_listing", "export_labels", "render_exports", "unescape_listing"]
 
 
 @dataclass(frozen=True)
@@ -52,28 +63,26 @@ def cleaned_labels(db: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     classes : DataFrame with index, key, name.
     """
     with connect(db, read_only=True) as con:
+        # The current label set comes from the one fold of the review log that every reader uses.
         df = con.execute(
-            """
-            WITH last AS (
-                SELECT image_index, new_labels, action, reviewer, decision_id,
-                       row_number() OVER (PARTITION BY image_index ORDER BY decision_id DESC) AS rn
-                FROM decisions)
-            SELECT i.image_id AS image, i.label AS given, l.new_labels, l.action, l.reviewer, l.decision_id,
+            f"""
+            WITH {current_sql("l")}
+            SELECT i.image_id AS image, i.label AS given, {current_labels_sql("l", "i")} AS labels,
+                   coalesce(l.reviewed, false) AS reviewed, l.reviewer, l.decision_id,
                    b.reason AS bad_reason, coalesce(li.is_label_issue, false) AS flagged
             FROM images i
-            LEFT JOIN last l ON l.image_index = i.image_index AND l.rn = ?
-            LEFT JOIN bad_images b ON b.image_index = i.image_index
-            LEFT JOIN label_issues li ON li.image_index = i.image_index
+            LEFT JOIN l USING (image_index)
+            LEFT JOIN bad_images b USING (image_index)
+            LEFT JOIN label_issues li USING (image_index)
             ORDER BY i.image_id
-            """,
-            [1],
+            """
         ).df()
         classes = con.execute("SELECT class_index AS index, key, name FROM classes ORDER BY class_index").df()
     rows = []
     for r in df.itertuples(index=False):
         given = [int(r.given)] if pd.notna(r.given) and r.given >= 0 else []
-        decided = pd.notna(r.decision_id)
-        labels = [int(x) for x in r.new_labels] if decided else given
+        decided = bool(r.reviewed)
+        labels = [int(x) for x in r.labels]
         if isinstance(r.bad_reason, str):
             status, labels, reason = "bad_image", [], r.bad_reason
         elif not labels:
@@ -104,25 +113,35 @@ def render_exports(images: pd.DataFrame, classes: pd.DataFrame) -> dict[str, byt
     keys = classes["key"].tolist()
     # Plain Python lists: row access on Arrow-backed frames costs seconds at 50,000 images.
     ids = images["image"].tolist()
-    primary = images["label"].tolist()
-    sets = [list(x) for x in images["labels"].tolist()]
+    primary = [None if p is None or pd.isna(p) else int(p) for p in images["label"].tolist()]
+    sets = [[int(c) for c in x] for x in images["labels"].tolist()]
     status = images["status"].tolist()
     source = images["source"].tolist()
     reason = images["reason"].tolist()
+    cls = [(int(i), str(k), str(n)) for i, k, n in classes[["index", "key", "name"]].itertuples(index=False)]
     out: dict[str, bytes] = {}
-    out["labels.csv"] = _csv(
+    out["labels.csv"] = rows_to_csv(
         ["image", "label", "labels", "status", "source"],
         (
-            [i, "" if p is None or pd.isna(p) else int(p), " ".join(map(str, s)), st, so]
+            [path_cell(i), p, " ".join(map(str, s)), st, so]
             for i, p, s, st, so in zip(ids, primary, sets, status, source, strict=True)
         ),
     )
-    out["classes.csv"] = _csv(["index", "key", "name"], classes.itertuples(index=False))
-    out["excluded.csv"] = _csv(
+    out["classes.csv"] = rows_to_csv(["index", "key", "name"], cls)
+    out["excluded.csv"] = rows_to_csv(
         ["image", "reason"],
-        ([i, r] for i, r, st in zip(ids, reason, status, strict=True) if st in ("excluded", "bad_image")),
+        ([path_cell(i), r] for i, r, st in zip(ids, reason, status, strict=True) if st in ("excluded", "bad_image")),
     )
-    listing = [f"{keys[c]}/{PurePosixPath(i).name}" for i, s in zip(ids, sets, strict=True) for c in s]
+    out["labels.jsonl"] = _jsonl(
+        {"image": i, "label": p, "labels": s, "status": st, "source": so, "reason": r}
+        for i, p, s, st, so, r in zip(ids, primary, sets, status, source, reason, strict=True)
+    )
+    out["classes.jsonl"] = _jsonl({"index": i, "key": k, "name": n} for i, k, n in cls)
+    listing = [
+        f"{escape_listing(keys[c])}/{escape_listing(PurePosixPath(i).name)}"
+        for i, s in zip(ids, sets, strict=True)
+        for c in s
+    ]
     out["imagefolder.txt"] = ("\n".join(listing) + "\n").encode()
     idx = [real_index_of(i) for i in ids]
     if idx and all(i is not None for i in idx):
@@ -131,12 +150,46 @@ def render_exports(images: pd.DataFrame, classes: pd.DataFrame) -> dict[str, byt
     return out
 
 
-def _csv(header: list[str], rows: object) -> bytes:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)  # type: ignore[arg-type]
-    return buf.getvalue().encode()
+def _jsonl(objs: Iterable[dict[str, Any]]) -> bytes:
+    # ASCII-only JSON: every name survives exactly, and no character in it can break a line.
+    return "".join(json.dumps(o, ensure_ascii=True) + "\n" for o in objs).encode()
+
+
+# Escapes of imagefolder.txt, as in Python string literals.
+_SHORT = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_UNSHORT = {"\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
+_ESCAPED = re.compile(r"\\(?:([\\nrt])|x([0-9a-f]{2})|u([0-9a-f]{4})|U([0-9a-f]{8}))")
+
+
+def escape_listing(name: str) -> str:
+    """One name as it appears in ``imagefolder.txt``: a line of printable text, reversible.
+
+    A backslash is written ``\\\\``, newline / CR / tab ``\\n`` ``\\r`` ``\\t``, and every
+    other character that is not printable (control characters, line and paragraph
+    separators, non-ASCII spaces, lone surrogates) ``\\xHH``, ``\\uHHHH`` or
+    ``\\UHHHHHHHH`` (lower-case hex), as in a Python string literal. A line is
+    ``<class key>/<file name>``; a file name has no ``/``, so split at the last one.
+    """
+    out = []
+    for ch in name:
+        if ch in _SHORT:
+            out.append(_SHORT[ch])
+        elif ch == " " or ch.isprintable():
+            out.append(ch)
+        else:
+            o = ord(ch)
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+    return "".join(out)
+
+
+def unescape_listing(text: str) -> str:
+    """Inverse of :func:`escape_listing`."""
+
+    def one(m: re.Match[str]) -> str:
+        short, *hexes = m.groups()
+        return _UNSHORT[short] if short else chr(int(next(h for h in hexes if h), 16))
+
+    return _ESCAPED.sub(one, text)
 
 
 def export_labels(db: str | Path, out: str | Path) -> ExportResult:

@@ -41,7 +41,7 @@ import pyarrow as pa
 
 from audit.errors import StoreError, UserError
 from audit.evaluate import wilson_interval
-from audit.store import append_decision, connect, fetch_one
+from audit.store import append_decision, connect, current_labels_sql, current_sql, fetch_one, given_sql
 
 __all__ = [
     "DB_LOCK",
@@ -332,7 +332,9 @@ def run_summary(db: str | Path | Reader) -> dict[str, Any]:
         n_space = fetch_one(con, "SELECT count(*) FROM classes")[0]
         models = [r[0] for r in con.execute("SELECT model FROM models ORDER BY model").fetchall()]
         n_flag = fetch_one(con, "SELECT count(*) FROM label_issues WHERE is_label_issue")[0]
-        n_dec, n_decisions = fetch_one(con, "SELECT count(DISTINCT image_index), count(*) FROM decisions")
+        # Reviewed images are those with a decision in effect (one fully undone is unreviewed again).
+        n_dec = fetch_one(con, f"WITH {_LAST} SELECT count(*) FILTER (WHERE reviewed) FROM last")[0]
+        n_decisions = fetch_one(con, "SELECT count(*) FROM decisions")[0]
         last = fetch_one(
             con, "SELECT run_id, status, started_at, finished_at FROM runs ORDER BY started_at DESC LIMIT ?", [1]
         )
@@ -378,14 +380,13 @@ def runs_table(db: str | Path | Reader) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- metrics
 
-# Each decided image's latest label set and action.
-_LAST = """
-    last AS (
-        SELECT image_index, arg_max(new_labels, decision_id) AS labels, arg_max(action, decision_id) AS action
-        FROM decisions GROUP BY image_index)
-"""
-# Undo back to the given label returns an image to the unreviewed pile.
-_REVIEWED = "NOT (l.action = 'undo' AND list_sort(l.labels) = [i.label])"
+# Each decided image's current label set and the decision in effect: the one fold of the
+# review log (audit.store.current_sql), shared with the export and the relabeled metric.
+_LAST = current_sql("last")
+# The current label set of image ``i`` with ``last`` LEFT JOINed as ``l``.
+_CURRENT = current_labels_sql("l", "i")
+# Reviewed = some decision is in effect (undoing every decision returns an image to the unreviewed pile).
+_REVIEWED = "l.reviewed"
 
 
 def metrics_table(db: str | Path | Reader) -> pd.DataFrame:
@@ -612,9 +613,7 @@ def _selection(run: _Run, f: Filters) -> tuple[str, list[Any]]:
     sql = f"""
     WITH {_LAST},
     f AS (
-        SELECT i.*, coalesce({_REVIEWED}, false) AS reviewed,
-               CASE WHEN l.image_index IS NOT NULL THEN l.labels
-                    WHEN i.label >= 0 THEN [i.label] ELSE []::INTEGER[] END AS current_labels,
+        SELECT i.*, coalesce({_REVIEWED}, false) AS reviewed, {_CURRENT} AS current_labels,
                l.action AS last_action
         FROM facts i LEFT JOIN last l USING (image_index)),
     sel AS (SELECT * FROM f {"WHERE " + " AND ".join(where) if where else ""})
@@ -750,7 +749,8 @@ def image_detail(db: str | Path | Reader, image_index: int) -> dict[str, Any] | 
 
     Keys: the ``images`` and ``label_issues`` columns, bad_reason, given,
     suggested, real (names), current_labels / current (the label set now),
-    last_action, reviewed, predictions (each model's top 5 with names and
+    last_action (the action of the decision in effect, None when none is),
+    reviewed (a decision is in effect), predictions (each model's top 5 with names and
     probabilities) and history (every decision on it, oldest first).
     """
     idx = int(image_index)
@@ -762,9 +762,7 @@ def image_detail(db: str | Path | Reader, image_index: int) -> dict[str, Any] | 
             SELECT i.image_index, i.image_id, i.label, i.real_labels, i.valid,
                    li.label_quality, coalesce(li.is_label_issue, false) AS is_label_issue, li.suggested_label,
                    li.suggested_confidence, nullif(li.issue_kind, '') AS issue_kind, li.scores, li.rank,
-                   coalesce({_REVIEWED}, false) AS reviewed,
-                   CASE WHEN l.image_index IS NOT NULL THEN l.labels
-                        WHEN i.label >= 0 THEN [i.label] ELSE []::INTEGER[] END AS current_labels,
+                   coalesce({_REVIEWED}, false) AS reviewed, {_CURRENT} AS current_labels,
                    l.action AS last_action, b.reason AS bad_reason
             FROM images i
             LEFT JOIN (SELECT * FROM last WHERE image_index = ?) l USING (image_index)
@@ -846,14 +844,15 @@ def record_decision(
 
 
 def decision_counts(db: str | Path | Reader) -> dict[str, Any]:
-    """What review has done so far, from each image's latest decision.
+    """What review has done so far, from the decision in effect on each image.
 
     Keys: decisions (rows in the log), reviewed (images), flagged,
     reviewed_flagged, accepted (flagged images given the suggested label),
     rejected (flagged images kept as given), other_change (flagged images
-    relabeled otherwise, multi-labelled or excluded), by_action (latest action
-    -> images), and precision = (accepted + other_change) / reviewed_flagged
-    with its Wilson interval (precision_low, precision_high).
+    relabeled otherwise, multi-labelled or excluded), by_action (action of the
+    decision in effect -> images; an undone decision no longer counts), and
+    precision = (accepted + other_change) / reviewed_flagged with its Wilson
+    interval (precision_low, precision_high).
     """
     with _open(db) as con:
         rows = con.execute(
@@ -926,27 +925,19 @@ def export_summary(db: str | Path | Reader) -> dict[str, Any]:
     with _open(db) as con:
         n_img = fetch_one(con, "SELECT count(*) FROM images")[0]
         n_bad = fetch_one(con, "SELECT count(*) FROM bad_images")[0]
-        changed, excluded_decided, bad_decided = fetch_one(
+        # The same rule as audit.export.cleaned_labels: a bad image is excluded whatever review said.
+        changed, excluded = fetch_one(
             con,
             f"""
             WITH {_LAST},
             e AS (
-                SELECT b.image_index IS NOT NULL AS bad,
-                       CASE WHEN b.image_index IS NOT NULL THEN []::INTEGER[] ELSE l.labels END AS labels,
-                       CASE WHEN i.label >= 0 THEN [i.label] ELSE []::INTEGER[] END AS given
-                FROM last l JOIN images i USING (image_index) LEFT JOIN bad_images b USING (image_index))
-            SELECT count(*) FILTER (WHERE labels <> given), count(*) FILTER (WHERE len(labels) = 0 AND NOT bad),
-                   count(*) FILTER (WHERE bad)
+                SELECT CASE WHEN b.image_index IS NOT NULL THEN []::INTEGER[] ELSE {_CURRENT} END AS labels,
+                       {given_sql("i")} AS given, coalesce({_REVIEWED}, false) AS reviewed
+                FROM images i LEFT JOIN last l USING (image_index) LEFT JOIN bad_images b USING (image_index))
+            SELECT count(*) FILTER (WHERE reviewed AND labels <> given), count(*) FILTER (WHERE len(labels) = 0)
             FROM e
             """,
         )
-        # Undecided images are excluded when bad or without a label; decided ones when their set is empty.
-        n_excl_undecided = fetch_one(
-            con,
-            "SELECT count(*) FROM images i LEFT JOIN bad_images b USING (image_index) "
-            "WHERE i.image_index NOT IN (SELECT image_index FROM decisions) "
-            "AND (b.image_index IS NOT NULL OR i.label < 0)",
-        )[0]
         # real.json is written when every id is an ILSVRC-2012 validation file (audit.datasets.real_index_of).
         ilsvrc = fetch_one(
             con,
@@ -954,11 +945,13 @@ def export_summary(db: str | Path | Reader) -> dict[str, Any]:
             "BETWEEN 1 AND 50000) FROM images",
             [r"(?:^|/)ILSVRC2012_val_(\d{8})\.[A-Za-z]+$"],
         )[0]
+    # The spreadsheet files first (the dashboard offers a button per file), then the lossless JSON lines.
     files = ["labels.csv", "classes.csv", "excluded.csv", "imagefolder.txt"] + (["real.json"] if ilsvrc else [])
+    files += ["labels.jsonl", "classes.jsonl"]
     return {
         "images": int(n_img),
         "changed": int(changed),
-        "excluded": int(n_excl_undecided) + int(excluded_decided) + int(bad_decided),
+        "excluded": int(excluded),
         "bad_images": int(n_bad),
         "files": files,
     }

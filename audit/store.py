@@ -32,21 +32,26 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from audit.errors import StoreError
+from audit.errors import ReviewError, StoreError
 
 __all__ = [
     "ACTIONS",
     "SCHEMA",
     "SCHEMA_VERSION",
     "Decision",
+    "LabelState",
     "append_decision",
     "arrays_dir",
     "connect",
     "current_label_sets",
+    "current_labels_sql",
+    "current_sql",
     "decision_history",
     "default_db",
     "fetch_one",
+    "given_sql",
     "init_db",
+    "label_state",
     "mark_interrupted_runs",
     "read_frame",
     "workspace_lock",
@@ -61,7 +66,7 @@ ACTIONS = {
     "multi": "several classes are valid",
     "no_fit": "no class fits; leave the image out of evaluation",
     "keep": "the original label is right",
-    "undo": "return to the label set before the previous decision",
+    "undo": "withdraw the newest decision still in effect; each undo walks back one more",
 }
 
 SCHEMA: tuple[str, ...] = (
@@ -191,16 +196,124 @@ class Decision:
     reason: str = ""
 
 
-def _state(con: duckdb.DuckDBPyConnection, image_index: int) -> tuple[list[int], str, list[list[int]]]:
+# --------------------------------------------------------------------------- the current label set
+#
+# The review log is append-only and read as a stack per image: every decision other than
+# ``undo`` pushes itself, every ``undo`` pops the newest decision still in effect. The
+# current label set is the ``new_labels`` of the decision on top of the stack, or the given
+# label when the stack is empty. That fold is written once, in SQL (:func:`current_sql`),
+# and every reader (queries for the CLI and the dashboard, the export, the relabeled metric)
+# and the writer (:func:`append_decision`, to find what an undo restores) go through it.
+#
+# The stack depth after each row is a +1/-1 walk (push / undo) held at zero: an undo on an
+# empty stack (only logs written before undo was a stack hold those) pops nothing. A walk
+# held at zero is the free walk minus its running minimum (when that is negative), which SQL
+# window functions compute; the decision on top of a stack of depth D > 0 is the newest push
+# that left depth D (any later push back to D would be newer, and going below D pops it).
+# Undo rows store the label set they restored in ``new_labels``, for the history views; the
+# fold reads only the pushes' ``new_labels``, so older logs fold by the same rule.
+
+_PUSH_STEP = "CASE WHEN action = 'undo' THEN -1 ELSE 1 END"
+
+
+def given_sql(image: str = "i") -> str:
+    """SQL expression: the given label set of ``image`` (an alias of ``images``): ``[label]``, or ``[]`` without one."""
+    return f"CASE WHEN {image}.label >= 0 THEN [{image}.label] ELSE []::INTEGER[] END"
+
+
+def current_sql(name: str = "last", source: str = "decisions") -> str:
+    """SQL text of the CTEs that fold the review log: ``<name>``, one row per image with a decision.
+
+    Put it after ``WITH``. Columns of ``<name>``: ``image_index``; ``labels`` (INTEGER[],
+    the current label set, the given one when every decision was undone; ``[]`` =
+    excluded); ``reviewed`` (a decision is in effect); ``action``, ``decision_id`` and
+    ``reviewer`` of the decision in effect (NULL when none); ``last_id`` (the newest row).
+    Images without a row in ``source`` have their given label (:func:`current_labels_sql`).
+
+    Parameters
+    ----------
+    name : str
+        The CTE's name; helpers are named ``<name>_walk`` etc. Code-chosen identifiers only.
+    source : str
+        Table or CTE with the ``decisions`` columns image_index, decision_id, action,
+        new_labels, reviewer (:func:`append_decision` folds one image's log plus the row it
+        is about to add).
+    """
+    return f"""
+    {name}_walk AS (
+        SELECT image_index, decision_id, action, new_labels, reviewer,
+               (walk - least(0, min(walk) OVER (PARTITION BY image_index ORDER BY decision_id)))::INTEGER AS depth
+        FROM (SELECT image_index, decision_id, action, new_labels, reviewer,
+                     sum({_PUSH_STEP}) OVER (PARTITION BY image_index ORDER BY decision_id) AS walk
+              FROM {source})),
+    {name}_end AS (
+        SELECT image_index, arg_max(depth, decision_id) AS depth, max(decision_id) AS last_id
+        FROM {name}_walk GROUP BY image_index),
+    {name}_top AS (
+        SELECT w.image_index, max(w.decision_id) AS top_id
+        FROM {name}_walk w JOIN {name}_end e USING (image_index)
+        WHERE w.action <> 'undo' AND e.depth > 0 AND w.depth = e.depth
+        GROUP BY w.image_index),
+    {name} AS (
+        SELECT e.image_index, coalesce(w.new_labels, {given_sql("gi")}) AS labels, e.depth > 0 AS reviewed,
+               w.action, w.decision_id, w.reviewer, e.last_id
+        FROM {name}_end e
+        JOIN images gi USING (image_index)
+        LEFT JOIN {name}_top t USING (image_index)
+        LEFT JOIN {name}_walk w ON w.decision_id = t.top_id AND w.image_index = e.image_index)
+    """
+
+
+def current_labels_sql(last: str = "l", image: str = "i") -> str:
+    """SQL expression: the current label set of an image, given ``last`` (a LEFT JOINed :func:`current_sql`
+    CTE) and ``image`` (an alias of ``images``, or of a table with its ``label`` column)."""
+    return f"coalesce({last}.labels, {given_sql(image)})"
+
+
+@dataclass(frozen=True)
+class LabelState:
+    """Where one image stands in review (the fold of its log, :func:`current_sql`)."""
+
+    image_index: int
+    image_id: str
+    given: tuple[int, ...]  # the label set the dataset gave it
+    labels: tuple[int, ...]  # the current label set; () = excluded
+    reviewed: bool  # a decision is in effect (False: never reviewed, or every decision undone)
+    decision_id: int | None  # the decision in effect
+
+
+def _fold(con: duckdb.DuckDBPyConnection, image_index: int, extra_action: str | None = None) -> LabelState:
+    """The state of one image from its log, plus one hypothetical row of ``extra_action`` when given."""
     row = fetch_one(con, "SELECT label, image_id FROM images WHERE image_index = ?", [image_index])
     if row is None:
-        raise StoreError(f"image index {image_index} is not in this workspace")
-    hist = con.execute(
-        "SELECT new_labels FROM decisions WHERE image_index = ? ORDER BY decision_id", [image_index]
-    ).fetchall()
-    original = [int(row[0])] if row[0] is not None and row[0] >= 0 else []
-    states = [original] + [list(h[0]) for h in hist]
-    return states[-1], row[1], states
+        raise ReviewError(f"image index {image_index} is not in this workspace; see 'audit issues' for indices")
+    given = (int(row[0]),) if row[0] is not None and row[0] >= 0 else ()
+    src = (
+        "src AS (SELECT image_index, decision_id, action, new_labels, reviewer FROM decisions WHERE image_index = ?"
+        " UNION ALL SELECT ?::INTEGER, ?::BIGINT, ?::VARCHAR, NULL::INTEGER[], NULL::VARCHAR WHERE ?)"
+    )
+    got = fetch_one(
+        con,
+        f"WITH {src}, {current_sql('cur', 'src')} SELECT labels, reviewed, decision_id FROM cur",
+        # The hypothetical row sorts after every stored one (ids come from a sequence).
+        [image_index, image_index, 2**62, extra_action or "", extra_action is not None],
+    )
+    if got is None:
+        return LabelState(image_index, str(row[1]), given, given, False, None)
+    return LabelState(
+        image_index, str(row[1]), given, tuple(int(x) for x in got[0]), bool(got[1]),
+        None if got[2] is None else int(got[2]),
+    )
+
+
+def label_state(db: str | Path, image_index: int, *, timeout: float = 30.0) -> LabelState:
+    """The current label set of one image and whether a decision is in effect."""
+    with connect(db, read_only=True, timeout=timeout) as con:
+        return _fold(con, int(image_index))
+
+
+# How many distinct labels each action takes (undo, keep and no_fit take none).
+_ARITY = {"accept": (1, 1), "relabel": (1, 1), "multi": (2, 1000), "no_fit": (0, 0), "keep": (0, 0), "undo": (0, 0)}
 
 
 def append_decision(
@@ -220,37 +333,51 @@ def append_decision(
     action : str
         One of :data:`ACTIONS`. ``accept`` / ``relabel`` take one label in
         ``labels``; ``multi`` takes two or more; ``no_fit``, ``keep`` and
-        ``undo`` take none.
+        ``undo`` take none. ``undo`` withdraws the newest decision still in
+        effect on the image, so repeated undos walk back to the given label;
+        it is appended as a row of its own (the log is never rewritten), and an
+        undone decision is not redone by anything but deciding it again.
+
+    Raises
+    ------
+    ReviewError
+        Unknown action, wrong number of labels, labels outside the label space,
+        an image index not in the workspace, or an undo with nothing to undo.
     """
     if action not in ACTIONS:
-        raise StoreError(f"unknown review action {action!r}; use one of {', '.join(ACTIONS)}")
+        raise ReviewError(f"unknown review action {action!r}; use one of {', '.join(ACTIONS)}")
     labels = [int(x) for x in labels]
-    need = {"accept": (1, 1), "relabel": (1, 1), "multi": (2, 1000), "no_fit": (0, 0), "keep": (0, 0), "undo": (0, 0)}
-    lo, hi = need[action]
+    lo, hi = _ARITY[action]
     if not lo <= len(set(labels)) <= hi:
-        raise StoreError(f"action {action!r} takes {lo}..{hi} distinct labels, got {labels}")
+        raise ReviewError(f"action {action!r} takes {lo}..{hi} distinct labels, got {labels}")
     who = reviewer or getpass.getuser()
     with connect(db, timeout=timeout) as con:
         con.execute("BEGIN TRANSACTION")
         try:
-            current, image_id, states = _state(con, image_index)
+            before = _fold(con, image_index)
             n_classes = fetch_one(con, "SELECT count(*) FROM classes")[0]
             if any(not 0 <= x < n_classes for x in labels):
-                raise StoreError(f"labels {labels} are outside the {n_classes} classes of this workspace")
-            original = states[0]
-            new = {
-                "accept": labels,
-                "relabel": labels,
-                "multi": sorted(set(labels)),
-                "no_fit": [],
-                "keep": original,
-                "undo": states[-2] if len(states) > 1 else original,
-            }[action]
+                raise ReviewError(f"labels {labels} are outside the {n_classes} classes of this workspace")
+            if action == "undo":
+                if not before.reviewed:
+                    raise ReviewError(
+                        f"nothing to undo on image {image_index}: no decision on it is in effect "
+                        "(it has its given label); record a decision instead"
+                    )
+                new = list(_fold(con, image_index, "undo").labels)
+            else:
+                new = {
+                    "accept": labels,
+                    "relabel": labels,
+                    "multi": sorted(set(labels)),
+                    "no_fit": [],
+                    "keep": list(before.given),
+                }[action]
             row = fetch_one(
                 con,
                 "INSERT INTO decisions (image_index, image_id, old_labels, new_labels, action, reviewer, "
                 "decided_at, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING decision_id",
-                [image_index, image_id, current, new, action, who, datetime.now(UTC).replace(tzinfo=None), reason],
+                [image_index, before.image_id, list(before.labels), new, action, who, now(), reason],
             )
             con.execute("COMMIT")
         except BaseException:
@@ -260,7 +387,7 @@ def append_decision(
 
 
 def decision_history(db: str | Path, image_index: int) -> pd.DataFrame:
-    """Every decision on one image, oldest first."""
+    """Every decision on one image, oldest first (undo rows carry the label set they restored)."""
     return read_frame(
         db,
         "SELECT decision_id, action, old_labels, new_labels, reviewer, decided_at, reason "
@@ -270,28 +397,22 @@ def decision_history(db: str | Path, image_index: int) -> pd.DataFrame:
 
 
 def current_label_sets(con: duckdb.DuckDBPyConnection) -> tuple[list[list[int]], np.ndarray]:
-    """Cleaned label set of every image (latest decision, else the given label).
+    """Current label set of every image (the fold of the review log, :func:`current_sql`).
 
     Returns
     -------
-    label_sets : list of list of int, length N; empty = excluded
-    decided : ndarray of bool, shape (N,), True where a decision applies
+    label_sets : list of list of int, length N, in image_index order; empty = excluded
+    decided : ndarray of bool, shape (N,), True where a decision is in effect
     """
     rows = con.execute(
-        """
-        SELECT i.image_index, i.label, d.new_labels, d.decision_id IS NOT NULL AS decided
-        FROM images i
-        LEFT JOIN (
-            SELECT image_index, new_labels, decision_id,
-                   row_number() OVER (PARTITION BY image_index ORDER BY decision_id DESC) AS rn
-            FROM decisions
-        ) d ON d.image_index = i.image_index AND d.rn = ?
+        f"""
+        WITH {current_sql("l")}
+        SELECT {current_labels_sql("l", "i")} AS labels, coalesce(l.reviewed, false) AS reviewed
+        FROM images i LEFT JOIN l USING (image_index)
         ORDER BY i.image_index
-        """,
-        [1],
+        """
     ).fetchall()
-    sets = [list(r[2]) if r[3] else ([int(r[1])] if r[1] is not None and r[1] >= 0 else []) for r in rows]
-    return sets, np.array([bool(r[3]) for r in rows], dtype=bool)
+    return [[int(x) for x in r[0]] for r in rows], np.array([bool(r[1]) for r in rows], dtype=bool)
 
 
 def now() -> datetime:

@@ -61,3 +61,23 @@ def make_checkpoint(path: Path, *, arch: str = "mobilenet_v3_small", seed: int =
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(getattr(torchvision.models, arch)(weights=None).state_dict(), path)
     return f"{arch}@{path}"
+
+
+def make_named_images(root: Path, folders: dict[str, list[str]], *, seed: int = 0) -> Path:
+    """Small seeded PNGs at ``root/<folder>/<file>`` for any names (hostile ones included)."""
+    rng = np.random.default_rng(seed)
+    for folder, files in folders.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(root / folder / f, format="PNG")
+    return root
+
+
+def make_parquet_predictions(path: Path, image_ids: list[str], labels: np.ndarray, **kw: object) -> Path:
+    """:func:`make_predictions` as a ``.parquet`` file (``image``, ``logits``): ids may hold any character."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    logits = np.load(make_predictions(path.with_suffix(".npy"), image_ids, labels, **kw))  # type: ignore[arg-type]
+    pq.write_table(pa.table({"image": list(image_ids), "logits": logits.tolist()}), path)
+    return path

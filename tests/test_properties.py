@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import string
 from pathlib import Path
 
 import numpy as np
-from _synth import WNIDS, make_imagefolder, make_predictions
+from _synth import WNIDS, make_imagefolder, make_named_images, make_parquet_predictions, make_predictions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,6 +42,40 @@ def test_export_then_reimport_is_identity(tmp_path_factory, changes):
     again = load_dataset(ds.root, label_file=tmp / "out" / "labels.csv")
     assert again.image_ids == ds.image_ids
     assert np.array_equal(again.labels, expected)
+
+
+# Names a spreadsheet would take for a formula (OWASP's = + - @, tab, CR first), with quotes and separators inside.
+_hostile = st.builds(
+    str.__add__,
+    st.sampled_from(["=", "+", "-", "@", "\t", "\r"]),
+    st.text(alphabet=string.ascii_letters + string.digits + "=+-@\"',;|()! _\t", max_size=8),
+).filter(lambda s: not s[-1].isspace())
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    folders=st.lists(_hostile, min_size=2, max_size=3, unique=True),
+    files=st.lists(_hostile, min_size=2, max_size=2, unique=True),
+    changes=st.dictionaries(st.integers(0, 5), st.integers(0, 2), max_size=4),
+)
+def test_export_then_reimport_is_identity_with_hostile_names(tmp_path_factory, folders, files, changes):
+    """Class folders and files named like formulas: the exported labels.csv still names every file."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    root = make_named_images(tmp / "ds", {d: [f + ".png" for f in files] for d in folders})
+    ds = load_dataset(root)
+    preds = make_parquet_predictions(tmp / "p.parquet", list(ds.image_ids), ds.labels, n_classes=len(folders))
+    db = tmp / "w.duckdb"
+    run_audit(ds, [resolve_model(f"preds:{preds}")], db, progress=False)
+    expected = dict(zip(ds.image_ids, ds.labels.tolist(), strict=True))
+    for i, lab in changes.items():
+        if i < len(ds) and lab < len(folders):
+            append_decision(db, i, "relabel", labels=[lab], reviewer="=prop")
+            expected[ds.image_ids[i]] = lab
+    export_labels(db, tmp / "out")
+    again = load_dataset(ds.root, label_file=tmp / "out" / "labels.csv")
+    assert dict(zip(again.image_ids, again.labels.tolist(), strict=True)) == expected
+    with open(tmp / "out" / "labels.csv", newline="") as f:
+        assert all(not c or c[0] not in "=+-@\t\r" for row in csv.reader(f) for c in row)
 
 
 _cell = st.text(alphabet=string.printable + "éß\u00a0\x00", max_size=12)

@@ -146,12 +146,10 @@ def _brute(db: Path, f: q.Filters) -> list[int]:
             ).fetchall()
         }
         real = dict(con.execute("SELECT image_index, real_labels FROM images").fetchall())
-        last = dict(
-            con.execute("SELECT image_index, arg_max(action, decision_id) FROM decisions GROUP BY 1").fetchall()
-        )
-        last_l = dict(
-            con.execute("SELECT image_index, arg_max(new_labels, decision_id) FROM decisions GROUP BY 1").fetchall()
-        )
+        log = con.execute("SELECT image_index, action FROM decisions ORDER BY decision_id").fetchall()
+    depth: dict[int, int] = {}  # the review log is a stack per image: undo pops the newest decision in effect
+    for i, action in log:
+        depth[i] = max(0, depth.get(i, 0) + (-1 if action == "undo" else 1))
     out = []
     for i, y in labels.items():
         ms = base if f.model is None else [f.model]
@@ -170,7 +168,7 @@ def _brute(db: Path, f: q.Filters) -> list[int]:
             continue
         if f.quality != (0.0, 1.0) and not f.quality[0] <= quality <= f.quality[1]:
             continue
-        reviewed = i in last and not (last[i] == "undo" and sorted(last_l[i]) == [y])
+        reviewed = depth.get(i, 0) > 0
         if (f.reviewed == "reviewed" and not reviewed) or (f.reviewed == "unreviewed" and reviewed):
             continue
         out.append(i)
@@ -197,6 +195,27 @@ def test_gallery_filters_match_brute_force(ws, f):
     total, df = q.gallery(ws, f, 0, 100)
     assert total == len(expected)
     assert sorted(df.image_index.tolist()) == sorted(expected)
+
+
+@pytest.mark.parametrize("reviewed", ["reviewed", "unreviewed"])
+def test_reviewed_filter_follows_the_undo_stack(ws, reviewed):
+    """Reviewed = a decision is in effect: undoing back onto a keep stays reviewed, undoing everything does not."""
+    labels = _labels(ws)
+    a, b, c = FLIP
+    q.record_decision(ws, a, "keep", reviewer="t")
+    q.record_decision(ws, a, "relabel", labels=[labels[a] + 2], reviewer="t")
+    q.record_decision(ws, a, "undo", reviewer="t")  # the keep is in effect again
+    q.record_decision(ws, b, "accept", labels=[labels[b] + 1], reviewer="t")
+    q.record_decision(ws, b, "no_fit", reviewer="t")
+    q.record_decision(ws, b, "undo", reviewer="t")
+    q.record_decision(ws, b, "undo", reviewer="t")  # every decision undone
+    q.record_decision(ws, c, "no_fit", reviewer="t")
+    f = q.Filters(kinds=(), reviewed=reviewed)
+    expected = _brute(ws, f)
+    assert ({a, c} <= set(expected)) == (reviewed == "reviewed") and (b in expected) == (reviewed == "unreviewed")
+    total, df = q.gallery(ws, f, 0, 100)
+    assert total == len(expected) and sorted(df.image_index.tolist()) == sorted(expected)
+    assert q.queue_window(ws, f, a)[0] == len(expected)
 
 
 def test_gallery_rows_carry_what_a_card_shows(ws):

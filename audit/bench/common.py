@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import os
 import platform
@@ -181,14 +180,14 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    # Model names and paths are the user's: spreadsheet-safe like every CSV audit writes.
+    from audit._csvsafe import rows_to_csv
+
     path.parent.mkdir(parents=True, exist_ok=True)
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    path.write_bytes(rows_to_csv(keys, ([r.get(k) for k in keys] for r in rows)))
 
 
 def md_table(rows: Sequence[dict[str, Any]], cols: Sequence[str] | None = None) -> str:
