@@ -327,7 +327,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, func, hlp in (
         ("metrics", cmd_metrics, "accuracy per model and evaluation, with 95% intervals"),
         ("issues", cmd_issues, "flagged images, worst first"),
-        ("runs", cmd_runs, "every audit run on the workspace: status (finished / interrupted), times, models"),
+        (
+            "runs",
+            cmd_runs,
+            "every audit run on the workspace: status (running / finished / interrupted / failed), times, models",
+        ),
     ):
         s = sub.add_parser(name, help=hlp)
         s.add_argument("--db", default=str(default_db()), help=db_help)

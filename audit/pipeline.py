@@ -205,11 +205,16 @@ def run_audit(ds: AuditDataset, specs: Sequence[ModelSpec], db: Path, **options:
     db = check_workspace(db, create=True)
     options = _check_options(options)
     check_workspace_outside(ds.root, db)
+    _check_compatible(ds, specs)
+    if len({s.name for s in specs}) != len(specs):
+        raise ModelError("the same model is listed twice in --models; list each once")
+    # Weights problems surface here, before the workspace (even its lock) is touched or any image scored.
+    models = load_models(specs)
     run_id = now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     with workspace_lock(db):
         mark_interrupted_runs(db)
         try:
-            return _run_audit(ds, specs, db, run_id=run_id, **options)
+            return _run_audit(ds, specs, db, run_id=run_id, models=models, **options)
         except BaseException as e:
             _end_unfinished_run(db, run_id, e)
             raise
@@ -226,6 +231,8 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
         out["workers"] = _options.check_workers("--workers", out["workers"])
     if out.get("sigmoid_threshold") is not None:
         out["sigmoid_threshold"] = _options.check_probability("--sigmoid-threshold", out["sigmoid_threshold"])
+    if os.environ.get("AUDIT_SHARD_SIZE") is not None:  # read by scoring, after the run is registered
+        _options.check_int("$AUDIT_SHARD_SIZE", os.environ["AUDIT_SHARD_SIZE"], lo=1)
     device = out["device"] = _options.check_device("--device", out.get("device"))
     if device is None:
         import torch
@@ -241,6 +248,8 @@ def _end_unfinished_run(db: Path, run_id: str, e: BaseException) -> None:
     """Close a run that raised: ``interrupted`` (Ctrl-C) or ``failed`` with its error, never left ``running``."""
     status = "interrupted" if isinstance(e, KeyboardInterrupt | SystemExit) else "failed"
     try:
+        if is_new_workspace(db):
+            return  # it failed before the run was registered: nothing to close
         with connect(db, timeout=5.0) as con:
             con.execute(
                 "UPDATE runs SET finished_at = ?, status = ?, params = json_merge_patch(params, ?) "
@@ -257,6 +266,7 @@ def _run_audit(
     db: Path,
     *,
     run_id: str,
+    models: Mapping[str, Any] | None = None,
     batch_size: int = 64,
     workers: int = 2,
     device: str | None = None,
@@ -281,7 +291,7 @@ def _run_audit(
         "inputs": dict(inputs or {}),
     }
     # Weights problems surface here, before the workspace is touched or any image scored.
-    models = load_models(specs)
+    models = models if models is not None else load_models(specs)
     _register_run(db, ds, specs, run_id, params)
     stats = ScoreStats()
     arrays = score_dataset(

@@ -93,7 +93,7 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path, argv, needle):
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("audit: error:")]
     assert len(lines) == 1 and needle in lines[0], res.stderr
     assert "Traceback" not in res.stderr
-    assert not (tmp_path / "w.duckdb").exists(), "a refused run must write nothing"
+    assert _workspace_files(tmp_path) == [], "a refused run must write nothing: no db, wal or arrays folder"
 
 
 def test_review_mistakes_exit_2(synth_ws, capsys):
@@ -266,12 +266,18 @@ _NO_GPU = pytest.mark.skipif(
         (["--precision", "fp16", "--device", "cpu"], "fp16 needs a GPU"),
         (["--backend", "onnxruntime", "--precision", "bf16", "--device", "cpu"], "onnxruntime runs fp32 only"),
         (["--no-such-option"], "unrecognized arguments"),
+        (["--env", "AUDIT_SHARD_SIZE=0"], "$AUDIT_SHARD_SIZE must be at least 1"),
+        (["--env", "AUDIT_SHARD_SIZE=many"], "$AUDIT_SHARD_SIZE takes a whole number"),
     ],
 )
-def test_every_bad_run_option_is_one_line_exit_2_and_writes_no_workspace(tmp_path, capsys, opts, needle):
+def test_every_bad_run_option_is_one_line_exit_2_and_writes_no_workspace(tmp_path, capsys, monkeypatch, opts, needle):
     ds_root = make_imagefolder(tmp_path / "ds", per_class=1)
     ds = load_dataset(ds_root)
     preds = make_predictions(tmp_path / "m.npy", list(ds.image_ids), ds.labels)
+    if opts[0] == "--env":
+        name, _, value = opts[1].partition("=")
+        monkeypatch.setenv(name, value)
+        opts = []
     argv = ["run", str(ds_root), "--models", f"preds:{preds}", "--db", str(tmp_path / "w.duckdb"), "-q", *opts]
     assert _rc(argv) == 2
     _one_error_line(capsys.readouterr().err, needle)
@@ -308,6 +314,11 @@ def test_db_naming_a_folder_names_the_fix_not_a_wait(tmp_path, capsys):
         _one_error_line(err, "is a folder; name a workspace file")
         assert "try again" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "wsdir"] and not any(folder.iterdir())
+    # The same for the arrays folder beside the workspace.
+    (tmp_path / "w.duckdb.arrays").write_text("someone's notes")
+    assert _rc(["run", str(ds_root), "--models", "preds:/nope.npy", "--db", str(tmp_path / "w.duckdb")]) == 2
+    _one_error_line(capsys.readouterr().err, "w.duckdb.arrays is a file, where workspace")
+    assert not (tmp_path / "w.duckdb").exists()
 
 
 def test_a_path_containing_lock_is_not_taken_for_a_lock(tmp_path, capsys):
