@@ -7,16 +7,19 @@ mistake the user can fix prints one line naming it and the fix, and exits 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pandas as pd
 
-from audit import __version__
-from audit.errors import UserError
+from audit import __version__, _options
+from audit.errors import OptionError, UserError, disk_error, is_disk_error
 
 __all__ = ["main"]
 
@@ -42,6 +45,8 @@ def _emit(df: pd.DataFrame, fmt: str) -> None:
         sys.stdout.write(frame_to_csv(df))
     elif fmt == "json":
         sys.stdout.write(df.to_json(orient="records", indent=1, date_format="iso") + "\n")
+    elif df.empty:
+        sys.stdout.write("  ".join(map(str, df.columns)) + "\n")  # the header, not pandas' "Empty DataFrame"
     else:
         with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200):
             sys.stdout.write(df.to_string(index=False) + "\n")
@@ -56,6 +61,18 @@ def _metrics_view(df: pd.DataFrame, fmt: str) -> pd.DataFrame:
     return df
 
 
+def _emit_metrics(df: pd.DataFrame, fmt: str) -> None:
+    if df.empty and fmt == "table":
+        # An empty table prints as pandas' "Empty DataFrame"; say what it means instead.
+        print(
+            "audit: no metrics: no model of this workspace predicts its classes; "
+            "pass 'audit run' a checkpoint trained on them",
+            file=sys.stderr,
+        )
+        return
+    _emit(_metrics_view(df, fmt), fmt)
+
+
 def _absolute(path: str | None) -> str | None:
     # Recorded absolute, so that a bare re-run from another folder finds the same files.
     return str(Path(path).expanduser().resolve()) if path else None
@@ -63,7 +80,7 @@ def _absolute(path: str | None) -> str | None:
 
 def cmd_run(a: argparse.Namespace) -> int:
     from audit.datasets import load_dataset
-    from audit.pipeline import last_run_inputs, run_audit
+    from audit.pipeline import check_workspace_outside, last_run_inputs, run_audit
     from audit.zoo import resolve_model
 
     prev = last_run_inputs(a.db)
@@ -79,6 +96,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         print(f"audit: continuing workspace {a.db} (dataset {root}, from its last run)", file=sys.stderr)
     else:
         root = _default_dataset()
+    # Before the dataset is read: a workspace inside it would change what is read.
+    check_workspace_outside(root, a.db)
     ds = load_dataset(root, label_file=labels, real=real, limit=limit)
     model_names = a.models if a.models is not None else ",".join(prev["models"]) if prev else _DEFAULT_MODELS
     names = [n.strip() for n in model_names.split(",") if n.strip()]
@@ -113,7 +132,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         print(f"audit: note: {note}", file=sys.stderr)
     from audit.pipeline import live_metrics
 
-    _emit(_metrics_view(live_metrics(Path(a.db)), a.format), a.format)
+    _emit_metrics(live_metrics(Path(a.db)), a.format)
     print(
         f"flagged images: {res.n_flagged} of {len(ds)} (bad images left out: {res.n_bad}); "
         f"review them with 'audit issues --db {a.db}' or 'audit dashboard --db {a.db}'"
@@ -145,7 +164,7 @@ def cmd_models(a: argparse.Namespace) -> int:
 def cmd_metrics(a: argparse.Namespace) -> int:
     from audit.pipeline import live_metrics
 
-    _emit(_metrics_view(live_metrics(Path(a.db)), a.format), a.format)
+    _emit_metrics(live_metrics(Path(a.db)), a.format)
     return 0
 
 
@@ -166,8 +185,10 @@ def cmd_runs(a: argparse.Namespace) -> int:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from audit.export import export_labels
+    from audit.pipeline import check_export_target
 
-    res = export_labels(Path(a.db), Path(a.out))
+    out = check_export_target(a.db, a.out)
+    res = export_labels(Path(a.db), out)
     print(
         f"exported {res.n_images} images ({res.n_changed} changed by review, {res.n_excluded} excluded) "
         f"to {res.out}: {', '.join(res.files)}"
@@ -219,10 +240,32 @@ def cmd_dashboard(a: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line and exit code 2, like every other user mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        # "argument --workers: --workers must be ..." says the option's name once.
+        message = re.sub(r"^argument (\S+): (?=\1 )", "", message)
+        self.exit(2, f"audit: error: {message}; see '{self.prog} --help'\n")
+
+
+def _typed(check: Callable[..., Any], name: str, **kw: Any) -> Callable[[str], Any]:
+    """An argparse ``type=`` that runs one of :mod:`audit._options`' checks on the option's text."""
+
+    @functools.wraps(check)
+    def parse(text: str) -> Any:
+        try:
+            return check(name, text, **kw)
+        except OptionError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     from audit.store import default_db
 
-    p = argparse.ArgumentParser(prog="audit", description="Audit the labels of an image-classification validation set.")
+    p = _Parser(prog="audit", description="Audit the labels of an image-classification validation set.")
     p.add_argument("--version", action="version", version=f"audit {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     sub = p.add_subparsers(dest="command", required=True)
@@ -244,10 +287,23 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--db", default=str(default_db()), help=db_help)
     r.add_argument("--labels", help="CSV 'path,label' for a flat folder (label: wnid, index or class name)")
     r.add_argument("--real", help="ReaL label JSON (default: the copy inside the timm wheel, when it applies)")
-    r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="DataLoader workers")
-    r.add_argument("--limit", type=int, help="score only this many images, evenly spaced over the sorted ids")
-    r.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    r.add_argument("--batch-size", type=_typed(_options.check_int, "--batch-size", lo=1), default=64)
+    r.add_argument(
+        "--workers",
+        type=_typed(_options.check_workers, "--workers"),
+        default=min(2, os.cpu_count() or 1),
+        help="DataLoader workers (0: load in this process)",
+    )
+    r.add_argument(
+        "--limit",
+        type=_typed(_options.check_int, "--limit", lo=1),
+        help="score only this many images, evenly spaced over the sorted ids",
+    )
+    r.add_argument(
+        "--device",
+        type=_typed(_options.check_device, "--device"),
+        help="torch device: cpu, cuda, cuda:N or mps (default: cuda when present, else cpu)",
+    )
     r.add_argument(
         "--backend",
         choices=["auto", "openvino", "onnxruntime", "torch"],
@@ -262,7 +318,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--sigmoid-threshold",
-        type=float,
+        type=_typed(_options.check_probability, "--sigmoid-threshold"),
         help="fixed threshold for the sigmoid evaluation (default: chosen by 2-fold cross-fitting)",
     )
     r.add_argument("--format", choices=["table", "csv", "json"], default="table")
@@ -278,22 +334,26 @@ def _parser() -> argparse.ArgumentParser:
     for name, func, hlp in (
         ("metrics", cmd_metrics, "accuracy per model and evaluation, with 95% intervals"),
         ("issues", cmd_issues, "flagged images, worst first"),
-        ("runs", cmd_runs, "every audit run on the workspace: status (finished / interrupted), times, models"),
+        (
+            "runs",
+            cmd_runs,
+            "every audit run on the workspace: status (running / finished / interrupted / failed), times, models",
+        ),
     ):
         s = sub.add_parser(name, help=hlp)
         s.add_argument("--db", default=str(default_db()), help=db_help)
         s.add_argument("--format", choices=["table", "csv", "json"], default="table")
         if name == "issues":
-            s.add_argument("--limit", type=int, help="show at most this many")
+            s.add_argument("--limit", type=_typed(_options.check_int, "--limit", lo=1), help="show at most this many")
         s.set_defaults(func=func)
 
     e = sub.add_parser("export", help="write the cleaned label set")
     e.add_argument("--db", default=str(default_db()), help=db_help)
-    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--out", required=True, help="output folder, outside the dataset and its label files")
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser("review", help="record one review decision from the command line")
-    v.add_argument("image", type=int, help="image index (see 'audit issues')")
+    v.add_argument("image", type=_typed(_options.check_int, "image", lo=0), help="image index (see 'audit issues')")
     v.add_argument("action", choices=["accept", "relabel", "multi", "no_fit", "keep", "undo"])
     v.add_argument("--labels", help="comma-separated classes (wnid, index or name)")
     v.add_argument("--reviewer")
@@ -304,7 +364,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dashboard", help="open the review dashboard (Streamlit)")
     d.add_argument("--db", default=str(default_db()), help=db_help)
     d.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
-    d.add_argument("--port", type=int, default=8501)
+    d.add_argument("--port", type=_typed(_options.check_int, "--port", lo=1, hi=65535), default=8501)
     d.set_defaults(func=cmd_dashboard)
     return p
 
@@ -326,6 +386,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:
+        # A write the machine refused (full disk, read-only file system, permissions) wherever it
+        # happened: one line and exit 2, like every other thing the user fixes.
+        if not is_disk_error(e):
+            raise
+        print(f"audit: error: {disk_error(e, f'audit {args.command}')}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

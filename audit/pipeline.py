@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,24 +21,39 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from audit import __version__
+from audit import __version__, _options
 from audit.datasets import AuditDataset
-from audit.errors import ModelError, StoreError
+from audit.errors import ModelError, OptionError, StoreError
 from audit.evaluate import Metric, evaluate_all, relabeled_accuracy
 from audit.score import ModelArrays, ScoreStats, bad_images, load_models, score_dataset
 from audit.store import (
     arrays_dir,
+    check_workspace,
     connect,
     current_label_sets,
     fetch_one,
+    insert_frame,
+    is_new_workspace,
     mark_interrupted_runs,
     now,
     to_json,
+    transaction,
     workspace_lock,
+    workspace_path,
 )
 from audit.zoo import ModelSpec
 
-__all__ = ["ENSEMBLE", "RunResult", "last_run_inputs", "live_metrics", "run_audit", "topk_of"]
+__all__ = [
+    "ENSEMBLE",
+    "RunResult",
+    "check_export_target",
+    "check_workspace_outside",
+    "last_run_inputs",
+    "live_metrics",
+    "run_audit",
+    "topk_of",
+    "workspace_inputs",
+]
 
 _log = logging.getLogger(__name__)
 ENSEMBLE = "ensemble"
@@ -116,11 +132,9 @@ def _check_compatible(ds: AuditDataset, specs: Sequence[ModelSpec]) -> list[str]
 
 def _register_run(db: Path, ds: AuditDataset, specs: Sequence[ModelSpec], run_id: str, params: dict) -> None:
     fp = dataset_fingerprint(ds)
-    with connect(db, create=True) as con:
-        con.execute("BEGIN TRANSACTION")
+    with connect(db, create=True) as con, transaction(con):
         row = fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["dataset_fingerprint"])
         if row and row[0] != fp:
-            con.execute("ROLLBACK")
             root = fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["dataset_root"])
             raise StoreError(
                 f"workspace {db} was made for other images ({root[0] if root else '?'}); "
@@ -142,7 +156,6 @@ def _register_run(db: Path, ds: AuditDataset, specs: Sequence[ModelSpec], run_id
                 to_json(params),
             ],
         )
-        con.execute("COMMIT")
 
 
 def _write_dataset(con: Any, ds: AuditDataset, fp: str) -> None:
@@ -172,12 +185,8 @@ def _write_dataset(con: Any, ds: AuditDataset, fp: str) -> None:
             "valid": np.ones(len(ds), dtype=bool),
         }
     )
-    con.register("classes_df", classes)
-    con.register("images_df", images)
-    con.execute("INSERT INTO classes SELECT * FROM classes_df")
-    con.execute("INSERT INTO images SELECT * FROM images_df")
-    con.unregister("classes_df")
-    con.unregister("images_df")
+    insert_frame(con, "classes", classes)
+    insert_frame(con, "images", images)
 
 
 def run_audit(ds: AuditDataset, specs: Sequence[ModelSpec], db: Path, **options: Any) -> RunResult:
@@ -192,9 +201,63 @@ def run_audit(ds: AuditDataset, specs: Sequence[ModelSpec], db: Path, **options:
     present), ``sigmoid_threshold`` (cross-fitted), ``progress`` (True),
     ``backend`` ("auto") and ``precision`` ("fp32"; see :func:`audit.score.score_dataset`).
     """
+    # Every option and path is checked before the workspace is touched: a refused run writes nothing.
+    db = check_workspace(db, create=True)
+    options = _check_options(options)
+    check_workspace_outside(ds.root, db)
+    _check_compatible(ds, specs)
+    if len({s.name for s in specs}) != len(specs):
+        raise ModelError("the same model is listed twice in --models; list each once")
+    # Weights problems surface here, before the workspace (even its lock) is touched or any image scored.
+    models = load_models(specs)
+    run_id = now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     with workspace_lock(db):
         mark_interrupted_runs(db)
-        return _run_audit(ds, specs, db, **options)
+        try:
+            return _run_audit(ds, specs, db, run_id=run_id, models=models, **options)
+        except BaseException as e:
+            _end_unfinished_run(db, run_id, e)
+            raise
+
+
+def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of :func:`run_audit`, each range- and combination-checked (:class:`OptionError`)."""
+    from audit import score
+
+    out = dict(options)
+    if "batch_size" in out:
+        out["batch_size"] = _options.check_int("--batch-size", out["batch_size"], lo=1)
+    if "workers" in out:
+        out["workers"] = _options.check_workers("--workers", out["workers"])
+    if out.get("sigmoid_threshold") is not None:
+        out["sigmoid_threshold"] = _options.check_probability("--sigmoid-threshold", out["sigmoid_threshold"])
+    if os.environ.get("AUDIT_SHARD_SIZE") is not None:  # read by scoring, after the run is registered
+        _options.check_int("$AUDIT_SHARD_SIZE", os.environ["AUDIT_SHARD_SIZE"], lo=1)
+    device = out["device"] = _options.check_device("--device", out.get("device"))
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    # The backend / precision / device combination, refused here rather than after the run is registered.
+    backend = score.resolve_backend(out.get("backend", "auto"), device)
+    score._check_precision(out.get("precision", "fp32"), backend, device)
+    return out
+
+
+def _end_unfinished_run(db: Path, run_id: str, e: BaseException) -> None:
+    """Close a run that raised: ``interrupted`` (Ctrl-C) or ``failed`` with its error, never left ``running``."""
+    status = "interrupted" if isinstance(e, KeyboardInterrupt | SystemExit) else "failed"
+    try:
+        if is_new_workspace(db):
+            return  # it failed before the run was registered: nothing to close
+        with connect(db, timeout=5.0) as con:
+            con.execute(
+                "UPDATE runs SET finished_at = ?, status = ?, params = json_merge_patch(params, ?) "
+                "WHERE run_id = ? AND status = ?",
+                [now(), status, to_json({"error": f"{type(e).__name__}: {e}"}), run_id, "running"],
+            )
+    except Exception as why:  # the disk may be what failed; the run's own error matters more
+        _log.warning("could not mark run %s %s (%s); the next run marks it interrupted", run_id, status, why)
 
 
 def _run_audit(
@@ -202,6 +265,8 @@ def _run_audit(
     specs: Sequence[ModelSpec],
     db: Path,
     *,
+    run_id: str,
+    models: Mapping[str, Any] | None = None,
     batch_size: int = 64,
     workers: int = 2,
     device: str | None = None,
@@ -216,7 +281,6 @@ def _run_audit(
     notes = _check_compatible(ds, specs)
     if len({s.name for s in specs}) != len(specs):
         raise ModelError("the same model is listed twice in --models; list each once")
-    run_id = now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     params = {
         "batch_size": batch_size,
         "workers": workers,
@@ -227,7 +291,7 @@ def _run_audit(
         "inputs": dict(inputs or {}),
     }
     # Weights problems surface here, before the workspace is touched or any image scored.
-    models = load_models(specs)
+    models = models if models is not None else load_models(specs)
     _register_run(db, ds, specs, run_id, params)
     stats = ScoreStats()
     arrays = score_dataset(
@@ -268,7 +332,10 @@ def _run_audit(
         metric_rows += _evaluate(ENSEMBLE, cls, ens_logits, ds, valid, sigmoid_threshold)
         issues = flag.find_label_issues([np.load(a.probs, mmap_mode="r") for a in evaluable], ds.labels, valid=valid)
     else:
-        notes.append("no model predicts the dataset's classes: no evaluations and no label issues")
+        notes.append(
+            f"no model predicts this dataset's {len(ds.label_space)} classes: their predictions are stored, "
+            "but there are no evaluations and no label issues (pass a checkpoint trained on these classes)"
+        )
     if ds.real is None:
         notes.append("ReaL labels do not apply to these images: real, sigmoid and clean evaluations skipped")
     metrics = pd.DataFrame([_metric_row(run_id, m, r) for m, r in metric_rows])
@@ -286,7 +353,7 @@ def last_run_inputs(db: str | Path) -> dict[str, Any] | None:
         ``dataset``, ``labels``, ``real``, ``limit`` and ``models`` (the names
         as the user typed them), as recorded by ``run_audit(inputs=...)``.
     """
-    if not Path(db).exists():
+    if is_new_workspace(db):
         return None
     with connect(db, read_only=True) as con:
         rows = con.execute("SELECT params FROM runs ORDER BY started_at DESC").fetchall()
@@ -295,6 +362,92 @@ def last_run_inputs(db: str | Path) -> dict[str, Any] | None:
         if inputs.get("dataset") and inputs.get("models"):
             return dict(inputs)
     return None
+
+
+def workspace_inputs(db: str | Path) -> dict[str, set[Path]]:
+    """Every input any run of workspace ``db`` read: ``{"dataset": roots, "labels": files, "real": files}``.
+
+    Real paths (symbolic links resolved), from the recorded inputs of every run
+    and the dataset root the workspace was made for; empty sets for a new workspace.
+    """
+    out: dict[str, set[Path]] = {"dataset": set(), "labels": set(), "real": set()}
+    if is_new_workspace(db):
+        return out
+    with connect(db, read_only=True) as con:
+        rows = con.execute("SELECT params FROM runs").fetchall()
+        root = fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["dataset_root"])
+    if root and root[0]:
+        out["dataset"].add(_real(root[0]))
+    for (params,) in rows:
+        inputs = json.loads(params or "{}").get("inputs") or {}
+        for key, paths in out.items():
+            if inputs.get(key):
+                paths.add(_real(inputs[key]))
+    return out
+
+
+def _real(path: str | Path) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or path.is_relative_to(folder)
+
+
+def check_workspace_outside(root: str | Path, db: str | Path) -> None:
+    """Refuse a workspace (its DuckDB file or arrays folder) inside dataset folder ``root``.
+
+    Its files would be taken for images or classes by the next run, or change
+    the dataset under the workspace that audits it.
+
+    Raises
+    ------
+    StoreError
+    """
+    folder = _real(root)
+    path = workspace_path(db)
+    for what, p in (("workspace", path), ("its arrays folder", arrays_dir(path))):
+        if _inside(p, folder):
+            raise StoreError(
+                f"--db {db}: {what} {p} would lie inside the dataset folder {folder}, where the next run would "
+                "read it as part of the dataset; pass a --db outside the dataset"
+            )
+
+
+def check_export_target(db: str | Path, out: str | Path) -> Path:
+    """Refuse an export folder whose files would harm the workspace's inputs; return its real path.
+
+    Refused: a file where the folder should be; a folder equal to or inside a
+    dataset folder the workspace reads (the export's files would join the
+    dataset), inside the workspace's arrays folder, or holding a label file or
+    ReaL file the workspace reads (the export would overwrite it, and the next
+    run would read other labels).
+
+    Raises
+    ------
+    OptionError
+    """
+    target = _real(out)
+    if target.exists() and not target.is_dir():
+        raise OptionError(f"--out {out} is a file; pass a folder (it is made when missing)")
+    path = workspace_path(db)
+    if _inside(target, arrays_dir(path)) or target == path:
+        raise OptionError(f"--out {out} lies inside workspace {path}'s own files; pass a folder outside them")
+    inputs = workspace_inputs(path)
+    for root in sorted(inputs["dataset"]):
+        if _inside(target, root):
+            raise OptionError(
+                f"--out {out} lies inside the dataset folder {root} that workspace {path} reads, where its files "
+                "would join the dataset; pass a folder outside it"
+            )
+    for key, what in (("labels", "label file"), ("real", "ReaL file")):
+        for f in sorted(inputs[key]):
+            if f.parent == target:
+                raise OptionError(
+                    f"--out {out} holds {f}, the {what} workspace {path} reads, which an export could overwrite; "
+                    "pass another folder"
+                )
+    return target
 
 
 def _ensemble_mean(probs: Sequence[np.ndarray], valid: np.ndarray) -> np.ndarray:
@@ -420,7 +573,7 @@ def _ingest(
             for a in arrays
         ]
     )
-    pred = pd.concat(preds, ignore_index=True)
+    pred = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
     bad_df = pd.DataFrame(
         {
             "image_index": np.array(sorted(bad), dtype=np.int32),
@@ -429,48 +582,39 @@ def _ingest(
             "run_id": run_id,
         }
     )
-    with connect(db) as con:
-        con.execute("BEGIN TRANSACTION")
-        try:
-            # A run defines the workspace's models: the ensemble, the flags and every table
-            # then describe the same set. Earlier models not listed again leave the tables;
-            # their arrays stay cached, so listing them again costs no scoring.
-            names = [a.spec.name for a in arrays]
-            dropped = con.execute(
-                "SELECT model FROM models WHERE NOT list_contains(?, model) ORDER BY model", [names]
-            ).fetchall()
-            if dropped:
-                notes.append(
-                    f"{', '.join(r[0] for r in dropped)} (from an earlier run) left the workspace: this run's "
-                    "--models define it; their scores stay cached, so listing them again scores nothing"
-                )
-            con.execute("DELETE FROM models")
-            con.execute("DELETE FROM predictions")
-            con.execute("DELETE FROM metrics")
-            for name, df in (("models_df", models), ("pred_df", pred), ("metrics_df", metrics), ("bad_df", bad_df)):
-                con.register(name, df)
-            con.execute("INSERT INTO models SELECT * FROM models_df")
-            con.execute("INSERT INTO predictions SELECT * FROM pred_df")
-            if len(metrics):
-                con.execute("INSERT INTO metrics SELECT * FROM metrics_df")
-            con.execute("DELETE FROM bad_images")
-            con.execute("INSERT INTO bad_images SELECT * FROM bad_df")
-            con.execute("UPDATE images SET valid = NOT list_contains(?, image_index)", [sorted(bad)])
-            con.execute("DELETE FROM label_issues")
-            if issues is not None:
-                con.register("issues_df", _issue_frame(issues, run_id))
-                con.execute("INSERT INTO label_issues SELECT * FROM issues_df")
-            # What ran: the backend "auto" resolved to, and how many images were scored (0 when all were cached).
-            scoring = {"backend_used": stats.backend, "images_scored": stats.images}
-            params = {"flag": flag.flag_params(), "notes": notes, "scoring": scoring}
-            con.execute(
-                "UPDATE runs SET finished_at = ?, status = ?, params = json_merge_patch(params, ?) WHERE run_id = ?",
-                [now(), "finished", to_json(params), run_id],
+    with connect(db) as con, transaction(con):
+        # A run defines the workspace's models: the ensemble, the flags and every table
+        # then describe the same set. Earlier models not listed again leave the tables;
+        # their arrays stay cached, so listing them again costs no scoring.
+        names = [a.spec.name for a in arrays]
+        dropped = con.execute(
+            "SELECT model FROM models WHERE NOT list_contains(?, model) ORDER BY model", [names]
+        ).fetchall()
+        if dropped:
+            notes.append(
+                f"{', '.join(r[0] for r in dropped)} (from an earlier run) left the workspace: this run's "
+                "--models define it; their scores stay cached, so listing them again scores nothing"
             )
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+        con.execute("DELETE FROM models")
+        con.execute("DELETE FROM predictions")
+        con.execute("DELETE FROM metrics")
+        # Any of these may be empty (no evaluable model: no metrics; no bad image; no issues).
+        insert_frame(con, "models", models)
+        insert_frame(con, "predictions", pred)
+        insert_frame(con, "metrics", metrics)
+        con.execute("DELETE FROM bad_images")
+        insert_frame(con, "bad_images", bad_df)
+        con.execute("UPDATE images SET valid = NOT list_contains(?, image_index)", [sorted(bad)])
+        con.execute("DELETE FROM label_issues")
+        if issues is not None:
+            insert_frame(con, "label_issues", _issue_frame(issues, run_id))
+        # What ran: the backend "auto" resolved to, and how many images were scored (0 when all were cached).
+        scoring = {"backend_used": stats.backend, "images_scored": stats.images}
+        params = {"flag": flag.flag_params(), "notes": notes, "scoring": scoring}
+        con.execute(
+            "UPDATE runs SET finished_at = ?, status = ?, params = json_merge_patch(params, ?) WHERE run_id = ?",
+            [now(), "finished", to_json(params), run_id],
+        )
 
 
 def _issue_frame(issues: pd.DataFrame, run_id: str) -> pd.DataFrame:

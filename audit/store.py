@@ -18,10 +18,15 @@ Schema version 1 (see :data:`SCHEMA`); newer files are refused, never guessed at
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
+import glob
 import json
+import os
 import random
+import re
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,7 +37,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from audit.errors import ReviewError, StoreError
+from audit.errors import DISK_ERRNOS, ReviewError, StoreError, UserError, disk_error, is_disk_error
 
 __all__ = [
     "ACTIONS",
@@ -42,6 +47,7 @@ __all__ = [
     "LabelState",
     "append_decision",
     "arrays_dir",
+    "check_workspace",
     "connect",
     "current_label_sets",
     "current_labels_sql",
@@ -51,10 +57,14 @@ __all__ = [
     "fetch_one",
     "given_sql",
     "init_db",
+    "insert_frame",
+    "is_new_workspace",
     "label_state",
     "mark_interrupted_runs",
     "read_frame",
+    "transaction",
     "workspace_lock",
+    "workspace_path",
 ]
 
 SCHEMA_VERSION = 1
@@ -110,14 +120,64 @@ def default_db() -> Path:
     return Path("reports") / "audit.duckdb"
 
 
+def workspace_path(db: str | Path) -> Path:
+    """The one spelling of workspace ``db``: absolute, ``~`` expanded, every symbolic link resolved.
+
+    Every path of a workspace (the DuckDB file, its WAL, the arrays folder, the
+    run lock, the paths recorded inside it) derives from this, so a workspace
+    reached as ``ws.duckdb``, ``./x/../ws.duckdb``, through a symbolic link to
+    the file or to its folder, is one workspace with one lock.
+    """
+    return Path(os.path.realpath(Path(db).expanduser()))
+
+
 def arrays_dir(db: str | Path) -> Path:
     """The folder beside ``db`` that holds its probability matrices and shards."""
-    p = Path(db)
+    p = workspace_path(db)
     return p.with_name(p.name + ".arrays")
 
 
+# DuckDB's own words when another process holds the file (duckdb 1.x and 2.x); a
+# path that merely contains "lock" must not read as one.
+_LOCK_CONFLICT = re.compile(r'Could not set lock on file ".*": Conflicting lock is held', re.S)
+# Temporaries of an atomic creation: ".<name>.building-<pid>-<random>".
+_BUILDING = ".{name}.building-"
+
+
 def _is_lock_error(e: Exception) -> bool:
-    return "lock" in str(e).lower()
+    return isinstance(e, duckdb.IOException) and _LOCK_CONFLICT.search(str(e)) is not None
+
+
+def check_workspace(db: str | Path, *, create: bool = False) -> Path:
+    """Check that ``db`` can name a workspace before anything is written; return :func:`workspace_path`.
+
+    Raises
+    ------
+    StoreError
+        ``db`` is a folder, its arrays folder is a file, or (``create`` False) nothing is there.
+    """
+    path = workspace_path(db)
+    if path.is_dir():
+        raise StoreError(f"--db {db} is a folder; name a workspace file, e.g. --db {Path(db) / 'audit.duckdb'}")
+    arrays = arrays_dir(path)
+    if arrays.exists() and not arrays.is_dir():
+        raise StoreError(f"{arrays} is a file, where workspace {path} keeps its arrays; move it or pass another --db")
+    if not create and not path.exists():
+        raise StoreError(f"no audit workspace at {path}; run 'audit run DATASET --db {db}' first")
+    return path
+
+
+def is_new_workspace(db: str | Path) -> bool:
+    """True when ``db`` holds nothing yet: no file, an empty file, or a DuckDB database without tables.
+
+    The last two are what a first ``audit run`` killed at its start left behind
+    before creation became atomic; ``audit run`` builds them afresh.
+    """
+    path = check_workspace(db, create=True)
+    if not path.exists() or path.stat().st_size == 0:
+        return True
+    with _open(path, read_only=True, timeout=30.0) as con:
+        return not _columns(con)
 
 
 @contextlib.contextmanager
@@ -126,17 +186,42 @@ def connect(
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open ``db`` briefly, retrying while another process holds it.
 
+    With ``create`` a missing workspace is built atomically (under a temporary
+    name beside it, then linked into place), so no command ever finds half a
+    workspace; an empty file or table-less database left by an older, killed
+    creation is rebuilt.
+
     Raises
     ------
     StoreError
-        The file is missing (and ``create`` is False), of a newer schema, or
-        stays locked for ``timeout`` seconds.
+        The file is missing (and ``create`` is False), not an audit workspace,
+        of a newer schema, or stays locked for ``timeout`` seconds.
+    DiskError
+        The machine refused a write (full disk, read-only file system, permissions).
     """
-    path = Path(db)
-    if not path.exists() and not create:
-        raise StoreError(f"no audit workspace at {path}; run 'audit run DATASET --db {path}' first")
+    path = check_workspace(db, create=create)
     if create:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _create(path)
+    elif path.stat().st_size == 0:
+        raise StoreError(
+            f"{path} is an empty file, not an audit workspace (an 'audit run' killed as it started leaves one); "
+            f"run 'audit run DATASET --db {db}' to build it"
+        )
+    with _open(path, read_only=read_only, timeout=timeout) as con:
+        if create:
+            _check_schema(con, path, complete=False)
+            init_db(con)
+        _check_schema(con, path, complete=True)
+        try:
+            yield con
+        except duckdb.Error as e:
+            if is_disk_error(e):
+                raise disk_error(e, f"writing workspace {path}") from e
+            raise
+
+
+@contextlib.contextmanager
+def _open(path: Path, *, read_only: bool, timeout: float) -> Iterator[duckdb.DuckDBPyConnection]:
     deadline = time.monotonic() + timeout
     delay = 0.02
     while True:
@@ -144,39 +229,167 @@ def connect(
             con = duckdb.connect(str(path), read_only=read_only and path.exists())
             break
         except duckdb.Error as e:
-            if not _is_lock_error(e) or time.monotonic() > deadline:
-                what = "is locked by another process" if _is_lock_error(e) else f"cannot be opened ({e})"
-                raise StoreError(f"workspace {path} {what}; try again when it finishes") from e
+            if not _is_lock_error(e):
+                raise _open_error(e, path) from e
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    f"workspace {path} is locked by another process; try again when it finishes"
+                ) from e
             time.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, 0.5)
     try:
-        if create:
-            init_db(con)
-        else:
-            _check_version(con, path)
         yield con
     finally:
         con.close()
 
 
-def _check_version(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+def _open_error(e: duckdb.Error, path: Path) -> UserError:
+    text = str(e)
+    if "not a valid DuckDB database file" in text:
+        return StoreError(
+            f"{path} is not a DuckDB file, so not an audit workspace; pass the file 'audit run' made, "
+            "or a new --db path"
+        )
+    if is_disk_error(e):
+        return disk_error(e, f"opening workspace {path}")
+    return StoreError(f"workspace {path} cannot be opened ({text}); check the file, or pass another --db path")
+
+
+def _create(path: Path) -> None:
+    """Build a workspace at ``path`` unless one is there: schema in a temporary beside it, then linked in."""
+    if path.exists() and path.stat().st_size > 0:
+        # A database: the caller checks it, and init_db completes it in place in one transaction
+        # (a table-less one, left by an older killed creation, holds nothing to lose).
+        return
+    replace = path.exists()  # an empty file, left by an older creation killed as it started
     try:
-        row = fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["schema_version"])
-    except duckdb.CatalogException as e:
-        raise StoreError(f"{path} is not an audit workspace (no meta table); pass the file 'audit run' made") from e
-    version = int(row[0]) if row else 0
-    if version > SCHEMA_VERSION:
-        raise StoreError(f"{path} has schema version {version}, this audit reads up to {SCHEMA_VERSION}; upgrade audit")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_error(e, f"creating the folder of workspace {path}") from e
+    _sweep_builds(path)
+    tmp = path.with_name(f"{_BUILDING.format(name=path.name)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        try:
+            con = duckdb.connect(str(tmp))
+            try:
+                init_db(con)
+            finally:
+                con.close()
+        except duckdb.Error as e:
+            raise _open_error(e, path) from e
+        # A WAL beside a missing or empty file belongs to no database: DuckDB would replay it into ours.
+        Path(f"{path}.wal").unlink(missing_ok=True)
+        if replace:  # an empty file left by an older, killed creation
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # never replaces a workspace another process has just made
+            except FileExistsError:
+                pass
+            except OSError as e:
+                if e.errno in DISK_ERRNOS:
+                    raise
+                os.replace(tmp, path)  # no hard links on this file system
+    except OSError as e:
+        raise disk_error(e, f"creating workspace {path}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(f"{tmp}.wal").unlink(missing_ok=True)
+
+
+def _sweep_builds(path: Path) -> None:
+    """Remove temporaries of creations whose process died (kill -9 mid-way)."""
+    prefix = _BUILDING.format(name=path.name)
+    for p in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = p.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _columns(con: duckdb.DuckDBPyConnection) -> dict[str, list[tuple[str, str]]]:
+    """Each table of the main schema with its ``(column, type)`` list, in column order."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for table, col, typ in con.execute(
+        "SELECT table_name, column_name, data_type FROM duckdb_columns() "
+        "WHERE database_name = current_database() AND schema_name = ? ORDER BY table_name, column_index",
+        ["main"],
+    ).fetchall():
+        out.setdefault(table, []).append((col, typ))
+    return out
+
+
+@functools.cache
+def _expected_columns() -> dict[str, list[tuple[str, str]]]:
+    # Read back from DuckDB itself, so the check can never disagree with SCHEMA.
+    con = duckdb.connect(":memory:")
+    try:
+        for stmt in SCHEMA:
+            con.execute(stmt)
+        return _columns(con)
+    finally:
+        con.close()
+
+
+def _check_schema(con: duckdb.DuckDBPyConnection, path: Path, *, complete: bool) -> None:
+    """Refuse a file that is not an audit workspace of a version this audit reads.
+
+    Another application's DuckDB file may hold tables named like ours (``meta``,
+    ``images``) with other columns: each of our tables it has must have our
+    columns, and ``meta`` must stamp a numeric schema version. With
+    ``complete``, every table must be there.
+    """
+    have = _columns(con)
+    expected = _expected_columns()
+    not_ours = f"{path} is not an audit workspace"
+    fix = "pass the file 'audit run' made, or a new --db path"
+    if not have:
+        if not complete:
+            return  # table-less: init_db builds it
+        raise StoreError(
+            f"{path} is an empty DuckDB database, not an audit workspace yet (an 'audit run' killed as it "
+            f"started leaves one); run 'audit run DATASET --db {path}' to build it"
+        )
+    if "meta" not in have:
+        raise StoreError(f"{not_ours} (no meta table); {fix}")
+    for table, cols in expected.items():
+        if table in have and have[table] != cols:
+            got = ", ".join(f"{c} {t}" for c, t in have[table])
+            raise StoreError(f"{not_ours}: its table {table} has columns ({got}), not audit's; {fix}")
+    row = fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["schema_version"])
+    if row is None:
+        raise StoreError(f"{not_ours} (its meta table has no schema_version); {fix}")
+    text = str(row[0]).strip()
+    if not text.isascii() or not text.isdigit():
+        raise StoreError(
+            f"{path} has schema_version {row[0]!r}, not a number: the file is damaged or was not made by audit; {fix}"
+        )
+    if int(text) > SCHEMA_VERSION:
+        raise StoreError(f"{path} has schema version {text}, this audit reads up to {SCHEMA_VERSION}; upgrade audit")
+    missing = sorted(set(expected) - set(have))
+    if complete and missing:
+        raise StoreError(
+            f"{path} lacks table(s) {', '.join(missing)}; run 'audit run --db {path}' to complete the workspace"
+        )
 
 
 def init_db(con: duckdb.DuckDBPyConnection) -> None:
-    """Create any missing tables and stamp the schema version."""
-    con.execute("BEGIN TRANSACTION")
-    for stmt in SCHEMA:
-        con.execute(stmt)
-    con.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO NOTHING", ["schema_version", str(SCHEMA_VERSION)])
-    con.execute("COMMIT")
-    _check_version(con, Path("?"))
+    """Create any missing tables and stamp the schema version, in one transaction."""
+    with transaction(con):
+        for stmt in SCHEMA:
+            con.execute(stmt)
+        con.execute(
+            "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO NOTHING", ["schema_version", str(SCHEMA_VERSION)]
+        )
 
 
 def read_frame(db: str | Path, sql: str, params: Sequence[Any] = (), *, timeout: float = 30.0) -> pd.DataFrame:
@@ -351,38 +564,32 @@ def append_decision(
     if not lo <= len(set(labels)) <= hi:
         raise ReviewError(f"action {action!r} takes {lo}..{hi} distinct labels, got {labels}")
     who = reviewer or getpass.getuser()
-    with connect(db, timeout=timeout) as con:
-        con.execute("BEGIN TRANSACTION")
-        try:
-            before = _fold(con, image_index)
-            n_classes = fetch_one(con, "SELECT count(*) FROM classes")[0]
-            if any(not 0 <= x < n_classes for x in labels):
-                raise ReviewError(f"labels {labels} are outside the {n_classes} classes of this workspace")
-            if action == "undo":
-                if not before.reviewed:
-                    raise ReviewError(
-                        f"nothing to undo on image {image_index}: no decision on it is in effect "
-                        "(it has its given label); record a decision instead"
-                    )
-                new = list(_fold(con, image_index, "undo").labels)
-            else:
-                new = {
-                    "accept": labels,
-                    "relabel": labels,
-                    "multi": sorted(set(labels)),
-                    "no_fit": [],
-                    "keep": list(before.given),
-                }[action]
-            row = fetch_one(
-                con,
-                "INSERT INTO decisions (image_index, image_id, old_labels, new_labels, action, reviewer, "
-                "decided_at, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING decision_id",
-                [image_index, before.image_id, list(before.labels), new, action, who, now(), reason],
-            )
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+    with connect(db, timeout=timeout) as con, transaction(con):
+        before = _fold(con, image_index)
+        n_classes = fetch_one(con, "SELECT count(*) FROM classes")[0]
+        if any(not 0 <= x < n_classes for x in labels):
+            raise ReviewError(f"labels {labels} are outside the {n_classes} classes of this workspace")
+        if action == "undo":
+            if not before.reviewed:
+                raise ReviewError(
+                    f"nothing to undo on image {image_index}: no decision on it is in effect "
+                    "(it has its given label); record a decision instead"
+                )
+            new = list(_fold(con, image_index, "undo").labels)
+        else:
+            new = {
+                "accept": labels,
+                "relabel": labels,
+                "multi": sorted(set(labels)),
+                "no_fit": [],
+                "keep": list(before.given),
+            }[action]
+        row = fetch_one(
+            con,
+            "INSERT INTO decisions (image_index, image_id, old_labels, new_labels, action, reviewer, "
+            "decided_at, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING decision_id",
+            [image_index, before.image_id, list(before.labels), new, action, who, now(), reason],
+        )
     return int(row[0])
 
 
@@ -435,22 +642,79 @@ def fetch_one(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | 
 
 
 @contextlib.contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """``BEGIN`` ... ``COMMIT``, rolled back on any exception, the exception kept.
+
+    A failed ``COMMIT`` (a full disk) has already ended the transaction in
+    DuckDB, so the rollback that follows must not replace its error with
+    "no transaction is active".
+    """
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+        _commit(con)
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")
+        raise
+
+
+def _commit(con: duckdb.DuckDBPyConnection) -> None:
+    # One name for the commit, so that tests can inject a failed one.
+    con.execute("COMMIT")
+
+
+def insert_frame(con: duckdb.DuckDBPyConnection, table: str, df: pd.DataFrame) -> int:
+    """Append the rows of ``df`` to workspace ``table``, columns matched by name; return the row count.
+
+    An empty frame writes nothing (DuckDB cannot even register a frame without
+    columns, which is what an empty list of rows makes), so every write of a
+    possibly-empty result goes through here.
+    """
+    cols = dict(_expected_columns()).get(table)
+    if cols is None:
+        raise ValueError(f"{table!r} is not a workspace table")
+    if df.empty:
+        return 0
+    names = [str(c) for c in df.columns]
+    unknown = sorted(set(names) - {c for c, _ in cols})
+    if unknown:
+        raise ValueError(f"columns {unknown} are not in table {table}")
+    view = f"_insert_{table}_{uuid.uuid4().hex[:8]}"
+    # Identifiers cannot be parameters: table and columns are checked against SCHEMA above.
+    col_sql = ", ".join(f'"{c}"' for c in names)
+    con.register(view, df)
+    try:
+        con.execute(f'INSERT INTO "{table}" ({col_sql}) SELECT {col_sql} FROM "{view}"')
+    finally:
+        con.unregister(view)
+    return len(df)
+
+
+@contextlib.contextmanager
 def workspace_lock(db: str | Path) -> Iterator[None]:
     """Hold the workspace's run lock (an OS file lock, released even on kill -9).
+
+    One lock per workspace however it is spelled (:func:`workspace_path`).
 
     Raises
     ------
     StoreError
-        Another live process holds it.
+        Another live process holds it, or ``db`` cannot name a workspace.
+    DiskError
+        The arrays folder or the lock file cannot be created there.
     """
     import errno
     import fcntl
-    import os
 
-    d = arrays_dir(db)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / "run.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    path = check_workspace(db, create=True)
+    d = arrays_dir(path)
+    lock = d / "run.lock"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # whatever the reason, the workspace cannot be made here
+        raise disk_error(e, f"creating workspace {path}") from e
     try:
         try:
             # POSIX record lock, not flock: DataLoader workers forked from a run must not
@@ -461,10 +725,15 @@ def workspace_lock(db: str | Path) -> Iterator[None]:
                 raise
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             raise StoreError(
-                f"another audit run (pid {holder}) is writing workspace {db}; wait for it or pass another --db"
+                f"another audit run (pid {holder}) is writing workspace {path}; wait for it or pass another --db"
             ) from e
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as e:
+            if e.errno in DISK_ERRNOS:
+                raise disk_error(e, f"writing the run lock of workspace {path}") from e
+            raise
         yield
     finally:
         os.close(fd)
@@ -472,7 +741,7 @@ def workspace_lock(db: str | Path) -> Iterator[None]:
 
 def mark_interrupted_runs(db: str | Path) -> int:
     """Mark runs left ``running`` by a dead process as ``interrupted``; call with the run lock held."""
-    if not Path(db).exists():
+    if is_new_workspace(db):
         return 0
     with connect(db) as con:
         rows = con.execute(

@@ -132,3 +132,190 @@ def test_kill_during_export_never_leaves_half_files(workspace, tmp_path):
             assert f.read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
     export_labels(db, out)  # the rerun completes and clears stale temporary files
     assert sorted(x.name for x in out.iterdir()) == sorted(ref.files)
+
+
+# --------------------------------------------------------------------------- issue 9: creation, full disks
+
+
+def _cli(*args: str, code: str = "") -> subprocess.CompletedProcess[str]:
+    """``audit`` in a subprocess, after ``code`` (a fault to inject) has run in it."""
+    prog = f"{textwrap.dedent(code)}\nimport sys\nfrom audit.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    return subprocess.run(
+        [sys.executable, "-c", prog, *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def _error_line(res: subprocess.CompletedProcess[str], needle: str) -> None:
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("audit: error:")]
+    assert res.returncode == 2 and len(errors) == 1 and needle in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def _runs(db: Path) -> list[str]:
+    with connect(db, read_only=True) as con:
+        return [r[0] for r in con.execute("SELECT status FROM runs ORDER BY started_at").fetchall()]
+
+
+# SIGKILL itself the moment DuckDB has made a database file, before any table is in it.
+_DIE_WHEN_THE_FILE_APPEARS = """
+    import os, signal, duckdb
+    _connect = duckdb.connect
+    def connect_then_die(path=":memory:", *a, **k):
+        con = _connect(path, *a, **k)
+        if str(path) != ":memory:" and not k.get("read_only"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return con
+    duckdb.connect = connect_then_die
+"""
+
+
+def test_kill_9_as_the_workspace_file_appears_then_a_rerun_succeeds(tmp_path, capsys):
+    from audit.cli import main
+
+    ds = load_dataset(make_imagefolder(tmp_path / "ds", per_class=2))
+    preds = make_predictions(tmp_path / "m.npy", list(ds.image_ids), ds.labels)
+    db = tmp_path / "w.duckdb"
+    args = ["run", str(ds.root), "--models", f"preds:{preds}", "--db", str(db), "-q"]
+    # What `audit run` does first to a new workspace, without its imports (torch) to keep the test quick.
+    create = f"from audit.store import connect\nwith connect({str(db)!r}, create=True):\n    pass\n"
+    killed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_DIE_WHEN_THE_FILE_APPEARS) + create], cwd=REPO, timeout=120
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert not db.exists(), "creation is atomic: no half-made workspace at the path"
+    assert main(args) == 0, capsys.readouterr().err
+    assert _runs(db) == ["finished"]
+    # The killed creation's temporary is swept.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "m.ids.txt", "m.npy", "w.duckdb", "w.duckdb.arrays"]
+
+
+@pytest.mark.parametrize("leftover", ["zero-byte file", "table-less database"])
+def test_a_half_made_workspace_from_an_older_killed_run_is_rebuilt(tmp_path, capsys, leftover):
+    import duckdb
+
+    from audit.cli import main
+
+    ds = load_dataset(make_imagefolder(tmp_path / "ds", per_class=2))
+    preds = make_predictions(tmp_path / "m.npy", list(ds.image_ids), ds.labels)
+    db = tmp_path / "w.duckdb"
+    if leftover == "zero-byte file":
+        db.touch()
+    else:
+        duckdb.connect(str(db)).close()
+    assert main(["metrics", "--db", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("audit: error:") == 1 and "to build it" in err
+    assert main(["run", str(ds.root), "--models", f"preds:{preds}", "--db", str(db), "-q"]) == 0
+    assert _runs(db) == ["finished"]
+
+
+def _enospc(path: Path) -> None:
+    import errno
+
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def test_a_full_disk_while_scoring_is_one_line_and_the_rerun_resumes(tmp_path, capsys, monkeypatch):
+    from _synth import make_checkpoint
+
+    from audit import _io
+    from audit.cli import main
+
+    root = make_imagefolder(tmp_path / "ds", per_class=1)
+    db = tmp_path / "w.duckdb"
+    args = ["run", str(root), "--models", make_checkpoint(tmp_path / "m.pth"), "--db", str(db), "-q"]
+    args += ["--workers", "0", "--backend", "torch"]
+    monkeypatch.setattr(_io, "_fault", _enospc)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("audit: error:") == 1 and "No space left on device" in err and "Traceback" not in err
+    assert _runs(db) == ["failed"], "a run that raised is never left running"
+    monkeypatch.setattr(_io, "_fault", None)
+    assert main(args) == 0
+    assert _runs(db) == ["failed", "finished"]
+
+
+def test_a_full_disk_at_the_final_commit_is_one_line_and_keeps_the_last_good_state(workspace, capsys, monkeypatch):
+    import duckdb
+
+    from audit import pipeline, store
+    from audit.cli import main
+
+    ds, db, preds = workspace
+    with connect(db, read_only=True) as con:
+        before = con.execute("SELECT * FROM predictions ORDER BY model, image_index").fetchall()
+        flags = con.execute("SELECT * FROM label_issues ORDER BY image_index").fetchall()
+    real_ingest, armed = pipeline._ingest, []
+
+    def ingest(*a, **k):
+        armed.append(True)
+        return real_ingest(*a, **k)
+
+    def commit(con):
+        if armed:
+            raise duckdb.TransactionException(
+                f'TransactionContext Error: Failed to commit: Could not write file "{db}.wal": No space left on device'
+            )
+        con.execute("COMMIT")
+
+    monkeypatch.setattr(pipeline, "_ingest", ingest)
+    monkeypatch.setattr(store, "_commit", commit)
+    rerun = ["run", str(ds.root), "--models", f"preds:{preds}", "--db", str(db), "-q"]
+    assert main(rerun) == 2
+    err = capsys.readouterr().err
+    assert err.count("audit: error:") == 1 and "No space left on device; free some disk space" in err
+    assert "Traceback" not in err
+    monkeypatch.undo()
+    with connect(db, read_only=True) as con:
+        assert con.execute("SELECT * FROM predictions ORDER BY model, image_index").fetchall() == before
+        assert con.execute("SELECT * FROM label_issues ORDER BY image_index").fetchall() == flags
+    assert _runs(db) == ["finished", "failed"]
+    assert main(rerun) == 0
+    assert _runs(db) == ["finished", "failed", "finished"]
+
+
+# A real refused write, not a mock: from the final write on, the OS lets this process grow no file
+# (RLIMIT_FSIZE 0, SIGXFSZ ignored, so writes fail with EFBIG), as a full disk refuses them.
+_NO_MORE_WRITES_AT_THE_FINAL_WRITE = """
+    import resource, signal
+    from audit import pipeline
+    _ingest = pipeline._ingest
+    def ingest(*a, **k):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        return _ingest(*a, **k)
+    pipeline._ingest = ingest
+"""
+
+
+def test_a_real_refused_write_at_the_final_commit_is_one_line_and_the_workspace_stays_consistent(workspace, capsys):
+    from audit.cli import main
+
+    ds, db, preds = workspace
+    with connect(db, read_only=True) as con:
+        before = con.execute("SELECT * FROM predictions ORDER BY model, image_index").fetchall()
+    rerun = ["run", str(ds.root), "--models", f"preds:{preds}", "--db", str(db), "-q"]
+    res = _cli(*rerun, code=_NO_MORE_WRITES_AT_THE_FINAL_WRITE)
+    _error_line(res, "File too large")
+    with connect(db, read_only=True) as con:
+        assert con.execute("SELECT * FROM predictions ORDER BY model, image_index").fetchall() == before
+    assert _runs(db)[0] == "finished" and _runs(db)[1] in ("running", "failed")  # "running" if even that was refused
+    assert main(rerun) == 0, capsys.readouterr().err
+    assert _runs(db)[1:] in (["interrupted", "finished"], ["failed", "finished"])
+
+
+def test_a_full_disk_during_export_is_one_line_and_keeps_the_last_export(workspace, tmp_path, capsys, monkeypatch):
+    from audit import _io
+    from audit.cli import main
+
+    _, db, _ = workspace
+    out = tmp_path / "out"
+    assert main(["export", "--db", str(db), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    append_decision(db, 3, "relabel", labels=[2], reviewer="t")
+    capsys.readouterr()
+    monkeypatch.setattr(_io, "_fault", _enospc)
+    assert main(["export", "--db", str(db), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("audit: error:") == 1 and "No space left on device" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -115,3 +115,82 @@ def test_ensemble_sigmoid_scores_are_the_mean_of_the_models_sigmoids(workspace):
     want = (1 / (1 + np.exp(-np.nan_to_num(a.astype(np.float64)))) + 1 / (1 + np.exp(-b.astype(np.float64)))) / 2
     np.testing.assert_allclose(got, want, atol=1e-6)
     np.testing.assert_allclose(_sigmoid_scores([b]), 1 / (1 + np.exp(-b.astype(np.float64))), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- issue 9: runs always end, options first
+
+
+def _statuses(db: Path) -> list[tuple[str, str | None]]:
+    import json
+
+    with connect(db, read_only=True) as con:
+        rows = con.execute("SELECT status, params FROM runs ORDER BY started_at").fetchall()
+    return [(s, json.loads(p).get("error")) for s, p in rows]
+
+
+@pytest.mark.parametrize(
+    ("fault", "status"), [(RuntimeError("boom"), "failed"), (KeyboardInterrupt(), "interrupted")]
+)
+def test_a_run_that_raises_is_never_left_running(workspace, monkeypatch, fault, status):
+    from audit import flag
+
+    ds, db, _, _ = workspace
+
+    def explode(*a, **k):
+        raise fault
+
+    monkeypatch.setattr(flag, "find_label_issues", explode)
+    specs = [resolve_model(f"preds:{db.parent / 'a.npy'}")]
+    with pytest.raises(type(fault)):
+        run_audit(ds, specs, db, progress=False)
+    (first, _), (last, error) = _statuses(db)
+    assert first == "finished" and last == status and error.startswith(type(fault).__name__)
+    monkeypatch.undo()
+    run_audit(ds, specs, db, progress=False)  # the workspace still takes runs
+    assert [s for s, _ in _statuses(db)] == ["finished", status, "finished"]
+
+
+def test_no_model_for_a_custom_label_space_finishes_with_a_note(tmp_path):
+    root = make_imagefolder(tmp_path / "custom", per_class=3, wnids=("cat", "dog"))
+    ds = load_dataset(root)
+    preds = make_predictions(tmp_path / "p.npy", list(ds.image_ids), ds.labels)  # 1,000 ImageNet classes
+    db = tmp_path / "w.duckdb"
+    res = run_audit(ds, [resolve_model(f"preds:{preds}")], db, progress=False)
+    assert any("no model predicts this dataset's 2 classes" in n for n in res.skipped)
+    assert res.metrics.empty and res.n_flagged == 0
+    assert [s for s, _ in _statuses(db)] == ["finished"]
+    assert live_metrics(db).empty
+    with connect(db, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM predictions").fetchall() == [(len(ds),)]
+        assert con.execute("SELECT count(*) FROM metrics").fetchall() == [(0,)]
+
+
+@pytest.mark.parametrize(
+    ("option", "match"),
+    [
+        ({"batch_size": 0}, "--batch-size must be at least 1"),
+        ({"workers": -1}, "--workers must be from 0"),
+        ({"sigmoid_threshold": float("nan")}, "--sigmoid-threshold must be a number between 0 and 1"),
+        ({"device": "foo"}, "is not a device"),
+        ({"backend": "nope"}, "unknown backend"),
+        ({"precision": "fp16", "device": "cpu"}, "fp16 needs a GPU"),
+    ],
+)
+def test_bad_options_are_refused_before_the_workspace_is_touched(tmp_path, option, match):
+    from audit.errors import UserError
+
+    ds = load_dataset(make_imagefolder(tmp_path / "ds", per_class=1))
+    preds = make_predictions(tmp_path / "p.npy", list(ds.image_ids), ds.labels)
+    with pytest.raises(UserError, match=match):
+        run_audit(ds, [resolve_model(f"preds:{preds}")], tmp_path / "w.duckdb", progress=False, **option)
+    assert not [p for p in tmp_path.iterdir() if "duckdb" in p.name]
+
+
+def test_a_workspace_inside_its_dataset_is_refused(tmp_path):
+    from audit.errors import StoreError
+
+    ds = load_dataset(make_imagefolder(tmp_path / "ds", per_class=1))
+    preds = make_predictions(tmp_path / "p.npy", list(ds.image_ids), ds.labels)
+    with pytest.raises(StoreError, match="inside the dataset folder"):
+        run_audit(ds, [resolve_model(f"preds:{preds}")], ds.root / "w.duckdb", progress=False)
+    assert not [p for p in ds.root.rglob("*") if "duckdb" in p.name]
