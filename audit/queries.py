@@ -361,8 +361,9 @@ def run_summary(db: str | Path | Reader) -> dict[str, Any]:
 def runs_table(db: str | Path | Reader) -> pd.DataFrame:
     """Every ``audit run`` on the workspace, newest first: status, times, images, models and settings.
 
-    ``status`` is ``running``, ``finished`` or ``interrupted`` (a run that died;
-    the next run marks it and resumes its finished shards).
+    ``status`` is ``running``, ``finished``, ``failed`` (it raised; ``params.error``
+    says what) or ``interrupted`` (a run that died or was stopped; the next run
+    marks it and resumes its finished shards).
     """
     with _open(db) as con:
         df = con.execute(
