@@ -350,6 +350,15 @@ def _dir_ident(e: os.DirEntry[str]) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
+def _listable_file(e: os.DirEntry[str]) -> bool:
+    """A regular file, or a link to nothing (then recorded as a bad image); never a pipe, whose reading blocks."""
+    try:
+        st = e.stat()
+    except OSError:  # a broken link or a loop of links
+        return e.is_symlink()
+    return stat.S_ISREG(st.st_mode)
+
+
 class _Walk:
     """Recursive listing of one ImageFolder root: symlinks followed, loops cut, nothing outside the root read."""
 
@@ -372,7 +381,7 @@ class _Walk:
                     self.outside.append((child, real))  # never walked: it may be the whole disk
                 else:
                     yield from self.files(child, ancestors | {ident})
-            elif _is_image_name(e.name) and (e.is_file() or e.is_symlink()):  # not pipes: reading one blocks
+            elif _is_image_name(e.name) and _listable_file(e):
                 real = os.path.realpath(e.path)
                 if _inside(real, self.base):
                     yield child
