@@ -242,7 +242,27 @@ def file_stamps(root: str | Path, image_ids: Sequence[str]) -> np.ndarray:
 
 
 def _inside(real: str, base: str) -> bool:
-    return PurePosixPath(real).is_relative_to(base)
+    """``real`` lies strictly inside the folder ``base`` (both real, normalised paths)."""
+    return real != base and real.startswith(base if base.endswith("/") else base + "/")
+
+
+def _check_id(image_id: object) -> str:
+    """The lexical half of the rule: a non-empty relative POSIX path without ``..``, taken as written."""
+    if not isinstance(image_id, str) or not image_id or "\x00" in image_id:
+        raise DatasetError(f"image path {image_id!r} is not a relative file path; name a file under the dataset root")
+    rel = PurePosixPath(image_id)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise DatasetError(f"path {image_id!r} must be relative to the dataset root and stay inside it (no '..')")
+    return rel.as_posix()  # "./a.jpg" and "a//b.jpg" name a.jpg and a/b.jpg; spaces are kept
+
+
+def _check_inside(image_id: str, real: str, base: str) -> None:
+    """The other half: where the path leads once every symlink is followed."""
+    if not _inside(real, base):
+        raise DatasetError(
+            f"image {image_id!r} leads outside the dataset root {base} (to {real}) through a symlink; audit reads "
+            "only files inside the root: copy the file in (cp -L) or pass a root that holds it"
+        )
 
 
 def image_path(root: str | Path, image_id: str, *, must_exist: bool = True) -> Path:
@@ -269,21 +289,13 @@ def image_path(root: str | Path, image_id: str, *, must_exist: bool = True) -> P
     """
     if not root:
         raise DatasetError("no dataset root is recorded; run 'audit run DATASET' again")
-    if not isinstance(image_id, str) or not image_id or "\x00" in image_id:
-        raise DatasetError(f"image path {image_id!r} is not a relative file path; name a file under the dataset root")
-    rel = PurePosixPath(image_id)
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise DatasetError(f"path {image_id!r} must be relative to the dataset root and stay inside it (no '..')")
+    rel = _check_id(image_id)
     try:
         base = os.path.realpath(root, strict=must_exist)
-        real = os.path.realpath(os.path.join(base, image_id), strict=must_exist)
+        real = os.path.realpath(os.path.join(base, rel), strict=must_exist)
     except OSError as e:
         raise DatasetError(f"image {image_id!r} does not exist under {root} ({e.strerror}); check the path") from e
-    if not _inside(real, base) or real == base:
-        raise DatasetError(
-            f"image {image_id!r} leads outside the dataset root {base} (to {real}) through a symlink; audit reads "
-            "only files inside the root: copy the file in (cp -L) or pass a root that holds it"
-        )
+    _check_inside(image_id, real, base)
     if must_exist and not os.path.isfile(real):
         raise DatasetError(f"{image_id!r} under {root} is not a regular file; name an image file")
     return Path(real)
@@ -322,15 +334,16 @@ class _Entry:
     stamp: tuple[int, int]
 
 
-def _entry(base: str, rel: str, tok: str) -> _Entry:
-    path = os.path.join(base, rel)
-    real = os.path.realpath(path)
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        st = None
+def _entry(rel: str, tok: str, st: os.stat_result | None, canonical: bool, real: str) -> _Entry:
     ident: tuple[Any, ...] = (st.st_dev, st.st_ino) if st is not None else ("unreadable", real)
-    return _Entry(rel, tok, ident, real == os.path.normpath(path), _stamp(st))
+    return _Entry(rel, tok, ident, canonical, _stamp(st))
+
+
+def _stat(e: os.DirEntry[str]) -> os.stat_result | None:
+    try:
+        return e.stat()  # symlinks followed
+    except OSError:  # a broken link or a loop of links
+        return None
 
 
 def _scandir(path: str) -> list[os.DirEntry[str]]:
@@ -341,50 +354,42 @@ def _scandir(path: str) -> list[os.DirEntry[str]]:
         raise DatasetError(f"cannot list folder {path}: {e.strerror}; check its permissions") from e
 
 
-def _dir_ident(e: os.DirEntry[str]) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of a folder (symlinks followed), or None for anything else."""
-    try:
-        st = e.stat()
-    except OSError:  # a broken link or a loop of links: not a folder
-        return None
-    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
-
-
-def _listable_file(e: os.DirEntry[str]) -> bool:
-    """A regular file, or a link to nothing (then recorded as a bad image); never a pipe, whose reading blocks."""
-    try:
-        st = e.stat()
-    except OSError:  # a broken link or a loop of links
-        return e.is_symlink()
-    return stat.S_ISREG(st.st_mode)
-
-
 class _Walk:
-    """Recursive listing of one ImageFolder root: symlinks followed, loops cut, nothing outside the root read."""
+    """Recursive listing of one ImageFolder root: symlinks followed, loops cut, nothing outside the root read.
+
+    Real paths are derived, not looked up: below a folder whose real path is
+    known, an entry that is not a symlink has that path plus its name; only
+    links cost a ``realpath``. One ``stat`` per entry.
+    """
 
     def __init__(self, base: str):
         self.base = base
         self.loops: list[str] = []
         self.outside: list[tuple[str, str]] = []
 
-    def files(self, rel: str, ancestors: frozenset[tuple[int, int]]) -> Iterator[str]:
+    def files(
+        self, rel: str, real_dir: str, linked: bool, ancestors: frozenset[tuple[int, int]], tok: str
+    ) -> Iterator[_Entry]:
+        """Yield an :class:`_Entry` per image under ``rel`` (its real path ``real_dir``; ``linked``: via a link)."""
         for e in _scandir(os.path.join(self.base, rel)):
             if e.name.startswith("."):  # .ipynb_checkpoints/, .DS_Store
                 continue
-            child = f"{rel}/{e.name}"
-            ident = _dir_ident(e)
-            if ident is not None:
-                real = os.path.realpath(e.path)
+            child = f"{rel}/{e.name}" if rel else e.name
+            link = e.is_symlink()
+            real = os.path.realpath(e.path) if link else f"{real_dir}/{e.name}"
+            st = _stat(e)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                ident = (st.st_dev, st.st_ino)
                 if ident in ancestors:
-                    self.loops.append(child)  # a link to a folder that contains it: following it never ends
+                    self.loops.append(child)  # a link to a folder that holds it: following it never ends
                 elif not _inside(real, self.base):
                     self.outside.append((child, real))  # never walked: it may be the whole disk
                 else:
-                    yield from self.files(child, ancestors | {ident})
-            elif _is_image_name(e.name) and _listable_file(e):
-                real = os.path.realpath(e.path)
+                    yield from self.files(child, real, linked or link, ancestors | {ident}, tok or e.name)
+            elif tok and _is_image_name(e.name) and (stat.S_ISREG(st.st_mode) if st is not None else link):
+                # Regular files, and links to nothing (recorded as bad images); never pipes, whose reading blocks.
                 if _inside(real, self.base):
-                    yield child
+                    yield _entry(child, tok, st, not (linked or link), real)
                 else:
                     self.outside.append((child, real))
 
@@ -407,10 +412,12 @@ def _imagefolder(root: Path) -> tuple[list[_Entry], str, LabelSpace]:
     classes: list[str] = []
     entries: list[_Entry] = []
     for e in _scandir(base):
-        ident = _dir_ident(e)
-        if e.name.startswith(".") or ident is None:
+        st_e = _stat(e)
+        if e.name.startswith(".") or st_e is None or not stat.S_ISDIR(st_e.st_mode):
             continue
-        real = os.path.realpath(e.path)
+        ident = (st_e.st_dev, st_e.st_ino)
+        link = e.is_symlink()
+        real = os.path.realpath(e.path) if link else f"{base}/{e.name}"
         if ident in top:
             walk.loops.append(e.name)  # a class folder that is the dataset root: every image again, mislabelled
             continue
@@ -418,7 +425,7 @@ def _imagefolder(root: Path) -> tuple[list[_Entry], str, LabelSpace]:
             walk.outside.append((e.name, real))
             continue
         classes.append(e.name)
-        entries += [_entry(base, rel, e.name) for rel in walk.files(e.name, top | {ident})]
+        entries += walk.files(e.name, real, link, top | {ident}, e.name)
     _refuse_outside(base, walk.outside, str(root))
     if walk.loops:
         _log.warning(
@@ -485,11 +492,11 @@ def _label_file(root: Path, label_file: Path) -> tuple[list[_Entry], LabelSpace]
     base = str(root)
     seen: dict[str, int] = {}
     entries: list[_Entry] = []
+    real_dirs: dict[str, str] = {}  # folder -> its real path: one realpath per folder, not per row
     for n, raw, tok in rows:
         where = f"{label_file} line {n}"
         try:
-            rel = PurePosixPath(raw).as_posix() if raw else raw
-            image_path(base, rel, must_exist=False)
+            rel = _check_id(raw)
         except DatasetError as e:
             raise LabelFileError(f"{where}: {e}") from e
         if rel in seen:
@@ -497,8 +504,13 @@ def _label_file(root: Path, label_file: Path) -> tuple[list[_Entry], LabelSpace]
                 f"{where}: {rel!r} is listed twice (first on line {seen[rel]}); keep one row per image"
             )
         seen[rel] = n
+        folder, name = os.path.split(rel)
+        if folder not in real_dirs:
+            real_dirs[folder] = os.path.realpath(os.path.join(base, folder)) if folder else base
         path = os.path.join(base, rel)
-        if not os.path.lexists(path):
+        try:
+            lst = os.lstat(path)
+        except OSError:
             near = raw.strip()
             hint = (
                 f" (a file named {near!r} exists: paths are taken exactly, remove the spaces around it)"
@@ -507,11 +519,21 @@ def _label_file(root: Path, label_file: Path) -> tuple[list[_Entry], LabelSpace]
             )
             raise LabelFileError(
                 f"{where}: image {rel!r} does not exist under {root}{hint}; fix the path or drop the row"
-            )
-        e = _entry(base, rel, tok)
-        if e.stamp != _NO_STAMP and not os.path.isfile(path):
+            ) from None
+        link = stat.S_ISLNK(lst.st_mode)
+        real = os.path.realpath(path) if link else f"{real_dirs[folder]}/{name}"
+        try:
+            _check_inside(rel, real, base)  # the rule image_path applies, with the folders' real paths cached
+        except DatasetError as e:
+            raise LabelFileError(f"{where}: {e}") from e
+        try:
+            st: os.stat_result | None = os.stat(path) if link else lst
+        except OSError:  # a broken link: listed, recorded as a bad image
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
             raise LabelFileError(f"{where}: {rel!r} is not a regular file (a folder or a pipe); name an image file")
-        entries.append(e)
+        canonical = not link and real_dirs[folder] == os.path.normpath(os.path.join(base, folder))
+        entries.append(_entry(rel, tok, st, canonical, real))
     toks = [e.tok for e in entries]
     space = imagenet_label_space()
     bad = []
