@@ -374,7 +374,7 @@ class _Walk:
         for e in _scandir(os.path.join(self.base, rel)):
             if e.name.startswith("."):  # .ipynb_checkpoints/, .DS_Store
                 continue
-            child = f"{rel}/{e.name}" if rel else e.name
+            child = f"{rel}/{e.name}"
             link = e.is_symlink()
             real = os.path.realpath(e.path) if link else f"{real_dir}/{e.name}"
             st = _stat(e)
@@ -385,8 +385,8 @@ class _Walk:
                 elif not _inside(real, self.base):
                     self.outside.append((child, real))  # never walked: it may be the whole disk
                 else:
-                    yield from self.files(child, real, linked or link, ancestors | {ident}, tok or e.name)
-            elif tok and _is_image_name(e.name) and (stat.S_ISREG(st.st_mode) if st is not None else link):
+                    yield from self.files(child, real, linked or link, ancestors | {ident}, tok)
+            elif _is_image_name(e.name) and (stat.S_ISREG(st.st_mode) if st is not None else link):
                 # Regular files, and links to nothing (recorded as bad images); never pipes, whose reading blocks.
                 if _inside(real, self.base):
                     yield _entry(child, tok, st, not (linked or link), real)
@@ -672,7 +672,8 @@ def load_dataset(
     if not r.is_dir():
         raise DatasetError(f"dataset folder {r} does not exist; pass the folder that holds the images")
     # A label file names paths relative to the folder the user gave; only ImageFolder descends into val/.
-    r = r.resolve() if label_file is not None else _find_root(r.resolve())
+    # Real paths: the rule compares them (a linked val/ is followed here, once).
+    r = r.resolve() if label_file is not None else _find_root(r.resolve()).resolve()
     if label_file is not None:
         entries, space = _label_file(r, Path(label_file))
         entries = _count_once(entries, space, str(label_file), LabelFileError)

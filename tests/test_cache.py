@@ -121,23 +121,29 @@ def test_a_damaged_shard_is_rescored_with_one_line_and_no_traceback(tmp_path, sc
     assert st.images == 0 and not _warnings(caplog), "healed: the next run reuses everything, silently"
 
 
-def test_a_damaged_shard_in_a_run_says_one_line_and_keeps_the_result(tmp_path, checkpoint, caplog, monkeypatch):
+def test_a_run_on_damaged_caches_says_one_line_and_gives_the_true_result(tmp_path, checkpoint, caplog, monkeypatch):
     monkeypatch.setenv("AUDIT_SHARD_SIZE", "8")
     root = make_imagefolder(tmp_path / "ds", per_class=4, size=(56, 44))
-    ds = load_dataset(root)
     db = tmp_path / "w.duckdb"
     opts = {"workers": 0, "batch_size": 4, "progress": False, "backend": "torch"}
-    run_audit(ds, [resolve_model(checkpoint)], db, **opts)
+    run_audit(load_dataset(root), [resolve_model(checkpoint)], db, **opts)
     want = _tables(db)
-    shard = sorted((arrays_dir(db) / "shards").rglob("*.npz"))[0]
-    shard.write_bytes(shard.read_bytes()[:100])
-    logits = next(arrays_dir(db).glob("*.logits.npy"))
-    _swap_rows(logits, 1, 14)
+    # Rows of the matrices swapped: top-1 computed from them was silently wrong (71% for 93%).
+    for m in arrays_dir(db).glob("*.npy"):
+        _swap_rows(m, 1, 14)
     caplog.clear()
     run_audit(load_dataset(root), [resolve_model(checkpoint)], db, **opts)
-    assert _tables(db) == want
+    assert _tables(db) == want and _scored(db) == 0
     (msg,) = _warnings(caplog)
-    assert "damaged" in msg
+    assert "fail their checksum" in msg
+    # A shard truncated: it used to crash the run with a traceback.
+    shard = sorted((arrays_dir(db) / "shards").rglob("*.npz"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    caplog.clear()
+    run_audit(load_dataset(root), [resolve_model(checkpoint)], db, **opts)
+    assert _tables(db) == want and _scored(db) == 8
+    (msg,) = _warnings(caplog)
+    assert "1 cached shard(s) are damaged" in msg
 
 
 # --------------------------------------------------------------------------- images changed in place

@@ -695,3 +695,14 @@ def test_stamps_are_each_files_size_and_mtime(tmp_path, make_image):
     for i, (size, mtime) in zip(ds.image_ids, ds.file_stamps().tolist(), strict=True):
         st = os.stat(root / i)
         assert (size, mtime) == (st.st_size, st.st_mtime_ns)
+
+
+def test_a_linked_val_folder_is_resolved_before_the_rule_applies(tmp_path, make_image, caplog):
+    real = _folder(tmp_path / "store", make_image)
+    (real / TENCH / "alias.png").symlink_to(real / TENCH / f"{TENCH}_0.png")  # a link inside: fine
+    top = tmp_path / "top"
+    top.mkdir()
+    (top / "val").symlink_to(real)
+    ds = load_dataset(top)
+    assert ds.root == real.resolve() and len(ds) == 4
+    assert any("counted once" in r.getMessage() for r in caplog.records)
