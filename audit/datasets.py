@@ -11,7 +11,12 @@ Three layouts are understood:
 * ImageFolder with arbitrary class names: a custom label space, numbered in
   sorted folder order. Evaluations that need ImageNet classes are skipped.
 
-An image's id is its POSIX path relative to the dataset root.
+An image's id is its POSIX path relative to the dataset root. Which files may be
+read is one rule, :func:`image_path`, shared with the dashboard: an id is a
+relative path without ``..`` whose real path (every symlink followed) lies inside
+the real dataset root. Each file is counted once: paths that reach a file
+already listed (a symlink or a hard link) are dropped with one warning, or
+refused when they would give the file a second, different label.
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ import functools
 import importlib.util
 import io
 import json
+import logging
+import os
 import re
-from collections.abc import Sequence
+import stat
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -35,13 +43,16 @@ __all__ = [
     "AuditDataset",
     "LabelSpace",
     "decode_image",
+    "file_stamps",
     "image_extensions",
+    "image_path",
     "imagenet_label_space",
     "load_dataset",
     "load_real_labels",
     "real_index_of",
 ]
 
+_log = logging.getLogger(__name__)
 _ILSVRC_VAL = re.compile(r"^ILSVRC2012_val_(\d{8})\.[A-Za-z]+$")
 _WNID = re.compile(r"^n\d{8}$")
 _N_IMAGENET_VAL = 50_000
@@ -175,6 +186,10 @@ class AuditDataset:
         None when ReaL does not apply to these images.
     real_source : str or None
         Where the ReaL sets came from.
+    stamps : ndarray of int64, shape (N, 2), optional
+        ``(size, mtime_ns)`` of each file when it was listed, ``(-1, -1)`` where
+        it cannot be stat'ed; a changed stamp means a changed image. Taken by
+        :func:`file_stamps` on first use when not given.
     """
 
     root: Path
@@ -184,6 +199,7 @@ class AuditDataset:
     layout: str
     real: list[list[int]] | None = None
     real_source: str | None = None
+    stamps: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -191,9 +207,106 @@ class AuditDataset:
     def path(self, i: int) -> Path:
         return self.root / self.image_ids[i]
 
+    def file_stamps(self) -> np.ndarray:
+        """``(N, 2)`` int64 ``(size, mtime_ns)`` per image (see ``stamps``)."""
+        if self.stamps is None:
+            object.__setattr__(self, "stamps", file_stamps(self.root, self.image_ids))
+        return self.stamps  # type: ignore[return-value]
+
+
+_NO_STAMP = (-1, -1)
+
+
+def _stamp(st: os.stat_result | None) -> tuple[int, int]:
+    return _NO_STAMP if st is None else (int(st.st_size), int(st.st_mtime_ns))
+
+
+def file_stamps(root: str | Path, image_ids: Sequence[str]) -> np.ndarray:
+    """``(size, mtime_ns)`` of each image file (symlinks followed), ``(-1, -1)`` where it cannot be stat'ed.
+
+    What tells a cached score from a stale one: an image repaired, replaced or
+    broken in place changes its size or its modification time (nanoseconds).
+
+    Returns
+    -------
+    ndarray of int64, shape (N, 2)
+    """
+    out = np.empty((len(image_ids), 2), dtype=np.int64)
+    for k, i in enumerate(image_ids):
+        try:
+            st = os.stat(os.path.join(root, i))
+        except (OSError, ValueError):  # missing, a broken link, a loop, a NUL byte
+            st = None
+        out[k] = _stamp(st)
+    return out
+
+
+def _inside(real: str, base: str) -> bool:
+    """``real`` lies strictly inside the folder ``base`` (both real, normalised paths)."""
+    return real != base and real.startswith(base if base.endswith("/") else base + "/")
+
+
+def _check_id(image_id: object) -> str:
+    """The lexical half of the rule: a non-empty relative POSIX path without ``..``, taken as written."""
+    if not isinstance(image_id, str) or not image_id or "\x00" in image_id:
+        raise DatasetError(f"image path {image_id!r} is not a relative file path; name a file under the dataset root")
+    rel = PurePosixPath(image_id)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise DatasetError(f"path {image_id!r} must be relative to the dataset root and stay inside it (no '..')")
+    return rel.as_posix()  # "./a.jpg" and "a//b.jpg" name a.jpg and a/b.jpg; spaces are kept
+
+
+def _check_inside(image_id: str, real: str, base: str) -> None:
+    """The other half: where the path leads once every symlink is followed."""
+    if not _inside(real, base):
+        raise DatasetError(
+            f"image {image_id!r} leads outside the dataset root {base} (to {real}) through a symlink; audit reads "
+            "only files inside the root: copy the file in (cp -L) or pass a root that holds it"
+        )
+
+
+def image_path(root: str | Path, image_id: str, *, must_exist: bool = True) -> Path:
+    """The real path of the file ``image_id`` names under ``root``: the one rule for which files audit reads.
+
+    Scanning a folder, reading a label file and showing a thumbnail all apply
+    it. An id is a relative POSIX path, taken exactly as written (spaces,
+    backslashes and any other character are part of the name), without a
+    ``..`` component; and the file it names, once every symlink is followed,
+    must lie inside the real dataset root. A symlink that leads outside the
+    root is refused like ``..`` is.
+
+    Parameters
+    ----------
+    must_exist : bool
+        Also require the root and the file to exist and the file to be a
+        regular file (not a folder or a pipe). False accepts a missing file or
+        a broken link, whose target must still lie inside the root.
+
+    Raises
+    ------
+    DatasetError
+        Naming why the id is refused.
+    """
+    if not root:
+        raise DatasetError("no dataset root is recorded; run 'audit run DATASET' again")
+    rel = _check_id(image_id)
+    try:
+        base = os.path.realpath(root, strict=must_exist)
+        real = os.path.realpath(os.path.join(base, rel), strict=must_exist)
+    except OSError as e:
+        raise DatasetError(f"image {image_id!r} does not exist under {root} ({e.strerror}); check the path") from e
+    _check_inside(image_id, real, base)
+    if must_exist and not os.path.isfile(real):
+        raise DatasetError(f"{image_id!r} under {root} is not a regular file; name an image file")
+    return Path(real)
+
 
 def _is_image(p: Path) -> bool:
-    return p.suffix.lower() in image_extensions() and not p.name.startswith(".")
+    return _is_image_name(p.name)
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in image_extensions() and not name.startswith(".")
 
 
 def _find_root(root: Path) -> Path:
@@ -210,16 +323,116 @@ def _find_root(root: Path) -> Path:
     return root
 
 
-def _imagefolder(root: Path) -> tuple[list[str], list[str], str, LabelSpace]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    ids: list[str] = []
-    folder_of: list[str] = []
-    for c in classes:
-        for p in sorted((root / c).rglob("*")):
-            hidden = any(part.startswith(".") for part in p.relative_to(root).parts)  # .ipynb_checkpoints/
-            if not hidden and _is_image(p) and (p.is_file() or p.is_symlink()):
-                ids.append(p.relative_to(root).as_posix())
-                folder_of.append(c)
+@dataclass
+class _Entry:
+    """One image reached while listing: its id, label token, file identity and stamp."""
+
+    id: str
+    tok: str
+    ident: tuple[Any, ...]  # (st_dev, st_ino), or the real path of a file that cannot be stat'ed
+    canonical: bool  # reached without passing through a symlink
+    stamp: tuple[int, int]
+
+
+def _entry(rel: str, tok: str, st: os.stat_result | None, canonical: bool, real: str) -> _Entry:
+    ident: tuple[Any, ...] = (st.st_dev, st.st_ino) if st is not None else ("unreadable", real)
+    return _Entry(rel, tok, ident, canonical, _stamp(st))
+
+
+def _stat(e: os.DirEntry[str]) -> os.stat_result | None:
+    try:
+        return e.stat()  # symlinks followed
+    except OSError:  # a broken link or a loop of links
+        return None
+
+
+def _scandir(path: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise DatasetError(f"cannot list folder {path}: {e.strerror}; check its permissions") from e
+
+
+class _Walk:
+    """Recursive listing of one ImageFolder root: symlinks followed, loops cut, nothing outside the root read.
+
+    Real paths are derived, not looked up: below a folder whose real path is
+    known, an entry that is not a symlink has that path plus its name; only
+    links cost a ``realpath``. One ``stat`` per entry.
+    """
+
+    def __init__(self, base: str):
+        self.base = base
+        self.loops: list[str] = []
+        self.outside: list[tuple[str, str]] = []
+
+    def files(
+        self, rel: str, real_dir: str, linked: bool, ancestors: frozenset[tuple[int, int]], tok: str
+    ) -> Iterator[_Entry]:
+        """Yield an :class:`_Entry` per image under ``rel`` (its real path ``real_dir``; ``linked``: via a link)."""
+        for e in _scandir(os.path.join(self.base, rel)):
+            if e.name.startswith("."):  # .ipynb_checkpoints/, .DS_Store
+                continue
+            child = f"{rel}/{e.name}"
+            link = e.is_symlink()
+            real = os.path.realpath(e.path) if link else f"{real_dir}/{e.name}"
+            st = _stat(e)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                ident = (st.st_dev, st.st_ino)
+                if ident in ancestors:
+                    self.loops.append(child)  # a link to a folder that holds it: following it never ends
+                elif not _inside(real, self.base):
+                    self.outside.append((child, real))  # never walked: it may be the whole disk
+                else:
+                    yield from self.files(child, real, linked or link, ancestors | {ident}, tok)
+            elif _is_image_name(e.name) and (stat.S_ISREG(st.st_mode) if st is not None else link):
+                # Regular files, and links to nothing (recorded as bad images); never pipes, whose reading blocks.
+                if _inside(real, self.base):
+                    yield _entry(child, tok, st, not (linked or link), real)
+                else:
+                    self.outside.append((child, real))
+
+
+def _refuse_outside(base: str, outside: list[tuple[str, str]], where: str) -> None:
+    if outside:
+        rel, real = outside[0]
+        raise DatasetError(
+            f"{where}: {len(outside)} path(s) lead outside the dataset root {base} through symlinks, e.g. {rel!r} "
+            f"-> {real}; audit reads only files inside the root (so does the dashboard): copy them in (cp -rL) "
+            "or pass a root that holds them"
+        )
+
+
+def _imagefolder(root: Path) -> tuple[list[_Entry], str, LabelSpace]:
+    base = str(root)
+    walk = _Walk(base)
+    st = os.stat(base)
+    top = frozenset({(st.st_dev, st.st_ino)})
+    classes: list[str] = []
+    entries: list[_Entry] = []
+    for e in _scandir(base):
+        st_e = _stat(e)
+        if e.name.startswith(".") or st_e is None or not stat.S_ISDIR(st_e.st_mode):
+            continue
+        ident = (st_e.st_dev, st_e.st_ino)
+        link = e.is_symlink()
+        real = os.path.realpath(e.path) if link else f"{base}/{e.name}"
+        if ident in top:
+            walk.loops.append(e.name)  # a class folder that is the dataset root: every image again, mislabelled
+            continue
+        if not _inside(real, base):
+            walk.outside.append((e.name, real))
+            continue
+        classes.append(e.name)
+        entries += walk.files(e.name, real, link, top | {ident}, e.name)
+    _refuse_outside(base, walk.outside, str(root))
+    if walk.loops:
+        _log.warning(
+            "%s: %d folder link(s) lead back to a folder that holds them, e.g. %r; not followed (each image "
+            "is listed once, under its own folder)",
+            root, len(walk.loops), walk.loops[0],
+        )  # fmt: skip
     wnid = [c for c in classes if _WNID.match(c)]
     if wnid and len(wnid) == len(classes):
         space = imagenet_label_space()
@@ -228,7 +441,7 @@ def _imagefolder(root: Path) -> tuple[list[str], list[str], str, LabelSpace]:
             raise DatasetError(
                 f"folder {unknown[0]!r} looks like a wnid but is not an ImageNet-1k class; rename or remove it"
             )
-        return ids, folder_of, "imagefolder-wnid", space
+        return entries, "imagefolder-wnid", space
     if wnid:
         other = next(c for c in classes if not _WNID.match(c))
         raise DatasetError(
@@ -236,10 +449,11 @@ def _imagefolder(root: Path) -> tuple[list[str], list[str], str, LabelSpace]:
             f"(e.g. {wnid[0]!r}); rename it to its wnid or move it out of the dataset"
         )
     space = LabelSpace(keys=tuple(classes), names=tuple(classes), imagenet=False)
-    return ids, folder_of, "imagefolder-custom", space
+    return entries, "imagefolder-custom", space
 
 
-def _read_label_csv(path: Path) -> list[tuple[str, str]]:
+def _read_label_csv(path: Path) -> list[tuple[int, str, str]]:
+    """``(line, path, label)`` rows; the path cell is taken verbatim, the label cell is stripped."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except OSError as e:
@@ -247,55 +461,80 @@ def _read_label_csv(path: Path) -> list[tuple[str, str]]:
     except UnicodeDecodeError as e:
         raise LabelFileError(f"label file {path} is not UTF-8 (byte {e.start}); re-save it as UTF-8") from e
     try:
-        rows = list(csv.reader(io.StringIO(text, newline="")))
+        rows = list(enumerate(csv.reader(io.StringIO(text, newline="")), start=1))
     except csv.Error as e:
         raise LabelFileError(f"label file {path} is not valid CSV ({e}); save it as plain 'path,label' CSV") from e
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    rows = [(n, r) for n, r in rows if any(cell.strip() for cell in r)]
     if not rows:
         raise LabelFileError(f"label file {path} is empty; expected a header 'path,label' and rows")
-    header = [h.strip().lower() for h in rows[0]]
+    first = rows[0][1]
+    header = [h.strip().lower() for h in first]
     # 'image' is accepted for 'path' so that an exported labels.csv loads back as it is.
     col = "path" if "path" in header else "image"
     if col not in header or "label" not in header:
-        raise LabelFileError(f"label file {path} has header {rows[0]!r}; expected columns 'path' and 'label'")
+        raise LabelFileError(f"label file {path} has header {first!r}; expected columns 'path' and 'label'")
     ip, il = header.index(col), header.index("label")
-    out: list[tuple[str, str]] = []
-    for n, r in enumerate(rows[1:], start=2):
+    out: list[tuple[int, str, str]] = []
+    for n, r in rows[1:]:
         if len(r) <= max(ip, il):
             raise LabelFileError(f"label file {path} line {n}: expected 'path,label', got {r!r}")
         if not r[il].strip():
             raise LabelFileError(f"label file {path} line {n}: empty label for {r[ip]!r}; give a class or drop the row")
-        out.append((r[ip].strip(), r[il].strip()))
+        # The path exactly as written: ' a.jpg' is a file whose name starts with a space.
+        out.append((n, r[ip], r[il].strip()))
     if not out:
         raise LabelFileError(f"label file {path} has a header but no rows")
     return out
 
 
-def _safe_relpath(root: Path, rel: str, where: str) -> str:
-    p = Path(rel)
-    if p.is_absolute() or ".." in p.parts or not rel:
-        raise LabelFileError(f"{where}: path {rel!r} must be relative to the dataset root and stay inside it")
-    return p.as_posix()
-
-
-def _label_file(root: Path, label_file: Path) -> tuple[list[str], list[str], LabelSpace]:
+def _label_file(root: Path, label_file: Path) -> tuple[list[_Entry], LabelSpace]:
     rows = _read_label_csv(label_file)
+    base = str(root)
     seen: dict[str, int] = {}
-    ids: list[str] = []
-    toks: list[str] = []
-    for n, (rel, tok) in enumerate(rows, start=2):
-        rel = _safe_relpath(root, rel, f"{label_file} line {n}")
+    entries: list[_Entry] = []
+    real_dirs: dict[str, str] = {}  # folder -> its real path: one realpath per folder, not per row
+    for n, raw, tok in rows:
+        where = f"{label_file} line {n}"
+        try:
+            rel = _check_id(raw)
+        except DatasetError as e:
+            raise LabelFileError(f"{where}: {e}") from e
         if rel in seen:
             raise LabelFileError(
-                f"{label_file} line {n}: {rel!r} is listed twice (first on line {seen[rel]}); keep one row per image"
+                f"{where}: {rel!r} is listed twice (first on line {seen[rel]}); keep one row per image"
             )
         seen[rel] = n
-        if not (root / rel).exists() and not (root / rel).is_symlink():
-            raise LabelFileError(
-                f"{label_file} line {n}: image {rel!r} does not exist under {root}; fix the path or drop the row"
+        folder, name = os.path.split(rel)
+        if folder not in real_dirs:
+            real_dirs[folder] = os.path.realpath(os.path.join(base, folder)) if folder else base
+        path = os.path.join(base, rel)
+        try:
+            lst = os.lstat(path)
+        except OSError:
+            near = raw.strip()
+            hint = (
+                f" (a file named {near!r} exists: paths are taken exactly, remove the spaces around it)"
+                if near != raw and near and os.path.lexists(os.path.join(base, near))
+                else ""
             )
-        ids.append(rel)
-        toks.append(tok)
+            raise LabelFileError(
+                f"{where}: image {rel!r} does not exist under {root}{hint}; fix the path or drop the row"
+            ) from None
+        link = stat.S_ISLNK(lst.st_mode)
+        real = os.path.realpath(path) if link else f"{real_dirs[folder]}/{name}"
+        try:
+            _check_inside(rel, real, base)  # the rule image_path applies, with the folders' real paths cached
+        except DatasetError as e:
+            raise LabelFileError(f"{where}: {e}") from e
+        try:
+            st: os.stat_result | None = os.stat(path) if link else lst
+        except OSError:  # a broken link: listed, recorded as a bad image
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise LabelFileError(f"{where}: {rel!r} is not a regular file (a folder or a pipe); name an image file")
+        canonical = not link and real_dirs[folder] == os.path.normpath(os.path.join(base, folder))
+        entries.append(_entry(rel, tok, st, canonical, real))
+    toks = [e.tok for e in entries]
     space = imagenet_label_space()
     bad = []
     for t in toks:
@@ -312,7 +551,38 @@ def _label_file(root: Path, label_file: Path) -> tuple[list[str], list[str], Lab
     if bad:
         names = sorted(set(toks))
         space = LabelSpace(keys=tuple(names), names=tuple(names), imagenet=False)
-    return ids, toks, space
+    return entries, space
+
+
+def _count_once(entries: list[_Entry], space: LabelSpace, where: str, error: type[DatasetError]) -> list[_Entry]:
+    """Each file once: paths reaching a file already listed are dropped (same label) or refused (another label)."""
+    groups: dict[tuple[Any, ...], list[_Entry]] = {}
+    for e in entries:
+        groups.setdefault(e.ident, []).append(e)
+    dropped: list[tuple[str, str]] = []
+    keep: set[str] = set()
+    for group in groups.values():
+        if len(group) == 1:
+            keep.add(group[0].id)
+            continue
+        group = sorted(group, key=lambda e: (not e.canonical, e.id))  # its own path first
+        first = group[0]
+        for other in group[1:]:
+            if space.resolve(other.tok) != space.resolve(first.tok):
+                raise error(
+                    f"{where}: {first.id!r} (label {first.tok!r}) and {other.id!r} (label {other.tok!r}) are one "
+                    "file reached twice (a symlink or a hard link) with different labels; a file has one given "
+                    "label: remove the link or the duplicate"
+                )
+            dropped.append((other.id, first.id))
+        keep.add(first.id)
+    if dropped:
+        _log.warning(
+            "%s: %d path(s) reach a file already listed (a symlink or a hard link), e.g. %r is %r; "
+            "each file is counted once, under its own path",
+            where, len(dropped), dropped[0][0], dropped[0][1],
+        )  # fmt: skip
+    return [e for e in entries if e.id in keep]
 
 
 def _spread(n: int, limit: int | None) -> np.ndarray:
@@ -366,7 +636,8 @@ def load_real_labels(path: str | Path | None = None) -> tuple[list[list[int]], s
         seen = f"{type(data).__name__} of length {len(data)}" if isinstance(data, list) else type(data).__name__
         raise LabelFileError(f"ReaL file {source}: expected a list of {_N_IMAGENET_VAL} label lists, got a {seen}")
     for i, s in enumerate(data):
-        if not isinstance(s, list) or not all(isinstance(c, int) and 0 <= c < 1000 for c in s):
+        # type() is int, not isinstance: JSON true/false load as bool, an int subclass, and would pass as 1/0.
+        if type(s) is not list or not all(type(c) is int and 0 <= c < 1000 for c in s):
             raise LabelFileError(f"ReaL file {source}: entry {i} should be a list of class indices 0..999, got {s!r}")
     return data, source
 
@@ -401,21 +672,23 @@ def load_dataset(
     if not r.is_dir():
         raise DatasetError(f"dataset folder {r} does not exist; pass the folder that holds the images")
     # A label file names paths relative to the folder the user gave; only ImageFolder descends into val/.
-    r = r.resolve() if label_file is not None else _find_root(r.resolve())
+    # Real paths: the rule compares them (a linked val/ is followed here, once).
+    r = r.resolve() if label_file is not None else _find_root(r.resolve()).resolve()
     if label_file is not None:
-        ids, toks, space = _label_file(r, Path(label_file))
+        entries, space = _label_file(r, Path(label_file))
+        entries = _count_once(entries, space, str(label_file), LabelFileError)
         layout = "label-file"
     else:
-        ids, toks, layout, space = _imagefolder(r)
-        if not ids and any(_is_image(p) for p in r.iterdir()):
+        entries, layout, space = _imagefolder(r)
+        if not entries and any(_is_image(p) for p in r.iterdir()):
             raise DatasetError(f"{r} holds images but no class folders; pass --labels FILE.csv with 'path,label' rows")
-    if not ids:
+        entries = _count_once(entries, space, str(r), DatasetError)
+    if not entries:
         raise DatasetError(f"no images found under {r}; expected class folders of image files")
-    order = sorted(range(len(ids)), key=ids.__getitem__)  # ids are sorted as strings, whatever the layout
-    ids, toks = [ids[i] for i in order], [toks[i] for i in order]
-    keep = _spread(len(ids), limit)
-    ids = [ids[i] for i in keep]
-    labels = np.array([space.resolve(toks[i]) for i in keep], dtype=np.int64)
+    entries.sort(key=lambda e: e.id)  # ids are sorted as strings, whatever the layout
+    entries = [entries[i] for i in _spread(len(entries), limit)]
+    ids = [e.id for e in entries]
+    labels = np.array([space.resolve(e.tok) for e in entries], dtype=np.int64)
     real_sets, real_src = _attach_real(ids, space, real)
     return AuditDataset(
         root=r,
@@ -425,6 +698,7 @@ def load_dataset(
         layout=layout,
         real=real_sets,
         real_source=real_src,
+        stamps=np.array([e.stamp for e in entries], dtype=np.int64).reshape(len(entries), 2),
     )
 
 

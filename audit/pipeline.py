@@ -25,7 +25,7 @@ from audit import __version__, _options
 from audit.datasets import AuditDataset
 from audit.errors import ModelError, OptionError, StoreError
 from audit.evaluate import Metric, evaluate_all, relabeled_accuracy
-from audit.score import ModelArrays, ScoreStats, bad_images, load_models, score_dataset
+from audit.score import ModelArrays, ScoreStats, check_predictions, load_models, score_dataset
 from audit.store import (
     arrays_dir,
     check_workspace,
@@ -72,9 +72,19 @@ class RunResult:
 
 
 def dataset_fingerprint(ds: AuditDataset) -> str:
+    """SHA-256 of every input a run takes from the dataset.
+
+    Image ids, given labels, ReaL sets, the classes, and each file's ``(size,
+    mtime_ns)``: any image repaired or replaced, any label or ReaL set edited,
+    changes it. Which images are *rescored* is decided per image by
+    :func:`audit.score.score_dataset` from the same stamps.
+    """
     h = hashlib.sha256()
+    h.update(json.dumps([ds.layout, list(ds.label_space.keys), list(ds.label_space.names)]).encode())
     for i, lab in zip(ds.image_ids, ds.labels.tolist(), strict=True):
         h.update(f"{i}\0{lab}\n".encode())
+    h.update(json.dumps(ds.real).encode())
+    h.update(np.ascontiguousarray(ds.file_stamps(), dtype=np.int64).tobytes())
     return h.hexdigest()
 
 
@@ -133,14 +143,10 @@ def _check_compatible(ds: AuditDataset, specs: Sequence[ModelSpec]) -> list[str]
 def _register_run(db: Path, ds: AuditDataset, specs: Sequence[ModelSpec], run_id: str, params: dict) -> None:
     fp = dataset_fingerprint(ds)
     with connect(db, create=True) as con, transaction(con):
-        row = fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["dataset_fingerprint"])
-        if row and row[0] != fp:
-            root = fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["dataset_root"])
-            raise StoreError(
-                f"workspace {db} was made for other images ({root[0] if root else '?'}); "
-                "pass a new --db for this dataset"
-            )
-        if not row:
+        problem = _dataset_mismatch(con, ds, db)
+        if problem:
+            raise StoreError(problem)
+        if not fetch_one(con, "SELECT count(*) FROM images")[0]:
             _write_dataset(con, ds, fp)
         con.execute(
             "INSERT INTO runs VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?, ?)",
@@ -158,7 +164,89 @@ def _register_run(db: Path, ds: AuditDataset, specs: Sequence[ModelSpec], run_id
         )
 
 
-def _write_dataset(con: Any, ds: AuditDataset, fp: str) -> None:
+def _dataset_mismatch(con: Any, ds: AuditDataset, db: Path) -> str | None:
+    """Why ``ds`` cannot continue workspace ``db``, or None.
+
+    A workspace is its images: its ids (image indices, which review decisions
+    name) must be the same. Labels, ReaL sets, file contents and the root may
+    change and are taken up by the run (:func:`_sync_dataset`); the classes
+    too, unless review decisions name the old ones.
+    """
+    stored = [r[0] for r in con.execute("SELECT image_id FROM images ORDER BY image_index").fetchall()]
+    if not stored:
+        return None
+    if stored != list(ds.image_ids):
+        root = fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["dataset_root"])
+        where = root[0] if root else "?"
+        return f"workspace {db} was made for other images ({where}); pass a new --db for this dataset"
+    keys = [r[0] for r in con.execute("SELECT key FROM classes ORDER BY class_index").fetchall()]
+    if keys != list(ds.label_space.keys) and fetch_one(con, "SELECT count(*) FROM decisions")[0]:
+        gone = sorted(set(keys) - set(ds.label_space.keys)) or sorted(set(ds.label_space.keys) - set(keys)) or keys
+        return (
+            f"the classes of workspace {db} changed (e.g. {gone[0]!r}) and its review decisions name the old "
+            "ones; restore the labels or pass a new --db"
+        )
+    return None
+
+
+def _refuse_other_dataset(db: Path, ds: AuditDataset) -> None:
+    """:func:`_dataset_mismatch` read-only, before anything is written; registration checks again."""
+    import duckdb
+
+    if not Path(db).exists():
+        return
+    with connect(db, read_only=True) as con:
+        try:
+            problem = _dataset_mismatch(con, ds, db)
+        except duckdb.CatalogException:
+            return  # not (yet) a complete workspace: registration decides
+    if problem:
+        raise StoreError(problem)
+
+
+def _sync_dataset(con: Any, ds: AuditDataset) -> None:
+    """Make the workspace's dataset tables describe this run's inputs: labels, ReaL sets, classes, root.
+
+    Runs inside the run's final transaction, so the tables change together
+    with the predictions and flags computed from the same inputs.
+    """
+    fp = dataset_fingerprint(ds)
+    if fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["dataset_fingerprint"]) == (fp,):
+        _write_meta(con, ds, fp)  # the same inputs; the root may have moved
+        return
+    keys = con.execute("SELECT key, name FROM classes ORDER BY class_index").fetchall()
+    if [tuple(r) for r in keys] != list(zip(ds.label_space.keys, ds.label_space.names, strict=True)):
+        con.execute("DELETE FROM classes")
+        insert_frame(con, "classes", _classes_frame(ds))
+    inputs = pd.DataFrame(
+        {
+            "image_index": np.arange(len(ds), dtype=np.int32),
+            "label": ds.labels.astype(np.int32),
+            "real_labels": ds.real if ds.real is not None else [None] * len(ds),
+        }
+    )
+    con.register("inputs_df", inputs)
+    # Only the rows that changed: a rewrite of every row costs about a second at 50,000 images.
+    con.execute(
+        "UPDATE images SET label = d.label, real_labels = CAST(d.real_labels AS INTEGER[]) "
+        "FROM inputs_df AS d WHERE images.image_index = d.image_index AND (images.label IS DISTINCT FROM d.label "
+        "OR images.real_labels IS DISTINCT FROM CAST(d.real_labels AS INTEGER[]))"
+    )
+    con.unregister("inputs_df")
+    _write_meta(con, ds, fp)
+
+
+def _classes_frame(ds: AuditDataset) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "class_index": np.arange(len(ds.label_space), dtype=np.int32),
+            "key": list(ds.label_space.keys),
+            "name": list(ds.label_space.names),
+        }
+    )
+
+
+def _write_meta(con: Any, ds: AuditDataset, fp: str) -> None:
     for key, value in (
         ("dataset_fingerprint", fp),
         ("dataset_root", str(ds.root)),
@@ -169,13 +257,11 @@ def _write_dataset(con: Any, ds: AuditDataset, fp: str) -> None:
         con.execute(
             "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", [key, value]
         )
-    classes = pd.DataFrame(
-        {
-            "class_index": np.arange(len(ds.label_space), dtype=np.int32),
-            "key": list(ds.label_space.keys),
-            "name": list(ds.label_space.names),
-        }
-    )
+
+
+def _write_dataset(con: Any, ds: AuditDataset, fp: str) -> None:
+    _write_meta(con, ds, fp)
+    classes = _classes_frame(ds)
     images = pd.DataFrame(
         {
             "image_index": np.arange(len(ds), dtype=np.int32),
@@ -292,6 +378,8 @@ def _run_audit(
     }
     # Weights problems surface here, before the workspace is touched or any image scored.
     models = models if models is not None else load_models(specs)
+    _refuse_other_dataset(db, ds)  # before reading prediction files at length: the more basic mistake first
+    check_predictions(ds, specs)
     _register_run(db, ds, specs, run_id, params)
     stats = ScoreStats()
     arrays = score_dataset(
@@ -309,8 +397,7 @@ def _run_audit(
     )
     bad: dict[int, str] = {}
     for a in arrays:
-        if a.spec.source != "predictions":
-            bad.update(bad_images(arrays_dir(db), a.spec))
+        bad.update(a.bad)
     valid = np.ones(len(ds), dtype=bool)
     valid[list(bad)] = False
     evaluable = [a for a in arrays if a.num_classes == len(ds.label_space)]
@@ -583,6 +670,7 @@ def _ingest(
         }
     )
     with connect(db) as con, transaction(con):
+        _sync_dataset(con, ds)  # labels, ReaL sets and classes as this run read them
         # A run defines the workspace's models: the ensemble, the flags and every table
         # then describe the same set. Earlier models not listed again leave the tables;
         # their arrays stay cached, so listing them again costs no scoring.

@@ -4,6 +4,7 @@ handled as a person would expect or recorded in ``bad_images`` while the run goe
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -116,3 +117,31 @@ def test_run_goes_on_and_records_bad_images(tmp_path, checkpoint):
     top1 = live_metrics(db).query("evaluation == 'original' and metric == 'top1'")
     assert (top1["n"] == n_good).all(), "metrics leave bad images out"
     assert run_summary(db)["bad_images"] == len(want_bad)
+
+
+def test_a_repaired_image_leaves_bad_images_and_a_broken_one_joins(tmp_path, checkpoint):
+    d = tmp_path / "ds" / WNID
+    d.mkdir(parents=True)
+    for k in range(12):
+        _jpeg(seed=20 + k).save(d / f"img{k:02d}.JPEG", "JPEG")
+    good = (d / "img01.JPEG").read_bytes()
+    (d / "img01.JPEG").write_bytes(good[: len(good) // 3])  # truncated: a bad image
+    db = tmp_path / "w.duckdb"
+    opts = {"workers": 0, "batch_size": 4, "progress": False, "backend": "torch"}
+
+    def bad_ids() -> dict[str, bool]:
+        with connect(db, read_only=True) as con:
+            bad = {r[0] for r in con.execute("SELECT image_id FROM bad_images").fetchall()}
+            valid = dict(con.execute("SELECT image_id, valid FROM images").fetchall())
+        assert {i for i, v in valid.items() if not v} == bad, "images.valid agrees with bad_images"
+        return bad
+
+    run_audit(load_dataset(tmp_path / "ds"), [resolve_model(checkpoint)], db, **opts)
+    assert bad_ids() == {f"{WNID}/img01.JPEG"}
+    (d / "img01.JPEG").write_bytes(good)  # repaired in place
+    (d / "img10.JPEG").write_bytes(b"")  # a good file breaks
+    res = run_audit(load_dataset(tmp_path / "ds"), [resolve_model(checkpoint)], db, **opts)
+    assert bad_ids() == {f"{WNID}/img10.JPEG"} and res.n_bad == 1
+    with connect(db, read_only=True) as con:
+        (params,) = con.execute("SELECT params FROM runs ORDER BY started_at DESC LIMIT 1").fetchall()[0]
+    assert json.loads(params)["scoring"]["images_scored"] == 8, "their two batches of 4, not the third"

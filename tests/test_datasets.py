@@ -335,6 +335,13 @@ def test_custom_real_file(tmp_path, make_image):
         ({"0": [1]}, r"expected a list of 50000 label lists, got a dict"),
         ([[1]] * 3 + [1] + [[1]] * 49_996, r"entry 3 should be a list of class indices"),
         ([[1]] * 5 + [[1000]] + [[1]] * 49_994, r"entry 5 should be a list of class indices"),
+        # JSON true/false load as bool, an int subclass: they are not class indices 1 and 0.
+        ([[True]] + [[1]] * 49_999, r"entry 0 should be a list of class indices 0\.\.999, got \[True\]"),
+        ([[1]] * 7 + [[2, False]] + [[1]] * 49_992, r"entry 7 should be"),
+        ([True] * 50_000, r"entry 0 should be"),
+        ([[1]] * 2 + [[1.0]] + [[1]] * 49_997, r"entry 2 should be"),
+        ([[1]] * 2 + [["1"]] + [[1]] * 49_997, r"entry 2 should be"),
+        ([[1]] * 2 + [None] + [[1]] * 49_997, r"entry 2 should be"),
     ],
 )
 def test_malformed_real_files_are_refused(tmp_path, make_image, content, message):
@@ -495,3 +502,207 @@ def test_shared_imagenet_val_1300(shared_dir):
     empty = sum(not s for s in ds.real)
     multi = sum(len(s) > 1 for s in ds.real)
     assert (inside, outside, empty, multi) == (1156, 87, 57, 138)
+
+
+# --------------------------------------------------------------------------- label-file paths, taken exactly
+
+
+def test_label_file_paths_are_taken_verbatim(tmp_path, make_image):
+    root = tmp_path / "flat"
+    make_image(root / " a.jpg", seed=1)  # a name that starts with a space
+    make_image(root / "b.jpg", seed=2)
+    (root / "c.jpg ").write_bytes(make_image(tmp_path / "c.jpg", seed=3).read_bytes())  # ... and one that ends with one
+    labels = tmp_path / "labels.csv"
+    # 'b.jpg, goldfish': the padded label cell of a hand-written CSV is stripped; the path cell is the file's name.
+    labels.write_text(f'path,label\n a.jpg,{TENCH}\nb.jpg, goldfish\n"c.jpg ",{BRAMBLING}\n')
+    ds = load_dataset(root, label_file=labels)
+    assert ds.image_ids == (" a.jpg", "b.jpg", "c.jpg ")
+    assert ds.labels.tolist() == [0, 1, imagenet_label_space().keys.index(BRAMBLING)]
+    assert all(ds.path(i).is_file() for i in range(len(ds)))
+
+
+def test_a_padded_path_that_names_no_file_says_which_file_it_meant(tmp_path, make_image):
+    root = tmp_path / "flat"
+    make_image(root / "a.jpg")
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"label, path\n{TENCH}, a.jpg\n")
+    with pytest.raises(LabelFileError, match=r"image ' a.jpg' does not exist .*a file named 'a.jpg' exists"):
+        load_dataset(root, label_file=labels)
+
+
+# --------------------------------------------------------------------------- symlinks: one rule, each file once
+
+
+def _folder(tmp_path, make_image, classes=(TENCH, GOLDFISH), per=2) -> Path:
+    root = tmp_path / "ds"
+    for c, cls in enumerate(classes):
+        for k in range(per):
+            make_image(root / cls / f"{cls}_{k}.png", seed=10 * c + k)
+    return root
+
+
+@pytest.mark.parametrize("classes", [(TENCH, GOLDFISH), ("cat", "dog")], ids=["wnid", "custom"])
+def test_a_class_folder_linked_to_the_root_is_not_followed(tmp_path, make_image, caplog, classes):
+    root = _folder(tmp_path, make_image, classes)
+    (root / (BRAMBLING if classes[0] == TENCH else "emu")).symlink_to(root)  # every image again, mislabelled
+    ds = load_dataset(root)
+    assert ds.image_ids == tuple(f"{c}/{c}_{k}.png" for c in sorted(classes) for k in range(2))
+    assert [ds.label_space.keys[i] for i in ds.labels] == [i.split("/")[0] for i in ds.image_ids]
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert "lead back to a folder that holds them" in msg
+    if classes[0] == "cat":
+        assert ds.label_space.keys == ("cat", "dog"), "a loop is no class"
+
+
+def test_symlink_loops_inside_a_class_end(tmp_path, make_image, caplog):
+    root = _folder(tmp_path, make_image)
+    (root / TENCH / "again").symlink_to(root / TENCH)
+    (root / TENCH / "up").symlink_to(root)
+    (root / GOLDFISH / "x.png").symlink_to(root / GOLDFISH / "y.png")  # a loop of file links: a bad image
+    (root / GOLDFISH / "y.png").symlink_to(root / GOLDFISH / "x.png")
+    ds = load_dataset(root)
+    assert len(ds) == 6 and ds.file_stamps()[ds.image_ids.index(f"{GOLDFISH}/x.png")].tolist() == [-1, -1]
+    assert any("lead back" in r.getMessage() for r in caplog.records)
+
+
+def test_one_file_reached_twice_with_one_label_is_counted_once(tmp_path, make_image, caplog):
+    import os
+
+    root = _folder(tmp_path, make_image)
+    (root / TENCH / "link.png").symlink_to(root / TENCH / f"{TENCH}_0.png")
+    os.link(root / GOLDFISH / f"{GOLDFISH}_0.png", root / GOLDFISH / "hard.png")
+    (root / TENCH / "sub").mkdir()
+    (root / TENCH / "sub" / "dir-link").symlink_to(root / TENCH, target_is_directory=True)  # a loop too
+    ds = load_dataset(root)
+    assert ds.image_ids == (
+        f"{TENCH}/{TENCH}_0.png",  # its own path is kept, not the link's
+        f"{TENCH}/{TENCH}_1.png",
+        f"{GOLDFISH}/hard.png",  # two names of one file, neither a link: the first in sorted order
+        f"{GOLDFISH}/{GOLDFISH}_1.png",
+    )
+    msgs = [r.getMessage() for r in caplog.records]
+    (dup,) = [m for m in msgs if "counted once" in m]
+    assert "2 path(s) reach a file already listed" in dup
+
+
+def test_one_file_reached_twice_with_two_labels_is_refused(tmp_path, make_image):
+    root = _folder(tmp_path, make_image)
+    (root / GOLDFISH / "also-a-tench.png").symlink_to(root / TENCH / f"{TENCH}_1.png")
+    with pytest.raises(DatasetError, match=r"one file reached twice .* different labels"):
+        load_dataset(root)
+    other = _folder(tmp_path / "b", make_image)
+    (other / BRAMBLING).symlink_to(other / TENCH)  # a class folder that is another class's
+    with pytest.raises(DatasetError, match=r"different labels"):
+        load_dataset(other)
+
+
+def test_label_file_rows_naming_one_file(tmp_path, make_image, caplog):
+    root = tmp_path / "flat"
+    make_image(root / "a.png")
+    (root / "alias.png").symlink_to(root / "a.png")
+    same = write_csv(tmp_path / "same.csv", [("a.png", TENCH), ("alias.png", "tench")])
+    ds = load_dataset(root, label_file=same)
+    assert ds.image_ids == ("a.png",)
+    assert any("counted once" in r.getMessage() for r in caplog.records)
+    other = write_csv(tmp_path / "other.csv", [("a.png", TENCH), ("alias.png", GOLDFISH)])
+    with pytest.raises(LabelFileError, match=r"other.csv: 'a.png' .* 'alias.png' .* different labels"):
+        load_dataset(root, label_file=other)
+
+
+def _escaping(tmp_path, make_image) -> tuple[Path, Path]:
+    root = _folder(tmp_path, make_image)
+    pool = tmp_path / "pool"
+    make_image(pool / "outside.png", seed=99)
+    make_image(pool / "sub" / "deeper.png", seed=98)
+    return root, pool
+
+
+def test_symlinks_leaving_the_root_are_refused_like_dotdot(tmp_path, make_image):
+    root, pool = _escaping(tmp_path, make_image)
+    (root / TENCH / "outside.png").symlink_to(pool / "outside.png")
+    with pytest.raises(DatasetError, match=r"1 path\(s\) lead outside the dataset root .*outside.png"):
+        load_dataset(root)
+    (root / TENCH / "outside.png").unlink()
+    (root / TENCH / "pool").symlink_to(pool / "sub")  # a folder link: never walked
+    with pytest.raises(DatasetError, match=r"lead outside the dataset root"):
+        load_dataset(root)
+    (root / TENCH / "pool").unlink()
+    (root / "n01530575").symlink_to(pool)  # a class folder elsewhere
+    with pytest.raises(DatasetError, match=r"lead outside the dataset root"):
+        load_dataset(root)
+    (root / "n01530575").unlink()
+    assert len(load_dataset(root)) == 4
+    flat = tmp_path / "flat"
+    make_image(flat / "in.png")
+    (flat / "out.png").symlink_to(pool / "outside.png")
+    (flat / "d").symlink_to(pool, target_is_directory=True)
+    for rel in ("out.png", "d/outside.png"):
+        labels = write_csv(tmp_path / "labels.csv", [("in.png", TENCH), (rel, TENCH)])
+        with pytest.raises(LabelFileError, match=r"line 3: .*leads outside the dataset root"):
+            load_dataset(flat, label_file=labels)
+
+
+def test_scoring_and_the_dashboard_apply_one_rule(tmp_path, make_image):
+    import os
+
+    from audit.dashboard.thumbs import UnsafePath, safe_image_path
+    from audit.datasets import image_path
+
+    root, pool = _escaping(tmp_path, make_image)
+    (root / TENCH / "inside.png").symlink_to(root / GOLDFISH / f"{GOLDFISH}_0.png")
+    (root / TENCH / "outside.png").symlink_to(pool / "outside.png")
+    (root / "esc").symlink_to(pool)
+    (root / TENCH / "back\\slash.png").write_bytes((root / TENCH / f"{TENCH}_0.png").read_bytes())
+    os.mkfifo(root / TENCH / "pipe.png")
+    ids = [
+        f"{TENCH}/{TENCH}_0.png", f"{TENCH}/inside.png", f"{TENCH}/back\\slash.png",  # accepted
+        f"{TENCH}/outside.png", "esc/outside.png", "../pool/outside.png", str(pool / "outside.png"),
+        f"{TENCH}/pipe.png", TENCH, f"{TENCH}/missing.png", "", f"{TENCH}/a\x00.png",
+    ]  # fmt: skip
+    for i in ids:
+        try:
+            image_path(root, i)
+            ours = True
+        except DatasetError:
+            ours = False
+        try:
+            safe_image_path(root, i)
+            theirs = True
+        except UnsafePath:
+            theirs = False
+        assert ours == theirs == (ids.index(i) < 3), i
+
+
+def test_pipes_named_like_images_are_not_listed_or_read(tmp_path, make_image):
+    import os
+
+    root = _folder(tmp_path, make_image)
+    os.mkfifo(root / TENCH / "pipe.png")  # opening it would block the run for ever
+    assert len(load_dataset(root)) == 4
+    flat = tmp_path / "flat"
+    make_image(flat / "a.png")
+    os.mkfifo(flat / "b.png")
+    labels = write_csv(tmp_path / "labels.csv", [("a.png", TENCH), ("b.png", TENCH)])
+    with pytest.raises(LabelFileError, match="not a regular file"):
+        load_dataset(flat, label_file=labels)
+
+
+def test_stamps_are_each_files_size_and_mtime(tmp_path, make_image):
+    import os
+
+    root = _folder(tmp_path, make_image)
+    ds = load_dataset(root)
+    for i, (size, mtime) in zip(ds.image_ids, ds.file_stamps().tolist(), strict=True):
+        st = os.stat(root / i)
+        assert (size, mtime) == (st.st_size, st.st_mtime_ns)
+
+
+def test_a_linked_val_folder_is_resolved_before_the_rule_applies(tmp_path, make_image, caplog):
+    real = _folder(tmp_path / "store", make_image)
+    (real / TENCH / "alias.png").symlink_to(real / TENCH / f"{TENCH}_0.png")  # a link inside: fine
+    top = tmp_path / "top"
+    top.mkdir()
+    (top / "val").symlink_to(real)
+    ds = load_dataset(top)
+    assert ds.root == real.resolve() and len(ds) == 4
+    assert any("counted once" in r.getMessage() for r in caplog.records)

@@ -2,9 +2,10 @@
 
 An image id comes from the workspace (``images.image_id``), which came from a
 folder listing or a label file; the dashboard never takes a path from the URL.
-Even so, :func:`safe_image_path` refuses any id that is absolute, climbs with
-``..``, or resolves (through symlinks) to a file outside the dataset root, so
-nothing outside the root is ever read or served.
+Even so, :func:`safe_image_path` applies :func:`audit.datasets.image_path`, the
+rule scoring applies: any id that is absolute, climbs with ``..``, or resolves
+(through symlinks) to a file outside the dataset root is refused, so nothing
+outside the root is ever read or served, and every image scored can be shown.
 
 Thumbnails are JPEG bytes, made with Pillow (draft decoding, so large JPEGs
 decode at a fraction of their size) and cached on disk beside the workspace in
@@ -18,9 +19,12 @@ import hashlib
 import io
 import os
 import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from PIL import Image, ImageOps
+
+from audit.datasets import image_path
+from audit.errors import DatasetError
 
 __all__ = ["UnsafePath", "safe_image_path", "thumb_dir", "thumbnail"]
 
@@ -32,24 +36,14 @@ class UnsafePath(ValueError):
 def safe_image_path(root: str | Path, image_id: str) -> Path:
     """The file ``image_id`` names under ``root``, or :class:`UnsafePath`.
 
-    Refused: empty ids, NUL bytes, backslashes, absolute paths, ``..``
-    components, and any id whose resolved path (symlinks followed) is not a
-    regular file inside the resolved root.
+    Refused by :func:`audit.datasets.image_path`: empty ids, NUL bytes,
+    absolute paths, ``..`` components, and any id whose resolved path (symlinks
+    followed) is not a regular file inside the resolved root.
     """
-    if not root:
-        raise UnsafePath("the workspace records no dataset root")
-    if not isinstance(image_id, str) or not image_id or "\x00" in image_id or "\\" in image_id:
-        raise UnsafePath(f"image id {image_id!r} is not a relative POSIX path")
-    rel = PurePosixPath(image_id)
-    if rel.is_absolute() or ".." in rel.parts or (rel.parts and rel.parts[0].endswith(":")):
-        raise UnsafePath(f"image id {image_id!r} is not a path inside the dataset root")
     try:
-        base = Path(root).resolve(strict=True)
-        path = (base / rel).resolve(strict=True)
-    except (OSError, RuntimeError) as e:
-        raise UnsafePath(f"image {image_id!r} is not under the dataset root {root}: {e}") from e
-    if not path.is_relative_to(base) or not path.is_file():
-        raise UnsafePath(f"image {image_id!r} resolves outside the dataset root {root}")
+        path = image_path(root, image_id)  # the rule scoring applies too: one rule for both
+    except DatasetError as e:
+        raise UnsafePath(str(e)) from e
     return path
 
 
