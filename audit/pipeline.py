@@ -193,7 +193,7 @@ def _refuse_other_dataset(db: Path, ds: AuditDataset) -> None:
     """:func:`_dataset_mismatch` read-only, before anything is written; registration checks again."""
     import duckdb
 
-    if not Path(db).exists():
+    if is_new_workspace(db):  # nothing there yet, or a half-made file that registration rebuilds
         return
     with connect(db, read_only=True) as con:
         try:
