@@ -220,7 +220,7 @@ def class_label(labels: list[str], i: int | None) -> str:
 
 def _runs(n: int) -> None:
     with st.expander(f"Runs on this workspace ({n})"):
-        st.dataframe(load("runs_table"), hide_index=True, width="stretch")
+        st.dataframe(plain_frame(load("runs_table")), hide_index=True, width="stretch")
 
 
 def page_overview() -> None:

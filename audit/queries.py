@@ -675,8 +675,10 @@ def _int_list(v: Any) -> list[int] | None:
 
 
 def _joined(names: dict[int, str], v: Any, empty: str) -> str:
-    """Class names of a label list, ``; ``-joined; ``empty`` for an empty or NULL list."""
-    xs = _int_list(v) or []
+    """Class names of a label list, ``; ``-joined; ``empty`` for an empty list, '' for NULL (not known)."""
+    xs = _int_list(v)
+    if xs is None:
+        return ""
     return "; ".join(names.get(x, str(x)) for x in xs) if xs else empty
 
 
@@ -740,12 +742,11 @@ def _top_predictions(
         """,
         [k, k, [int(i) for i in images], list(run.models), ENSEMBLE],
     ).fetchall()
-    names = _names(con, {int(c) for r in rows for c in r[2]})
+    names = _names(con, {int(c) for r in rows for c in r[2] or []})
     by: dict[int, list[tuple[str, list[tuple[int, str, float]]]]] = {int(i): [] for i in images}
     for idx, model, cls, prob in rows:
-        by[int(idx)].append(
-            (model, [(int(c), names.get(int(c), str(c)), float(q)) for c, q in zip(cls, prob, strict=True)])
-        )
+        pairs = zip(cls or [], prob or [], strict=True)  # NULL lists (a foreign writer) show as no prediction
+        by[int(idx)].append((model, [(int(c), names.get(int(c), str(c)), float(q)) for c, q in pairs]))
     return [by[int(i)] for i in images]
 
 

@@ -790,9 +790,40 @@ def test_streamlit_command_turns_on_origin_checks(ws, monkeypatch, capsys):  # n
         assert opts["--server.headless"] == "true" and opts["--browser.gatherUsageStats"] == "false"
 
 
-def test_dashboard_refuses_a_port_out_of_range(ws, capsys):  # noqa: F811 - the ws fixture
+def test_dashboard_refuses_a_port_out_of_range(ws, capsys, monkeypatch):  # noqa: F811 - the ws fixture
     from audit import cli
 
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("started Streamlit on a port out of range"))
     assert cli.main(["dashboard", "--db", str(ws), "--port", "70000"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--port 70000" in err[0] and "1..65535" in err[0]
+
+
+def test_query_frames_hold_none_for_sql_null(built, tmp_path, monkeypatch):
+    """pandas 3 hands NULL lists over as pd.NA and NULL strings as NaN: the frames the app reads hold None."""
+    db = _copy(built("noreal"), tmp_path)
+    q.record_decision(db, FLIP[0], "keep", reviewer="t")
+    with connect(db) as con:  # NULL lists where another (older, foreign) writer left them
+        con.execute("UPDATE decisions SET old_labels = NULL")
+        con.execute("UPDATE runs SET models = NULL")
+        con.execute("UPDATE predictions SET top_classes = NULL, top_probs = NULL WHERE image_index = ?", [FLIP[1]])
+    total, g = q.gallery(db, q.Filters(kinds=(), reviewed="all"), 0, 30)
+    assert total == 24 and set(map(type, g.real_labels)) == {type(None)} and set(map(type, g.real)) == {type(None)}
+    assert all(isinstance(v, list) for v in g.current_labels) and all(isinstance(v, str) for v in g.current)
+    assert all(v is None or isinstance(v, str) for col in ("issue_kind", "suggested") for v in g[col])
+    assert [top for i, top in zip(g.image_index, g.top3, strict=True) if i == FLIP[1]] == [
+        [(m, []) for m in q.model_names(db)]
+    ]
+    _, _, window = q.queue_window(db, q.Filters(kinds=(), reviewed="all"), FLIP[0])
+    assert all(isinstance(v, str) for v in window.given)
+    d = q.image_detail(db, FLIP[0])
+    assert d["real_labels"] is None and d["real"] is None and d["bad_reason"] is None and d["last_action"] == "keep"
+    assert d["history"].old.tolist() == [""] and d["history"].new.tolist() != [""]
+    assert q.recent_decisions(db).old.tolist() == [""] and q.runs_table(db).models.tolist() == [""]
+    monkeypatch.setenv("AUDIT_DB", str(db))
+    at = start()
+    for page in PAGES:
+        goto(at, page)
+    at.session_state["image"] = FLIP[1]
+    goto(at, "Review")
+    assert f"image #{FLIP[1]}" in texts(at)
