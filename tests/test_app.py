@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import streamlit as st
 from _workspaces import BAD_REASON, CLASSES, KINDS, MARK, MODELS, REASON, REMOTE, REVIEWER, add_hostile_review, build
@@ -626,7 +627,7 @@ def test_shown_makes_invisible_characters_visible():
     assert shown("a\nb\tc\r") == "a␊b␉c␍"
     assert shown("evil\u202egpj.exe") == "evil⟨U+202E⟩gpj.exe" and shown("zero\u200bwidth") == "zero⟨U+200B⟩width"
     assert shown(None) == "" and shown(3) == "3" and shown("عربى") == "عربى"
-    df = plain_frame(__import__("pandas").DataFrame({"a": ["x\ny", None], "n": [1, 2]}, index=["r\u202e", "s"]))
+    df = plain_frame(pd.DataFrame({"a": ["x\ny", None], "n": [1, 2]}, index=["r\u202e", "s"]))
     assert df["a"].tolist() == ["x␊y", None] and df["n"].tolist() == [1, 2] and list(df.index) == ["r⟨U+202E⟩", "s"]
 
 

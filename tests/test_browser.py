@@ -167,6 +167,12 @@ def test_hostile_names_render_as_text_and_nothing_leaves_localhost(browser, tmp_
             if image == 5:
                 assert shown(BAD_REASON) in body and "Bad image" in body
         assert image == FLIP[2]
+        page.get_by_role("combobox", name=re.compile("Relabel to one class")).click()  # options: every class name
+        page.get_by_role("option").first.wait_for()
+        options = page.get_by_role("option").all_inner_texts()
+        assert len(options) == 4 and all(MARK in o for o in options)
+        assert page.evaluate(_MARKUP_JS, MARK) == []
+        page.keyboard.press("Escape")
         page.get_by_role("button", name="Keep original").click()
         page.get_by_text(re.compile(r"Decision \d+ saved: keep")).wait_for()
         assert page.evaluate(_MARKUP_JS, MARK) == []
@@ -184,6 +190,7 @@ def test_hostile_names_render_as_text_and_nothing_leaves_localhost(browser, tmp_
 
 def test_server_refuses_a_websocket_from_another_origin(ws, tmp_path):  # noqa: F811 - the ws fixture
     """CORS checks are on (--server.enableCORS true): a page on another site cannot open the app's WebSocket."""
+    pytest.importorskip("websockets", reason="the websockets client (a Streamlit server dependency) is absent")
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect as ws_connect
 
