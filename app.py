@@ -2,9 +2,19 @@
 
 Every query and every decision goes through :mod:`audit.queries`; this file
 only lays pages out. Run it with ``audit dashboard --db WORKSPACE`` (binds to
-127.0.0.1), or ``AUDIT_DB=path streamlit run app.py``. The workspace comes from
-the environment only, never from the URL; the URL carries the page and the
-image index under review (``?page=review&image=17``).
+127.0.0.1), or ``AUDIT_DB=path streamlit run app.py --server.address 127.0.0.1``.
+The workspace comes from the environment only, never from the URL; the URL
+carries the page and the image index under review (``?page=review&image=17``),
+validated by :mod:`audit.dashboard.params`.
+
+Untrusted text. Every string a user or a dataset controls (file, folder, class
+and model names, image ids, reviewers, reasons, paths, error messages quoting
+them) is shown as plain text through :mod:`audit.dashboard.ui`; Markdown
+elements and widget labels carry fixed text only.
+
+Writes. Decisions are the only writes. Served beyond localhost, the app asks for
+the access token before the first one (:mod:`audit.dashboard.auth`); served
+beyond localhost without a token it is read only.
 
 Caching: query results are cached per (query, arguments, data version), where
 the data version is a stat of the DuckDB file and its WAL, so a decision written
@@ -19,6 +29,7 @@ from __future__ import annotations
 import getpass
 import io
 import os
+import shlex
 import threading
 import zipfile
 from collections import OrderedDict
@@ -28,9 +39,13 @@ from typing import Any
 import altair as alt
 import pandas as pd
 import streamlit as st
+from streamlit import config as st_config
 
 from audit import queries as q
+from audit.dashboard import auth
+from audit.dashboard.params import image_from_url, page_from_url
 from audit.dashboard.thumbs import UnsafePath, safe_image_path, thumb_dir, thumbnail
+from audit.dashboard.ui import alert, plain_frame, shown
 from audit.errors import StoreError, UserError
 from audit.store import ACTIONS, default_db
 
@@ -131,7 +146,7 @@ def show_image(image_id: str, size: int) -> None:
     root = load("run_summary")["dataset_root"]
     data, why = _thumb(root or "", image_id, size, str(thumb_dir(_db())), _stamp(root or "", image_id))
     if data is None:
-        st.warning(why)
+        alert("warning", "Image not shown", why)
     else:
         st.image(data, width=size)
 
@@ -143,10 +158,8 @@ def init_state() -> None:
     ss = st.session_state
     if "_init" not in ss:
         ss["_init"] = True
-        page = str(st.query_params.get("page", "overview")).lower()
-        ss["page"] = next((p for p in PAGES if p.lower() == page), "Overview")
-        img = str(st.query_params.get("image", ""))
-        ss["image"] = int(img) if img.isdigit() else None
+        ss["page"] = page_from_url(st.query_params.get("page"), PAGES, "Overview")
+        ss["image"] = image_from_url(st.query_params.get("image"))
         ss["reviewer"] = os.environ.get("AUDIT_REVIEWER") or getpass.getuser()
         for k, v in DEFAULTS.items():
             ss.setdefault(k, v)
@@ -185,10 +198,13 @@ def pct(v: float | None) -> str:
 
 
 def class_labels() -> list[str]:
-    """'name · wnid · index' of every class, for the class pickers (type to search by name or wnid)."""
+    """'name · wnid · index' of every class ('name · index' where the key is the name), for the class pickers.
+
+    Shown only as selectbox options and in plain text (never Markdown): names are data.
+    """
     c = load("classes")
     return [
-        f"{n} · {k} · {i}"
+        f"{shown(n)} · {i}" if k == n else f"{shown(n)} · {shown(k)} · {i}"
         for i, k, n in zip(c["class_index"].tolist(), c["key"].tolist(), c["name"].tolist(), strict=True)
     ]
 
@@ -204,12 +220,12 @@ def class_label(labels: list[str], i: int | None) -> str:
 
 def _runs(n: int) -> None:
     with st.expander(f"Runs on this workspace ({n})"):
-        st.dataframe(load("runs_table"), hide_index=True, width="stretch")
+        st.dataframe(plain_frame(load("runs_table")), hide_index=True, width="stretch")
 
 
 def page_overview() -> None:
     s = load("run_summary")
-    m = load("metrics_table")
+    m = plain_frame(load("metrics_table"))
     st.header("Overview")
     c = st.columns(6)
     c[0].metric("images", f"{s['images']:,}")
@@ -219,10 +235,15 @@ def page_overview() -> None:
     c[4].metric("flagged", f"{s['flagged']:,}")
     c[5].metric("reviewed", f"{s['reviewed']:,}")
     last = s["last_run"]
-    st.caption(
-        f"dataset `{s['dataset_root']}` ({s['layout']}, {s['label_space']}) · ReaL: "
-        f"{s['real_source'] or 'does not apply'} ({s['with_real']:,} images) · models: {', '.join(s['models'])} · "
-        + (f"last run {last[0]} {last[1]}, finished {last[3]:%Y-%m-%d %H:%M} UTC" if last and last[3] else "no run yet")
+    st.text(
+        f"dataset {shown(s['dataset_root'])} ({shown(s['layout'])}, {shown(s['label_space'])})\n"
+        f"ReaL: {shown(s['real_source'] or 'does not apply')} ({s['with_real']:,} images)\n"
+        f"models: {', '.join(shown(x) for x in s['models'])}\n"
+        + (
+            f"last run {shown(last[0])} {shown(last[1])}, finished {last[3]:%Y-%m-%d %H:%M} UTC"
+            if last and last[3]
+            else "no run yet"
+        )
     )
     if m.empty:
         st.info("No metrics yet: the run stored no evaluation.")
@@ -285,8 +306,8 @@ def page_overview() -> None:
                 if e in ranks and "original" in ranks:
                     moved = ranks.index[ranks[e] != ranks["original"]].tolist()
                     if moved:
-                        st.markdown(
-                            f"**{EVAL_NAMES[e]} reorders** the models: "
+                        st.text(
+                            f"{EVAL_NAMES[e]} reorders the models: "
                             + ", ".join(f"{mm} {ranks.at[mm, 'original']}→{ranks.at[mm, e]}" for mm in moved)
                         )
                     else:
@@ -314,7 +335,7 @@ def filter_bar(models: list[str], labels: list[str]) -> None:
     c.selectbox(
         "Model",
         [None, *models],
-        format_func=lambda x: "any model" if x is None else x,
+        format_func=lambda x: "any model" if x is None else shown(x),
         key="f_model",
         on_change=reset_page,
     )
@@ -331,27 +352,28 @@ def filter_bar(models: list[str], labels: list[str]) -> None:
     g.selectbox("Sort", list(q.SORTS), format_func=lambda k: q.SORTS[k][0], key="f_sort", on_change=reset_page)
     if ss["f_pair"]:
         pa, pb = ss["f_pair"]
-        st.info(f"Only the class pair **{class_label(labels, pa)}** ↔ **{class_label(labels, pb)}**")
+        st.info("Only the images of one class pair (given label and a model's top-1, either way):")
+        st.text(f"{class_label(labels, pa)} ↔ {class_label(labels, pb)}")
         st.button("Clear class pair", on_click=lambda: (ss.__setitem__("f_pair", None), reset_page()))
 
 
 def card(row: pd.Series) -> None:
     with st.container(border=True):
         show_image(row.image_id, THUMB)
-        sugg = f" → **{row.suggested}** ({row.suggested_confidence:.0%})" if row.is_label_issue else ""
-        st.markdown(f"given **{row.given}**{sugg}")
-        bits = [f"`{row.image_id}`", f"#{row.image_index}"]
+        sugg = f" → {shown(row.suggested)} ({row.suggested_confidence:.0%})" if row.is_label_issue else ""
+        bits = [shown(row.image_id), f"#{row.image_index}"]
         if pd.notna(row.label_quality):
             bits.append(f"quality {row.label_quality:.3f}")
         if row.issue_kind:
-            bits.append(str(row.issue_kind).replace("_", " "))
+            bits.append(shown(row.issue_kind).replace("_", " "))
         if row.reviewed:
-            bits.append(f"reviewed: {row.current or 'no class fits'}")
-        st.caption(" · ".join(bits))
+            bits.append(f"reviewed: {shown(row.current) or 'no class fits'}")
+        lines = [f"given {shown(row.given)}{sugg}", " · ".join(bits)]
         if row.real is not None:
-            st.caption(f"ReaL: {row.real or '(none fits)'}")
-        lines = [f"{m}: " + ", ".join(f"{n} {p:.0%}" for _, n, p in top) for m, top in row.top3]
-        st.caption("  \n".join(lines))
+            lines.append(f"ReaL: {shown(row.real) or '(none fits)'}")
+        lines += [f"{shown(m)}: " + ", ".join(f"{shown(n)} {p:.0%}" for _, n, p in top) for m, top in row.top3]
+        # One plain-text element per card: names are data, never Markdown (audit.dashboard.ui).
+        st.text("\n".join(lines))
         st.button("Review", key=f"rev_{row.image_index}", on_click=goto, args=("Review", int(row.image_index)))
 
 
@@ -392,12 +414,13 @@ def pairs_view(models: list[str]) -> None:
     ss = st.session_state
     if ss["c_model"] not in models:
         ss["c_model"] = models[-1] if models else None
-    st.selectbox("Model", models, key="c_model")
+    st.selectbox("Model", models, key="c_model", format_func=shown)
     pairs = load("confused_pairs", ss["c_model"], 25) if ss["c_model"] else pd.DataFrame()
     if pairs.empty:
         st.info("No confusions: the model's top-1 agrees with every given label.")
         return
-    pairs["pair"] = pairs["a_name"] + " ↔ " + pairs["b_name"]
+    pairs = plain_frame(pairs)
+    pairs["pair"] = [f"{shown(a)} ↔ {shown(b)}" for a, b in zip(pairs["a_name"], pairs["b_name"], strict=True)]
     left, right = st.columns([2, 3])
     with left:
         st.dataframe(
@@ -439,9 +462,48 @@ def pairs_view(models: list[str]) -> None:
     st.button("Show these images in the gallery", on_click=show_pair)
 
 
+def write_policy() -> auth.WritePolicy:
+    """Who may write here: from the bind address and the configured token (see :mod:`audit.dashboard.auth`)."""
+    # streamlit.config.get_option, looked up at call time (AppTest patches it; st.get_option is bound early).
+    address = st_config.get_option("server.address")
+    if address is None and st_config.get_option("global.appTest"):
+        address = "127.0.0.1"  # Streamlit's AppTest runs the script in-process: nothing listens anywhere
+    return auth.write_policy(address, os.environ.get(auth.TOKEN_ENV))
+
+
+def write_refusal() -> str | None:
+    """Why this session may not write decisions now; None when it may."""
+    policy = write_policy()
+    if policy.mode == "open" or st.session_state.get("_authorized"):
+        return None
+    if policy.mode == "closed":
+        return (
+            "This dashboard is served beyond localhost without an access token, so it is read only. "
+            "Start it with 'audit dashboard' (which sets a token), or bind it to 127.0.0.1."
+        )
+    return "Enter the access token in the sidebar first ('audit dashboard' printed it on its terminal)."
+
+
+def check_token() -> None:
+    """Sidebar callback: unlock writes for this browser session when the entered token matches."""
+    ss = st.session_state
+    entered = ss.get("_token_in") or ""
+    ss["_token_in"] = ""  # never kept in session state past this check
+    policy = write_policy()
+    if policy.mode == "token" and auth.token_matches(entered, policy.token or ""):
+        ss["_authorized"] = True
+        ss["_flash"] = ("success", "Access token accepted: decisions are enabled for this browser session.")
+    elif entered:
+        ss["_flash"] = ("error", "Wrong access token: decisions stay disabled.")
+
+
 def act(action: str, image: int, next_image: int | None, labels: tuple[int, ...] = ()) -> None:
     """Button callback: append a decision, then move on in the queue."""
     ss = st.session_state
+    refused = write_refusal()
+    if refused:
+        ss["_flash"] = ("error", "Decision not saved.", refused)
+        return
     if action == "relabel":
         choice = ss.get(f"relabel_to_{image}")
         if choice is None:
@@ -460,7 +522,7 @@ def act(action: str, image: int, next_image: int | None, labels: tuple[int, ...]
             reason=(ss.get("reason") or "").strip(),
         )
     except (StoreError, UserError) as e:
-        ss["_flash"] = ("error", str(e))
+        ss["_flash"] = ("error", "Decision not saved.", str(e))
         return
     _cached.clear()
     ss["_flash"] = ("success", f"Decision {did} saved: {action} on image #{image} ({ACTIONS[action]}).")
@@ -497,9 +559,8 @@ def page_review() -> None:
         f"Queue: {', '.join(q.DISAGREEMENTS[k] for k in f.kinds) or 'all images'} · {f.reviewed} · "
         f"sorted by {q.SORTS[f.sort][0]} — image {where}. Change it on the Disagreements page."
     )
-    flash = ss.pop("_flash", None)
-    if flash:
-        getattr(st, flash[0])(flash[1])
+    if write_refusal():
+        st.info("Decisions are disabled in this session: see the sidebar.")
     nav = st.columns([1, 1, 4])
     nav[0].button(
         "◀ Previous", on_click=goto, args=("Review", prev_image), disabled=prev_image is None, shortcut="Left"
@@ -509,35 +570,36 @@ def page_review() -> None:
     left, right = st.columns([5, 6])
     with left:
         show_image(d["image_id"], LARGE)
-        st.caption(f"`{d['image_id']}` · image #{image}")
+        st.text(f"{shown(d['image_id'])} · image #{image}")
     with right:
-        status = "**reviewed**" if d["reviewed"] else "not reviewed"
-        st.markdown(
-            f"given label: **{class_label(labels, d['label'])}**  \n"
-            f"current labels: **{d['current'] or '(no class fits: left out)'}** — {status}"
-        )
+        facts = [
+            f"given label: {class_label(labels, d['label'])}",
+            f"current labels: {shown(d['current']) or '(no class fits: left out)'} — "
+            + ("reviewed" if d["reviewed"] else "not reviewed"),
+        ]
         if d["real_labels"] is not None:
-            st.markdown(f"ReaL labels: {d['real'] or '*(none fits)*'}")
-        if d["bad_reason"]:
-            st.error(f"bad image: {d['bad_reason']}")
+            facts.append(f"ReaL labels: {shown(d['real']) or '(none fits)'}")
         if pd.notna(d["label_quality"]):
-            kind = str(d["issue_kind"] or "not flagged").replace("_", " ")
-            st.markdown(
-                f"cleanlab: label quality **{d['label_quality']:.3f}** · {kind} · suggested "
-                f"**{d['suggested']}** ({d['suggested_confidence']:.0%})"
+            kind = shown(d["issue_kind"] or "not flagged").replace("_", " ")
+            facts.append(
+                f"cleanlab: label quality {d['label_quality']:.3f} · {kind} · suggested "
+                f"{shown(d['suggested'])} ({d['suggested_confidence']:.0%})"
             )
+        st.text("\n".join(facts))
+        if d["bad_reason"]:
+            alert("error", "Bad image: it could not be read, and is left out of every metric.", d["bad_reason"])
         preds = pd.DataFrame(
             [
                 {"model": m, **{f"top-{k + 1}": f"{n} {p:.0%}" for k, (_, n, p) in enumerate(top)}}
                 for m, top in d["predictions"]
             ]
         )
-        st.dataframe(preds, hide_index=True, width="stretch")
+        st.dataframe(plain_frame(preds), hide_index=True, width="stretch")
         st.text_input("Reason (optional; saved with the decision)", key="reason")
         bar = st.container(horizontal=True)
         sug = d["suggested_label"]
         bar.button(
-            f"Accept: {d['suggested']}" if pd.notna(sug) else "Accept suggestion",
+            "Accept suggestion",  # its name is in the text above: button labels render Markdown
             type="primary",
             shortcut="A",
             key="do_accept",
@@ -588,7 +650,7 @@ def page_review() -> None:
         st.caption("No decision yet.")
     else:
         st.dataframe(
-            hist[["decision_id", "decided_at", "reviewer", "action", "old", "new", "reason"]],
+            plain_frame(hist[["decision_id", "decided_at", "reviewer", "action", "old", "new", "reason"]]),
             hide_index=True,
             width="stretch",
         )
@@ -599,8 +661,9 @@ def page_review() -> None:
     for col, w in zip(cols, window.itertuples(index=False), strict=True):
         with col:
             show_image(w.image_id, 112)
+            st.text(shown(w.given)[:28])
             st.button(
-                f"{w.pos + 1}: {w.given}"[:28],
+                f"{w.pos + 1:,}",  # the class name is the text above: button labels render Markdown
                 key=f"q_{w.image_index}",
                 on_click=goto,
                 args=("Review", int(w.image_index)),
@@ -612,7 +675,7 @@ def page_review() -> None:
 def page_impact() -> None:
     st.header("Impact of the review")
     c = load("decision_counts")
-    m = load("metrics_table")
+    m = plain_frame(load("metrics_table"))
     k = st.columns(6)
     k[0].metric("decisions", f"{c['decisions']:,}")
     k[1].metric("images reviewed", f"{c['reviewed']:,}")
@@ -679,7 +742,7 @@ def _recent_decisions(title: str, limit: int, empty: str) -> None:
     if rec.empty:
         st.caption(empty)
     else:
-        st.dataframe(rec, hide_index=True, width="stretch")
+        st.dataframe(plain_frame(rec), hide_index=True, width="stretch")
 
 
 def page_export() -> None:
@@ -692,10 +755,11 @@ def page_export() -> None:
     k[3].metric("bad images", f"{s['bad_images']:,}")
     db = _db()
     st.markdown(
-        f"The same files, made by the same code, as `audit export --db {db} --out DIR`: "
+        "The same files, made by the same code, as this command: "
         "`labels.csv` (image, label, labels, status, source), `classes.csv`, `excluded.csv`, "
         "`imagefolder.txt` and, for ILSVRC-2012 file names, `real.json`. They are built when you click."
     )
+    st.code(shown(f"audit export --db {shlex.quote(str(db))} --out DIR"), language=None)
     version = q.data_version(db)
 
     def files() -> dict[str, bytes]:
@@ -752,6 +816,13 @@ def _export(db: str, version: tuple[int, ...]) -> dict[str, bytes]:
     return store[key]
 
 
+def show_flash() -> None:
+    """The message a callback left for this rerun (a decision saved or refused, a token checked)."""
+    flash = st.session_state.pop("_flash", None)
+    if flash:
+        alert(*flash)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -763,14 +834,23 @@ def main() -> None:
         st.title("audit")
         st.radio("Page", PAGES, key="page")
         st.text_input("Reviewer", key="reviewer", help="saved with each decision")
-        st.caption(f"workspace `{db}`")
+        if write_policy().mode == "token":
+            if ss.get("_authorized"):
+                st.caption("Access token accepted: decisions enabled.")
+            else:
+                st.text_input(
+                    "Access token (needed to record decisions)",
+                    key="_token_in",
+                    type="password",
+                    on_change=check_token,
+                    help="printed by 'audit dashboard' when it serves beyond localhost, or the value of "
+                    "AUDIT_DASHBOARD_TOKEN",
+                )
+        st.caption("workspace")
+        st.text(shown(db))
         st.button("Refresh data", on_click=_cached.clear)
     page = ss["page"]
-    st.query_params["page"] = page.lower()
-    if page == "Review" and ss.get("image") is not None:
-        st.query_params["image"] = str(ss["image"])
-    elif "image" in st.query_params:
-        del st.query_params["image"]
+    show_flash()
     try:
         with _reader():
             {
@@ -781,18 +861,31 @@ def main() -> None:
                 "Export": page_export,
             }[page]()
     except StoreError as e:
-        busy = "locked" in str(e)
-        st.warning(
-            "The workspace is busy: another process (an `audit run` finishing, an export, another reviewer) "
-            "is writing it. Try again in a moment."
-            if busy
-            else str(e)
-        )
+        if "locked" in str(e):
+            st.warning(
+                "The workspace is busy: another process (an `audit run` finishing, an export, another reviewer) "
+                "is writing it. Try again in a moment."
+            )
+        else:
+            alert("warning", "The workspace cannot be read.", str(e))
         st.button("Try again")
     except UserError as e:
-        st.error(str(e))
+        alert("error", "This page cannot be shown.", str(e))
     if ss.pop("_busy", False):
         st.info("Another process is writing the workspace; showing the last data read. Refresh in a moment.")
+    sync_url(page)
+
+
+def sync_url(page: str) -> None:
+    """The URL carries the page and the image under review, as validated here, and nothing else."""
+    want = {"page": page.lower()}
+    if page == "Review" and st.session_state.get("image") is not None:
+        want["image"] = str(int(st.session_state["image"]))
+    for k in [k for k in st.query_params if k not in want]:
+        del st.query_params[k]
+    for k, v in want.items():
+        if st.query_params.get(k) != v:
+            st.query_params[k] = v
 
 
 main()

@@ -211,32 +211,35 @@ def cmd_review(a: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(a: argparse.Namespace) -> int:
-    app = Path(__file__).resolve().parent.parent / "app.py"
-    if not app.exists():
-        raise UserError(f"app.py not found beside the audit package ({app}); run from a source checkout")
+    from audit.dashboard.auth import TOKEN_ENV, is_loopback, new_token
+    from audit.dashboard.serve import APP, streamlit_command
+
+    if not APP.exists():
+        raise UserError(f"app.py not found beside the audit package ({APP}); run from a source checkout")
     if not Path(a.db).exists():
         raise UserError(f"no audit workspace at {a.db}; run 'audit run DATASET --db {a.db}' first")
     env = dict(os.environ, AUDIT_DB=str(Path(a.db).resolve()))
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(app),
-        "--server.address",
-        a.host,
-        "--server.port",
-        str(a.port),
-        "--server.headless",
-        "true",
-        "--browser.gatherUsageStats",
-        "false",
-        "--client.toolbarMode",
-        "minimal",
-    ]
+    token = (env.get(TOKEN_ENV) or "").strip()
+    if not is_loopback(a.host):
+        # Anyone who can reach the address can open the dashboard: decisions need the token.
+        print(
+            f"audit: warning: --host {a.host or '(every interface)'} makes the dashboard reachable from other "
+            "machines (no TLS); anyone there can read the workspace, and writing decisions needs the access token",
+            file=sys.stderr,
+        )
+        if not token:
+            token = new_token()
+            print(
+                f"audit: access token (asked before the first decision; set {TOKEN_ENV} to choose it): {token}",
+                file=sys.stderr,
+            )
+        else:
+            print(f"audit: access token from {TOKEN_ENV}", file=sys.stderr)
+    if token:
+        env[TOKEN_ENV] = token
     print(f"audit: dashboard on http://{a.host}:{a.port} for {a.db}", file=sys.stderr)
     # Become the server (no child left behind when this process is signalled).
-    os.execve(sys.executable, cmd, env)
+    os.execve(sys.executable, streamlit_command(a.host, a.port), env)
     return 0  # pragma: no cover
 
 
@@ -363,7 +366,12 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("dashboard", help="open the review dashboard (Streamlit)")
     d.add_argument("--db", default=str(default_db()), help=db_help)
-    d.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
+    d.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="bind address (default localhost only; any other address warns, and decisions then need the access "
+        "token: AUDIT_DASHBOARD_TOKEN, or a random one printed on stderr)",
+    )
     d.add_argument("--port", type=_typed(_options.check_int, "--port", lo=1, hi=65535), default=8501)
     d.set_defaults(func=cmd_dashboard)
     return p

@@ -375,7 +375,7 @@ def runs_table(db: str | Path | Reader) -> pd.DataFrame:
             "json_extract_string(params, '$.precision') AS precision, audit_version "
             "FROM runs ORDER BY started_at DESC"
         ).df()
-    df["models"] = df["models"].map(lambda m: ",".join(m) if m is not None else "")
+    df["models"] = [",".join(_plain(m) or []) for m in df["models"]]
     return df
 
 
@@ -650,32 +650,72 @@ def gallery(db: str | Path | Reader, filters: Filters, page: int = 0, page_size:
     return total, df
 
 
+def _missing(v: Any) -> bool:
+    """True for SQL NULL as pandas hands it over: None, ``pd.NA``, NaN or NaT (never for a list or array)."""
+    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and math.isnan(v))
+
+
+def _plain(v: Any) -> Any:
+    """A value of a small result frame as plain Python: NULL -> None, arrays -> lists, numpy scalars -> Python.
+
+    DuckDB's pandas conversion gives a NULL list as ``pd.NA``, a NULL string as
+    NaN and a NULL integer as ``pd.NA`` (pandas 3); callers test ``is None`` and
+    iterate lists, so every frame handed to the dashboard goes through this.
+    """
+    if isinstance(v, np.ndarray | list | tuple):
+        return [_plain(x) for x in v]
+    if _missing(v):
+        return None
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _int_list(v: Any) -> list[int] | None:
+    """A list column's value as ``list[int]``; None for NULL (e.g. no ReaL set for this image)."""
+    return None if _missing(v) else [int(x) for x in v]
+
+
+def _joined(names: dict[int, str], v: Any, empty: str) -> str:
+    """Class names of a label list, ``; ``-joined; ``empty`` for an empty list, '' for NULL (not known)."""
+    xs = _int_list(v)
+    if xs is None:
+        return ""
+    return "; ".join(names.get(x, str(x)) for x in xs) if xs else empty
+
+
 def _add_names(con: duckdb.DuckDBPyConnection, df: pd.DataFrame) -> None:
-    """Class names for the label columns of a small frame (one query for the classes it mentions)."""
+    """Class names for the label columns of a small frame (one query for the classes it mentions).
 
-    def listed(v: Any) -> list[int] | None:
-        return None if v is None or (isinstance(v, float) and math.isnan(v)) else [int(x) for x in v]
-
+    Also makes the frame's NULLs plain: list columns hold ``list[int]`` or None,
+    and object / string columns None rather than ``pd.NA`` / NaN (see :func:`_plain`).
+    """
+    for col in ("real_labels", "current_labels"):
+        if col in df:
+            df[col] = pd.Series([_int_list(v) for v in df[col]], index=df.index, dtype=object)
     ids: set[int] = set()
     for col in ("label", "suggested_label"):
         if col in df:
-            ids.update(int(x) for x in df[col].dropna())
+            ids.update(int(x) for x in df[col] if not _missing(x))
     for col in ("real_labels", "current_labels"):
         if col in df:
             for v in df[col]:
-                ids.update(listed(v) or [])
+                ids.update(v or [])
     names = _names(con, ids)
 
-    def many(v: Any) -> str | None:
-        xs = listed(v)
-        return None if xs is None else "; ".join(names.get(x, str(x)) for x in xs)
+    def many(v: list[int] | None) -> str | None:
+        return None if v is None else "; ".join(names.get(x, str(x)) for x in v)
 
     for col, out in (("label", "given"), ("suggested_label", "suggested")):
         if col in df:
-            df[out] = [None if pd.isna(x) else names.get(int(x), str(x)) for x in df[col]]
+            df[out] = pd.Series(
+                [None if _missing(x) else names.get(int(x), str(x)) for x in df[col]], index=df.index, dtype=object
+            )
     for col, out in (("real_labels", "real"), ("current_labels", "current")):
         if col in df:
-            df[out] = [many(v) for v in df[col]]
+            df[out] = pd.Series([many(v) for v in df[col]], index=df.index, dtype=object)
+    for col in df.columns:
+        # pandas 3 stores a NULL string as NaN in its "str" dtype: make it None, which tests false.
+        if df[col].dtype == object or pd.api.types.is_string_dtype(df[col]):
+            df[col] = pd.Series([_plain(v) for v in df[col]], index=df.index, dtype=object)
 
 
 def _names(con: duckdb.DuckDBPyConnection, ids: set[int]) -> dict[int, str]:
@@ -702,12 +742,11 @@ def _top_predictions(
         """,
         [k, k, [int(i) for i in images], list(run.models), ENSEMBLE],
     ).fetchall()
-    names = _names(con, {int(c) for r in rows for c in r[2]})
+    names = _names(con, {int(c) for r in rows for c in r[2] or []})
     by: dict[int, list[tuple[str, list[tuple[int, str, float]]]]] = {int(i): [] for i in images}
     for idx, model, cls, prob in rows:
-        by[int(idx)].append(
-            (model, [(int(c), names.get(int(c), str(c)), float(q)) for c, q in zip(cls, prob, strict=True)])
-        )
+        pairs = zip(cls or [], prob or [], strict=True)  # NULL lists (a foreign writer) show as no prediction
+        by[int(idx)].append((model, [(int(c), names.get(int(c), str(c)), float(q)) for c, q in pairs]))
     return [by[int(i)] for i in images]
 
 
@@ -782,12 +821,10 @@ def image_detail(db: str | Path | Reader, image_index: int) -> dict[str, Any] | 
             "FROM decisions WHERE image_index = ? ORDER BY decision_id",
             [idx],
         ).df()
-        names = _names(con, {int(x) for col in ("old_labels", "new_labels") for v in hist[col] for x in v})
+        names = _names(con, {x for col in ("old_labels", "new_labels") for v in hist[col] for x in _int_list(v) or []})
     for col in ("old_labels", "new_labels"):
-        hist[col.replace("_labels", "")] = [
-            "; ".join(names.get(int(x), str(x)) for x in v) if len(v) else "(no class fits)" for v in hist[col]
-        ]
-    row = df.iloc[0].to_dict()
+        hist[col.replace("_labels", "")] = [_joined(names, v, "(no class fits)") for v in hist[col]]
+    row = {k: _plain(v) for k, v in df.iloc[0].items()}
     row["predictions"] = top
     row["history"] = hist
     return row
@@ -910,11 +947,9 @@ def recent_decisions(db: str | Path | Reader, limit: int = 50) -> pd.DataFrame:
             "FROM decisions ORDER BY decision_id DESC LIMIT ?",
             [int(limit)],
         ).df()
-        names = _names(con, {int(x) for col in ("old_labels", "new_labels") for v in df[col] for x in v})
+        names = _names(con, {x for col in ("old_labels", "new_labels") for v in df[col] for x in _int_list(v) or []})
     for col in ("old_labels", "new_labels"):
-        df[col.replace("_labels", "")] = [
-            "; ".join(names.get(int(x), str(x)) for x in v) if len(v) else "(none)" for v in df[col]
-        ]
+        df[col.replace("_labels", "")] = [_joined(names, v, "(none)") for v in df[col]]
     return df.drop(columns=["old_labels", "new_labels"])
 
 

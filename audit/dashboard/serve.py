@@ -12,7 +12,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["APP", "free_port", "serve"]
+__all__ = ["APP", "free_port", "serve", "streamlit_command"]
 
 APP = Path(__file__).resolve().parents[2] / "app.py"
 
@@ -22,6 +22,38 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def streamlit_command(host: str, port: int, *, app: Path = APP) -> list[str]:
+    """The ``streamlit run`` command line for the dashboard, as ``audit dashboard`` and :func:`serve` run it.
+
+    Origin checks are switched on explicitly (XSRF protection and CORS), so a
+    ``config.toml`` that turned them off does not apply to the dashboard: a page
+    on another site cannot drive a reviewer's session.
+    """
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.address",
+        host,
+        "--server.port",
+        str(int(port)),
+        "--server.headless",
+        "true",
+        "--server.enableXsrfProtection",
+        "true",
+        "--server.enableCORS",
+        "true",
+        "--server.fileWatcherType",
+        "none",
+        "--browser.gatherUsageStats",
+        "false",
+        "--client.toolbarMode",
+        "minimal",
+    ]
 
 
 @contextlib.contextmanager
@@ -43,23 +75,7 @@ def serve(
         (the message carries the end of its log).
     """
     port = port or free_port(host)
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(APP),
-        "--server.address",
-        host,
-        "--server.port",
-        str(port),
-        "--server.headless",
-        "true",
-        "--server.fileWatcherType",
-        "none",
-        "--browser.gatherUsageStats",
-        "false",
-    ]
+    cmd = streamlit_command(host, port)
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         cmd,
