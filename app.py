@@ -615,7 +615,7 @@ def page_review() -> None:
             key="do_undo",
             on_click=act,
             args=("undo", image, next_image),
-            disabled=d["history"].empty,
+            disabled=not d["reviewed"],  # the stack: nothing to undo once every decision is withdrawn
         )
         options = list(range(len(labels)))
         with st.form("relabel_form", clear_on_submit=False, border=True):
@@ -756,7 +756,8 @@ def page_export() -> None:
     db = _db()
     st.markdown(
         "The same files, made by the same code, as this command: "
-        "`labels.csv` (image, label, labels, status, source), `classes.csv`, `excluded.csv`, "
+        "`labels.csv` (image, label, labels, status, source), `classes.csv`, `excluded.csv` (for spreadsheets: "
+        "a cell that could start a formula begins with `'`), `labels.jsonl` and `classes.jsonl` (lossless), "
         "`imagefolder.txt` and, for ILSVRC-2012 file names, `real.json`. They are built when you click."
     )
     st.code(shown(f"audit export --db {shlex.quote(str(db))} --out DIR"), language=None)
@@ -782,8 +783,8 @@ def page_export() -> None:
         key="dl_zip",
         on_click="ignore",
     )
-    cols = st.columns(5)
-    for col, name in zip(cols, s["files"], strict=False):
+    cols = st.columns(len(s["files"]))
+    for col, name in zip(cols, s["files"], strict=True):
         col.download_button(
             name,
             lambda n=name: files()[n],
@@ -791,7 +792,7 @@ def page_export() -> None:
             key=f"dl_{name}",
             on_click="ignore",
             mime="application/json"
-            if name.endswith(".json")
+            if name.endswith((".json", ".jsonl"))
             else "text/csv"
             if name.endswith(".csv")
             else "text/plain",
