@@ -66,7 +66,9 @@ _CHUNK_ELEMENTS = 2**20
 # Evenly spaced in logit space, sigmoid(-4) .. sigmoid(14): a model trained with
 # softmax has logits offset by an arbitrary per-image constant, so its useful
 # sigmoid thresholds sit far above 0.98; a probability grid would never reach them.
-_DEFAULT_GRID = 1.0 / (1.0 + np.exp(-np.arange(-4.0, 14.0001, 0.25)))
+_LOGIT_GRID = np.arange(-4.0, 14.0001, 0.25)
+_DEFAULT_GRID = 1.0 / (1.0 + np.exp(-_LOGIT_GRID))
+_SCALES = ("probability", "logit")
 _CROSS_FIT = "2-fold cross-fit, max F1"
 
 
@@ -392,6 +394,7 @@ def sigmoid_evaluation(
     valid: np.ndarray | None = None,
     max_set: int = 20,
     seed: int = 0,
+    scale: str = "probability",
 ) -> list[Metric]:
     """Multi-label evaluation of thresholded per-class scores against ReaL sets.
 
@@ -422,6 +425,16 @@ def sigmoid_evaluation(
         Largest predicted set.
     seed : int, keyword-only
         Seed of the fold split.
+    scale : {"probability", "logit"}, keyword-only
+        ``"probability"``: scores are sigmoid outputs in [0, 1] and the
+        cross-fit grid is sigmoid(-4), ..., sigmoid(14). ``"logit"``: scores
+        are the logits themselves (any finite value; sigmoid is monotone, so
+        the predicted sets are the same), and the grid also takes quantiles of
+        the observed top scores. Why: a model whose logits sit far above 14
+        (SqueezeNet's end in a ReLU, 0 to 66) saturates a float32 sigmoid at
+        exactly 1.0 for dozens of classes, which erases their order and puts
+        every useful threshold off the fixed grid. ``threshold`` is on the
+        same scale.
 
     Returns
     -------
@@ -439,7 +452,7 @@ def sigmoid_evaluation(
     """
     scores, sets, valid = _as_sigmoid_inputs(scores, real_sets, valid, max_set)
     threshold = _as_threshold(threshold)
-    return _sigmoid(scores, sets, valid, threshold, max_set, seed)
+    return _sigmoid(scores, sets, valid, threshold, max_set, seed, _as_scale(scale))
 
 
 def choose_threshold(
@@ -490,6 +503,7 @@ def _sigmoid(
     threshold: float | None,
     max_set: int,
     seed: int,
+    scale: str = "probability",
 ) -> list[Metric]:
     rows = np.flatnonzero(valid & (sets.sizes > 0))
     if threshold is None and rows.size == 1:
@@ -497,7 +511,7 @@ def _sigmoid(
             "cross-fitting the threshold needs at least 2 valid images with a non-empty "
             "ReaL set, got 1; pass threshold= explicitly"
         )
-    ranked = _rank(scores, sets, rows, max_set)
+    ranked = _rank(scores, sets, rows, max_set, scale)
     if threshold is not None:
         stats, method = _per_image(ranked, threshold), "fixed"
     elif rows.size == 0:
@@ -505,15 +519,23 @@ def _sigmoid(
     else:
         perm = np.random.default_rng(seed).permutation(rows.size)
         fold_a, fold_b = ranked.take(perm[: rows.size // 2]), ranked.take(perm[rows.size // 2 :])
-        t_a, t_b = _best_threshold(fold_a, _DEFAULT_GRID), _best_threshold(fold_b, _DEFAULT_GRID)
+        # The logit grid's quantiles come from every image's scores, never from labels.
+        grid = _DEFAULT_GRID if scale == "probability" else _logit_grid(ranked)
+        t_a, t_b = _best_threshold(fold_a, grid), _best_threshold(fold_b, grid)
         on_a, on_b = _per_image(fold_a, t_b), _per_image(fold_b, t_a)
         stats = {name: np.concatenate([on_a[name], on_b[name]]) for name in on_a}
         threshold, method = (t_a + t_b) / 2, _CROSS_FIT
-    params = {"threshold": float(threshold), "threshold_method": method}
+    params = {"threshold": float(threshold), "threshold_method": method, "threshold_scale": scale}
     return [_mean("sigmoid", name, values, params) for name, values in stats.items()]
 
 
-def _rank(scores: np.ndarray, sets: _Sets, rows: np.ndarray, max_set: int) -> _Ranked:
+def _logit_grid(ranked: _Ranked) -> np.ndarray:
+    top = ranked.scores[np.isfinite(ranked.scores)]
+    quantiles = np.quantile(top, np.linspace(0.0, 1.0, 201)) if top.size else np.empty(0)
+    return np.unique(np.concatenate([_LOGIT_GRID, quantiles]))
+
+
+def _rank(scores: np.ndarray, sets: _Sets, rows: np.ndarray, max_set: int, scale: str = "probability") -> _Ranked:
     """Top ``max_set`` classes of ``scores[rows]``, read in chunks of rows."""
     c = scores.shape[1]
     m = min(max_set, c)
@@ -523,7 +545,10 @@ def _rank(scores: np.ndarray, sets: _Sets, rows: np.ndarray, max_set: int) -> _R
     for start in range(0, rows.size, step):
         chunk = rows[start : start + step]
         block = np.asarray(scores[chunk], dtype=np.float64)
-        _check_probabilities(block, chunk)
+        if scale == "probability":
+            _check_probabilities(block, chunk)
+        else:
+            _check_finite(block, chunk)
         cand = np.argpartition(block, c - m, axis=1)[:, c - m :]
         vals = np.take_along_axis(block, cand, axis=1)
         # Ties go to the lower class index, as np.argmax would.
@@ -565,6 +590,7 @@ def evaluate_all(
     label_sets: Sequence[Sequence[int]] | None = None,
     valid: np.ndarray | None = None,
     threshold: float | None = None,
+    scores_scale: str = "probability",
 ) -> list[Metric]:
     """Every evaluation the inputs allow, each input validated once.
 
@@ -585,7 +611,9 @@ def evaluate_all(
     valid : array of bool, shape (N,), keyword-only, optional
         Images that may be evaluated; default all.
     threshold : float, keyword-only, optional
-        Fixed sigmoid threshold; default cross-fitted.
+        Fixed sigmoid threshold, on ``scores_scale``; default cross-fitted.
+    scores_scale : {"probability", "logit"}, keyword-only
+        What ``scores`` hold (see :func:`sigmoid_evaluation`'s ``scale``).
 
     Returns
     -------
@@ -607,7 +635,7 @@ def evaluate_all(
         out += _set_accuracy("real", topk, real, valid, ks)
         out += _clean(topk, labels, real, valid)
     if sigmoid:
-        out += _sigmoid(scores, real, valid, threshold, 20, 0)
+        out += _sigmoid(scores, real, valid, threshold, 20, 0, _as_scale(scores_scale))
     if relabeled is not None:
         out += _set_accuracy("relabeled", topk, relabeled, valid, ks)
     return out
@@ -759,6 +787,19 @@ def _check_set_classes(sets: _Sets, c: int, name: str) -> None:
         top = int((sets.keys & (2**_SHIFT - 1)).max())
         if top >= c:
             raise ValueError(f"{name} holds class {top}, but scores has only C={c} columns")
+
+
+def _as_scale(scale: str) -> str:
+    if scale not in _SCALES:
+        raise ValueError(f"scale is {scale!r}, expected one of {_SCALES}")
+    return scale
+
+
+def _check_finite(block: np.ndarray, rows: np.ndarray) -> None:
+    ok = np.isfinite(block)
+    if not ok.all():
+        i, j = np.argwhere(~ok)[0]
+        raise ValueError(f"scores[{rows[i]}, {j}] is {block[i, j]}, expected a finite logit")
 
 
 def _check_probabilities(block: np.ndarray, rows: np.ndarray) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -581,7 +582,15 @@ def _evaluate(
     threshold: float | None,
 ) -> list[tuple[str, Metric]]:
     """Every evaluation of one model, or of the ensemble when ``logits`` holds several models'."""
-    scores = _sigmoid_scores(logits) if logits and ds.real is not None else None
+    # One model: its logits themselves (the sigmoid is monotone, and a float32 sigmoid of large
+    # logits saturates at 1.0: SqueezeNet's run 0..66). The ensemble: the mean of the sigmoids.
+    scale = "logit" if len(logits) == 1 else "probability"
+    scores = None
+    if logits and ds.real is not None:
+        scores = logits[0] if scale == "logit" else _sigmoid_scores(logits)
+    if threshold is not None and scale == "logit":
+        # A probability threshold on the logit scale; 0 and 1 become "every class" and "the argmax only".
+        threshold = math.log(threshold / (1 - threshold)) if 0 < threshold < 1 else (-1e30 if threshold <= 0 else 1e30)
     rows = evaluate_all(
         cls,
         ds.labels,
@@ -590,6 +599,7 @@ def _evaluate(
         label_sets=None,
         valid=valid & (cls[:, 0] >= 0),
         threshold=threshold,
+        scores_scale=scale,
     )
     rel = relabeled_accuracy(cls, [[int(x)] if x >= 0 else [] for x in ds.labels], valid=valid & (cls[:, 0] >= 0))
     return [(model, m) for m in rows + rel]

@@ -246,7 +246,7 @@ def test_sigmoid_fixed_threshold_hand_computed():
     assert (got["exact_match"].low, got["exact_match"].high) == wilson_interval(1, 3)
     for m in got.values():
         assert m.evaluation == "sigmoid" and m.n == 3
-        assert m.params == {"threshold": 0.5, "threshold_method": "fixed"}
+        assert m.params == {"threshold": 0.5, "threshold_method": "fixed", "threshold_scale": "probability"}
 
 
 def test_sigmoid_max_set_caps_prediction():
@@ -560,3 +560,27 @@ def test_real_accuracy_matches_timm(tmp_path):
     ours = values(real_accuracy(topk, sets))
     assert timm_real.get_accuracy(k=1) == pytest.approx(100 * ours["top1"], abs=1e-9)
     assert timm_real.get_accuracy(k=5) == pytest.approx(100 * ours["top5"], abs=1e-9)
+
+
+def test_sigmoid_evaluation_on_the_logit_scale_survives_logits_that_saturate_a_float32_sigmoid():
+    # SqueezeNet's logits end in a ReLU and run 0..66: sigmoid(z) is exactly 1.0 in float32 for
+    # z > 17, so dozens of classes tie at 1.0 and no threshold of the fixed grid separates them.
+    rng = np.random.default_rng(0)
+    n, c = 200, 50
+    logits = rng.uniform(20, 45, size=(n, c)).astype(np.float32)
+    truth = rng.integers(0, c, n)
+    logits[np.arange(n), truth] = 60.0
+    sets = [[int(t)] for t in truth]
+    on_logits = {m.metric: m for m in sigmoid_evaluation(logits, sets, scale="logit")}
+    assert on_logits["f1"].value == 1.0 and on_logits["f1"].params["threshold_scale"] == "logit"
+    saturated = (1 / (1 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+    assert (saturated == 1.0).all()
+    on_probs = {m.metric: m for m in sigmoid_evaluation(saturated, sets)}
+    assert on_probs["f1"].value < 0.2  # what the probability scale made of it
+
+
+def test_sigmoid_scale_is_validated():
+    with pytest.raises(ValueError, match="scale is 'logits'"):
+        sigmoid_evaluation(np.zeros((2, 3)), [[0], [1]], scale="logits")
+    with pytest.raises(ValueError, match="expected a finite logit"):
+        sigmoid_evaluation(np.array([[np.inf, 0.0], [0.0, 1.0]]), [[0], [1]], scale="logit")
