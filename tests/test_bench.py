@@ -39,3 +39,27 @@ def test_scoring_benchmarks_write_their_reports(tiny, command):
     assert "Machine:" in report
     assert ("forward-only ceiling" in report) if command == "stages" else ("argmax agreement" in report)
     json.loads(out.with_suffix(".json").read_text())
+
+
+def test_heads_benchmark_writes_its_report_on_synthetic_and_given_features(tmp_path):
+    import numpy as np
+
+    out = tmp_path / "heads"
+    res = subprocess.run(
+        [sys.executable, "-m", "audit.bench", "heads", "--n", "300", "--dim", "8", "--models", "2", "--folds", "3",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert rows[0]["images"] == 300 and rows[0]["models"] == 2 and rows[0]["total_s"] > 0
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "f.npy", rng.normal(size=(120, 4)).astype(np.float32))
+    np.save(tmp_path / "y.npy", rng.integers(0, 3, 120))
+    res = subprocess.run(
+        [sys.executable, "-m", "audit.bench", "heads", "--features", str(tmp_path / "f.npy"), "--labels",
+         str(tmp_path / "y.npy"), "--folds", "3", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["data"] == "real"

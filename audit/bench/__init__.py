@@ -8,4 +8,5 @@ Commands:
 * ``stages``: where the time of a scoring run goes, and the forward-only ceiling.
 * ``gen-images`` / ``gen-preds``: synthetic ImageNet-sized data sets and prediction files.
 * ``scale``: 50,000 images end to end, and post-processing of 50,000 x 1,000 x 3 predictions.
+* ``heads``: cross-validated softmax and sigmoid heads on M models' features, and their growth.
 """

@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         "gen-preds": ("audit.bench.scale", "gen_preds"),
         "scale": ("audit.bench.scale", "scale"),
         "post": ("audit.bench.scale", "post"),
+        "heads": ("audit.bench.heads", "heads"),
     }
     if not argv or argv[0] not in commands:
         import audit.bench
