@@ -85,6 +85,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     prev = last_run_inputs(a.db)
     labels, real, limit = a.labels, a.real, a.limit
+    space, classes = a.label_space, a.classes
     if a.dataset:
         root = Path(a.dataset)
     elif prev:
@@ -93,12 +94,16 @@ def cmd_run(a: argparse.Namespace) -> int:
         labels = labels or prev.get("labels")
         real = real or prev.get("real")
         limit = limit if limit is not None else prev.get("limit")
+        space = space or prev.get("label_space")
+        classes = classes or prev.get("classes")
         print(f"audit: continuing workspace {a.db} (dataset {root}, from its last run)", file=sys.stderr)
     else:
         root = _default_dataset()
     # Before the dataset is read: a workspace inside it would change what is read.
     check_workspace_outside(root, a.db)
-    ds = load_dataset(root, label_file=labels, real=real, limit=limit)
+    ds = load_dataset(
+        root, label_file=labels, real=real, limit=limit, label_space=space or "auto", classes=classes
+    )
     model_names = a.models if a.models is not None else ",".join(prev["models"]) if prev else _DEFAULT_MODELS
     names = [n.strip() for n in model_names.split(",") if n.strip()]
     if not names:
@@ -125,6 +130,8 @@ def cmd_run(a: argparse.Namespace) -> int:
             "labels": _absolute(labels),
             "real": _absolute(real),
             "limit": limit,
+            "label_space": space,
+            "classes": _absolute(classes),
             "models": names,
         },
     )
@@ -290,6 +297,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--db", default=str(default_db()), help=db_help)
     r.add_argument("--labels", help="CSV 'path,label' for a flat folder (label: wnid, index or class name)")
     r.add_argument("--real", help="ReaL label JSON (default: the copy inside the timm wheel, when it applies)")
+    r.add_argument(
+        "--label-space",
+        choices=["auto", "imagenet", "custom"],
+        help="imagenet: every label must name an ImageNet class; custom: the labels are classes of their own "
+        "(a flowers set's 'daisy'); auto (default): wnid folders, or a label file whose every label names an "
+        "ImageNet class, are ImageNet's, anything else custom",
+    )
+    r.add_argument(
+        "--classes",
+        help="text file, one class per line: the class order of a custom label space (classes without images "
+        "allowed; every label must be listed)",
+    )
     r.add_argument("--batch-size", type=_typed(_options.check_int, "--batch-size", lo=1), default=64)
     r.add_argument(
         "--workers",

@@ -58,6 +58,8 @@ __all__ = [
 _log = logging.getLogger(__name__)
 ENSEMBLE = "ensemble"
 _TOPK = 5
+# The files a run reads beside the images, by their key in the recorded inputs: an export must not overwrite one.
+_INPUT_FILES = {"labels": "label file", "real": "ReaL file", "classes": "classes file", "truth": "truth file"}
 _CHUNK = 4096
 
 
@@ -364,7 +366,7 @@ def _run_audit(
 ) -> RunResult:
     from audit import flag
 
-    notes = _check_compatible(ds, specs)
+    notes = [*ds.notes, *_check_compatible(ds, specs)]
     if len({s.name for s in specs}) != len(specs):
         raise ModelError("the same model is listed twice in --models; list each once")
     params = {
@@ -452,12 +454,14 @@ def last_run_inputs(db: str | Path) -> dict[str, Any] | None:
 
 
 def workspace_inputs(db: str | Path) -> dict[str, set[Path]]:
-    """Every input any run of workspace ``db`` read: ``{"dataset": roots, "labels": files, "real": files}``.
+    """Every input any run of workspace ``db`` read: ``{"dataset": roots, "labels": files, ...}``.
+
+    Keys: ``dataset`` (roots) and the files ``labels``, ``real``, ``classes`` and ``truth``.
 
     Real paths (symbolic links resolved), from the recorded inputs of every run
     and the dataset root the workspace was made for; empty sets for a new workspace.
     """
-    out: dict[str, set[Path]] = {"dataset": set(), "labels": set(), "real": set()}
+    out: dict[str, set[Path]] = {k: set() for k in ("dataset", *_INPUT_FILES)}
     if is_new_workspace(db):
         return out
     with connect(db, read_only=True) as con:
@@ -527,7 +531,7 @@ def check_export_target(db: str | Path, out: str | Path) -> Path:
                 f"--out {out} lies inside the dataset folder {root} that workspace {path} reads, where its files "
                 "would join the dataset; pass a folder outside it"
             )
-    for key, what in (("labels", "label file"), ("real", "ReaL file")):
+    for key, what in _INPUT_FILES.items():
         for f in sorted(inputs[key]):
             if f.parent == target:
                 raise OptionError(

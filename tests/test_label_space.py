@@ -1,0 +1,166 @@
+"""Label spaces (issue 10 §3): --label-space, --classes, --truth; synthetic flat sets with prediction files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _synth import make_predictions
+
+from audit.cli import main
+from audit.datasets import load_classes, load_dataset
+from audit.errors import DatasetError, LabelFileError
+
+FLOWERS = ("daisy", "rose", "tulip")  # "daisy" is also an ImageNet class name (985)
+
+
+@pytest.fixture
+def flowers(tmp_path, make_image) -> tuple[Path, Path]:
+    root = tmp_path / "flowers"
+    rows = ["path,label"]
+    for k in range(12):
+        make_image(root / f"f{k:02d}.png", seed=k)
+        rows.append(f"f{k:02d}.png,{FLOWERS[k % 3]}")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    return root, labels
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_flowers_file_with_an_imagenet_name_is_a_custom_space_in_auto_with_a_note(flowers):
+    root, labels = flowers
+    ds = load_dataset(root, label_file=labels)
+    assert not ds.label_space.imagenet and ds.label_space.keys == ("daisy", "rose", "tulip")
+    assert [ds.label_space.keys[i] for i in ds.labels[:3]] == ["daisy", "rose", "tulip"]
+    (note,) = ds.notes
+    assert "2 of 3 labels are not ImageNet classes" in note and "--label-space imagenet" in note
+
+
+def test_label_space_custom_takes_imagenet_names_as_plain_classes(tmp_path, make_image):
+    root = tmp_path / "flat"
+    for k in range(4):
+        make_image(root / f"i{k}.png", seed=k)
+    labels = _write(tmp_path / "l.csv", "path,label\ni0.png,daisy\ni1.png,tench\ni2.png,daisy\ni3.png,tench\n")
+    assert load_dataset(root, label_file=labels).label_space.imagenet  # every label is ImageNet's: auto says so
+    ds = load_dataset(root, label_file=labels, label_space="custom")
+    assert not ds.label_space.imagenet and ds.label_space.keys == ("daisy", "tench") and not ds.notes
+
+
+def test_label_space_imagenet_refuses_labels_that_are_not_imagenet_classes(flowers):
+    root, labels = flowers
+    with pytest.raises(LabelFileError, match=r"2 label\(s\) are not ImageNet classes, first 'rose'.*custom"):
+        load_dataset(root, label_file=labels, label_space="imagenet")
+
+
+def test_auto_still_refuses_a_mistyped_wnid_among_wnids(tmp_path, make_image):
+    root = tmp_path / "flat"
+    for k in range(2):
+        make_image(root / f"i{k}.png", seed=k)
+    labels = _write(tmp_path / "l.csv", "path,label\ni0.png,n01440764\ni1.png,n0144076\n")
+    with pytest.raises(LabelFileError, match=r"'n0144076'.*--label-space custom"):
+        load_dataset(root, label_file=labels)
+
+
+def test_imagefolder_label_spaces(tmp_path, make_image):
+    wnid = tmp_path / "wnid"
+    for k, w in enumerate(("n01440764", "n01443537")):
+        make_image(wnid / w / f"{k}.png", seed=k)
+    ds = load_dataset(wnid, label_space="custom")
+    assert not ds.label_space.imagenet and ds.label_space.names == ("tench", "goldfish")
+    custom = tmp_path / "custom"
+    for k, c in enumerate(("scratch", "dent")):
+        make_image(custom / c / f"{k}.png", seed=k)
+    with pytest.raises(LabelFileError, match="not ImageNet classes, first 'dent'"):
+        load_dataset(custom, label_space="imagenet")
+
+
+def test_classes_file_fixes_the_order_and_allows_classes_without_images(flowers, tmp_path):
+    root, labels = flowers
+    classes = _write(tmp_path / "classes.txt", "tulip\nrose\nsunflower\ndaisy\n\n")
+    ds = load_dataset(root, label_file=labels, classes=classes)
+    assert ds.label_space.keys == ("tulip", "rose", "sunflower", "daisy") and not ds.label_space.imagenet
+    assert [ds.label_space.keys[i] for i in ds.labels[:3]] == ["daisy", "rose", "tulip"]
+    assert 2 not in set(ds.labels.tolist())  # sunflower: a class with no image
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("daisy\n\nrose\n", r"line 2 is empty"),
+        ("daisy\nrose\ndaisy\n", r"line 3: 'daisy' is listed twice \(first on line 1\)"),
+        ("daisy\n", r"lists 1 class"),
+        ("daisy\nrose\n", r"1 label\(s\) are not in classes file .*, first 'tulip'"),
+    ],
+)
+def test_bad_classes_files_are_refused(flowers, tmp_path, text, message):
+    root, labels = flowers
+    with pytest.raises(LabelFileError, match=message):
+        load_dataset(root, label_file=labels, classes=_write(tmp_path / "c.txt", text))
+
+
+def test_classes_and_label_space_imagenet_contradict(flowers, tmp_path):
+    root, labels = flowers
+    with pytest.raises(DatasetError, match="drop one of them"):
+        load_dataset(root, label_file=labels, classes=_write(tmp_path / "c.txt", "daisy\nrose\ntulip\n"),
+                     label_space="imagenet")  # fmt: skip
+
+
+def test_load_classes_reads_a_bom_and_strips_spaces(tmp_path):
+    p = tmp_path / "c.txt"
+    p.write_bytes("\ufeff a \nb\r\n".encode())
+    assert load_classes(p) == ("a", "b")
+
+
+def _flower_preds(tmp_path: Path, root: Path, labels: Path, classes: Path | None = None) -> Path:
+    ds = load_dataset(root, label_file=labels, classes=classes)
+    return make_predictions(
+        tmp_path / "p.npy", list(ds.image_ids), ds.labels, n_classes=len(ds.label_space), flip=np.array([4])
+    )
+
+
+def test_cli_classes_are_recorded_and_a_bare_rerun_keeps_them(flowers, tmp_path, capsys):
+    root, labels = flowers
+    (tmp_path / "meta").mkdir()
+    classes = _write(tmp_path / "meta" / "classes.txt", "tulip\nrose\nsunflower\ndaisy\n")
+    preds = _flower_preds(tmp_path, root, labels, classes)
+    db = tmp_path / "w.duckdb"
+    argv = ["run", str(root), "--labels", str(labels), "--classes", str(classes), "--models", f"preds:{preds}"]
+    assert main([*argv, "--db", str(db), "-q", "--format", "json"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out[: out.rindex("flagged images")])
+    top1 = next(r for r in rows if r["model"] == "ensemble" and r["evaluation"] == "original" and r["metric"] == "top1")
+    assert top1["value"] == pytest.approx(11 / 12)
+    assert main(["run", "--db", str(db), "-q"]) == 0  # bare: the same label file and classes file
+    from audit.store import connect
+
+    with connect(db, read_only=True) as con:
+        keys = [r[0] for r in con.execute("SELECT key FROM classes ORDER BY class_index").fetchall()]
+        params = json.loads(con.execute("SELECT params FROM runs ORDER BY started_at DESC").fetchone()[0])
+    assert keys == ["tulip", "rose", "sunflower", "daisy"]
+    assert params["inputs"]["classes"] == str(classes.resolve())
+    # An export next to the classes file could overwrite it: refused like the label file's folder.
+    assert main(["export", "--db", str(db), "--out", str(tmp_path / "meta")]) == 2
+    assert "classes file" in capsys.readouterr().err
+
+
+def test_cli_auto_custom_space_prints_its_note(flowers, tmp_path, capsys):
+    root, labels = flowers
+    preds = _flower_preds(tmp_path, root, labels)
+    db = tmp_path / "w.duckdb"
+    assert main(["run", str(root), "--labels", str(labels), "--models", f"preds:{preds}", "--db", str(db), "-q"]) == 0
+    assert "form a custom label space" in capsys.readouterr().err
+
+
+def test_cli_bad_classes_file_is_one_line_exit_2(flowers, tmp_path, capsys):
+    root, labels = flowers
+    classes = _write(tmp_path / "classes.txt", "daisy\ndaisy\n")
+    db = tmp_path / "w.duckdb"
+    assert main(["run", str(root), "--labels", str(labels), "--classes", str(classes), "--db", str(db)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "listed twice" in err[0] and not db.exists()
