@@ -85,7 +85,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     prev = last_run_inputs(a.db)
     labels, real, limit = a.labels, a.real, a.limit
-    space, classes = a.label_space, a.classes
+    space, classes, truth = a.label_space, a.classes, a.truth
     if a.dataset:
         root = Path(a.dataset)
     elif prev:
@@ -96,13 +96,14 @@ def cmd_run(a: argparse.Namespace) -> int:
         limit = limit if limit is not None else prev.get("limit")
         space = space or prev.get("label_space")
         classes = classes or prev.get("classes")
+        truth = truth or prev.get("truth")
         print(f"audit: continuing workspace {a.db} (dataset {root}, from its last run)", file=sys.stderr)
     else:
         root = _default_dataset()
     # Before the dataset is read: a workspace inside it would change what is read.
     check_workspace_outside(root, a.db)
     ds = load_dataset(
-        root, label_file=labels, real=real, limit=limit, label_space=space or "auto", classes=classes
+        root, label_file=labels, real=real, limit=limit, label_space=space or "auto", classes=classes, truth=truth
     )
     model_names = a.models if a.models is not None else ",".join(prev["models"]) if prev else _DEFAULT_MODELS
     names = [n.strip() for n in model_names.split(",") if n.strip()]
@@ -132,6 +133,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             "limit": limit,
             "label_space": space,
             "classes": _absolute(classes),
+            "truth": _absolute(truth),
             "models": names,
         },
     )
@@ -308,6 +310,12 @@ def _parser() -> argparse.ArgumentParser:
         "--classes",
         help="text file, one class per line: the class order of a custom label space (classes without images "
         "allowed; every label must be listed)",
+    )
+    r.add_argument(
+        "--truth",
+        help="CSV 'path,label' of trusted labels for every image (a re-annotation, a clean set): every model is "
+        "evaluated against it (evaluation 'truth') and the flags scored by it ('flags_vs_truth': precision, "
+        "recall, AP)",
     )
     r.add_argument("--batch-size", type=_typed(_options.check_int, "--batch-size", lo=1), default=64)
     r.add_argument(

@@ -207,6 +207,8 @@ class AuditDataset:
     real_source: str | None = None
     stamps: np.ndarray | None = field(default=None, repr=False, compare=False)
     notes: tuple[str, ...] = ()  # what loading decided that the user should hear (see load_dataset's label_space)
+    truth: np.ndarray | None = field(default=None, repr=False, compare=False)  # (N,) int64 trusted labels
+    truth_source: str | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -563,38 +565,38 @@ def _choose_space(
     return _custom_space(distinct), note
 
 
-def _read_label_csv(path: Path) -> list[tuple[int, str, str]]:
+def _read_label_csv(path: Path, what: str = "label file") -> list[tuple[int, str, str]]:
     """``(line, path, label)`` rows; the path cell is taken verbatim, the label cell is stripped."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except OSError as e:
-        raise LabelFileError(f"cannot read label file {path}: {e.strerror}; check the path") from e
+        raise LabelFileError(f"cannot read {what} {path}: {e.strerror}; check the path") from e
     except UnicodeDecodeError as e:
-        raise LabelFileError(f"label file {path} is not UTF-8 (byte {e.start}); re-save it as UTF-8") from e
+        raise LabelFileError(f"{what} {path} is not UTF-8 (byte {e.start}); re-save it as UTF-8") from e
     try:
         rows = list(enumerate(csv.reader(io.StringIO(text, newline="")), start=1))
     except csv.Error as e:
-        raise LabelFileError(f"label file {path} is not valid CSV ({e}); save it as plain 'path,label' CSV") from e
+        raise LabelFileError(f"{what} {path} is not valid CSV ({e}); save it as plain 'path,label' CSV") from e
     rows = [(n, r) for n, r in rows if any(cell.strip() for cell in r)]
     if not rows:
-        raise LabelFileError(f"label file {path} is empty; expected a header 'path,label' and rows")
+        raise LabelFileError(f"{what} {path} is empty; expected a header 'path,label' and rows")
     first = rows[0][1]
     header = [h.strip().lower() for h in first]
     # 'image' is accepted for 'path' so that an exported labels.csv loads back as it is.
     col = "path" if "path" in header else "image"
     if col not in header or "label" not in header:
-        raise LabelFileError(f"label file {path} has header {first!r}; expected columns 'path' and 'label'")
+        raise LabelFileError(f"{what} {path} has header {first!r}; expected columns 'path' and 'label'")
     ip, il = header.index(col), header.index("label")
     out: list[tuple[int, str, str]] = []
     for n, r in rows[1:]:
         if len(r) <= max(ip, il):
-            raise LabelFileError(f"label file {path} line {n}: expected 'path,label', got {r!r}")
+            raise LabelFileError(f"{what} {path} line {n}: expected 'path,label', got {r!r}")
         if not r[il].strip():
-            raise LabelFileError(f"label file {path} line {n}: empty label for {r[ip]!r}; give a class or drop the row")
+            raise LabelFileError(f"{what} {path} line {n}: empty label for {r[ip]!r}; give a class or drop the row")
         # The path exactly as written: ' a.jpg' is a file whose name starts with a space.
         out.append((n, r[ip], r[il].strip()))
     if not out:
-        raise LabelFileError(f"label file {path} has a header but no rows")
+        raise LabelFileError(f"{what} {path} has a header but no rows")
     return out
 
 
@@ -744,6 +746,7 @@ def load_dataset(
     limit: int | None = None,
     label_space: str = "auto",
     classes: str | Path | None = None,
+    truth: str | Path | None = None,
 ) -> AuditDataset:
     """Discover the images and labels of a validation set.
 
@@ -805,7 +808,10 @@ def load_dataset(
     if not entries:
         raise DatasetError(f"no images found under {r}; expected class folders of image files")
     entries.sort(key=lambda e: e.id)  # ids are sorted as strings, whatever the layout
-    entries = [entries[i] for i in _spread(len(entries), limit)]
+    # Checked against every listed image, so that --limit does not turn the truth file's rows into unknowns.
+    trusted = _truth([e.id for e in entries], space, Path(truth)) if truth is not None else None
+    keep = _spread(len(entries), limit)
+    entries = [entries[i] for i in keep]
     ids = [e.id for e in entries]
     labels = np.array([space.resolve(e.tok) for e in entries], dtype=np.int64)
     real_sets, real_src = _attach_real(ids, space, real)
@@ -819,7 +825,52 @@ def load_dataset(
         real_source=real_src,
         stamps=np.array([e.stamp for e in entries], dtype=np.int64).reshape(len(entries), 2),
         notes=(note,) if note else (),
+        truth=trusted[keep] if trusted is not None else None,
+        truth_source=str(truth) if truth is not None else None,
     )
+
+
+def _truth(ids: Sequence[str], space: LabelSpace, path: Path) -> np.ndarray:
+    """The trusted label of each of ``ids`` from truth file ``path``; every fault one :class:`LabelFileError`."""
+    rows = _read_label_csv(path, "truth file")
+    index = {i: k for k, i in enumerate(ids)}
+    out = np.full(len(ids), -1, dtype=np.int64)
+    seen: dict[str, int] = {}
+    unknown: list[tuple[int, str]] = []
+    for n, raw, tok in rows:
+        where = f"truth file {path} line {n}"
+        try:
+            rel = _check_id(raw)
+        except DatasetError as e:
+            raise LabelFileError(f"{where}: {e}") from e
+        if rel in seen:
+            raise LabelFileError(
+                f"{where}: {rel!r} is listed twice (first on line {seen[rel]}); keep one row per image"
+            )
+        seen[rel] = n
+        if rel not in index:
+            unknown.append((n, rel))
+            continue
+        try:
+            out[index[rel]] = space.resolve(tok)
+        except KeyError as e:
+            raise LabelFileError(
+                f"{where}: label {tok!r} is not a class of the dataset's label space ({e.args[0]}); use the given "
+                "labels' classes, or list it in --classes"
+            ) from None
+    if unknown:
+        n, rel = unknown[0]
+        raise LabelFileError(
+            f"truth file {path}: {len(unknown)} row(s) name images that are not in the dataset, first {rel!r} "
+            f"(line {n}); drop those rows or fix their paths"
+        )
+    missing = [ids[k] for k in np.flatnonzero(out < 0)]
+    if missing:
+        raise LabelFileError(
+            f"truth file {path}: {len(missing)} image(s) have no row, first {missing[0]!r}; give every image of "
+            "the dataset a trusted label"
+        )
+    return out
 
 
 def _attach_real(

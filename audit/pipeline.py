@@ -41,6 +41,7 @@ from audit.store import (
     workspace_lock,
     workspace_path,
 )
+from audit.truth import flag_metrics, truth_metrics, write_truth
 from audit.zoo import ModelSpec
 
 __all__ = [
@@ -87,6 +88,8 @@ def dataset_fingerprint(ds: AuditDataset) -> str:
         h.update(f"{i}\0{lab}\n".encode())
     h.update(json.dumps(ds.real).encode())
     h.update(np.ascontiguousarray(ds.file_stamps(), dtype=np.int64).tobytes())
+    if ds.truth is not None:  # only then: a workspace without truth keeps the fingerprint it always had
+        h.update(b"truth\0" + np.ascontiguousarray(ds.truth, dtype=np.int64).tobytes())
     return h.hexdigest()
 
 
@@ -255,6 +258,7 @@ def _write_meta(con: Any, ds: AuditDataset, fp: str) -> None:
         ("layout", ds.layout),
         ("label_space", "imagenet-1k" if ds.label_space.imagenet else "custom"),
         ("real_source", ds.real_source or ""),
+        ("truth_source", ds.truth_source or ""),
     ):
         con.execute(
             "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", [key, value]
@@ -420,6 +424,10 @@ def _run_audit(
         ens_logits = [np.load(a.logits, mmap_mode="r") for a in evaluable]
         metric_rows += _evaluate(ENSEMBLE, cls, ens_logits, ds, valid, sigmoid_threshold)
         issues = flag.find_label_issues([np.load(a.probs, mmap_mode="r") for a in evaluable], ds.labels, valid=valid)
+        if ds.truth is not None:
+            quality = issues["label_quality"].to_numpy(dtype=np.float64)
+            flagged = issues["is_label_issue"].to_numpy(dtype=bool)
+            metric_rows += [(ENSEMBLE, m) for m in flag_metrics(quality, flagged, ds.labels, ds.truth, valid)]
     else:
         notes.append(
             f"no model predicts this dataset's {len(ds.label_space)} classes: their predictions are stored, "
@@ -596,6 +604,8 @@ def _evaluate(
         threshold=threshold,
     )
     rel = relabeled_accuracy(cls, [[int(x)] if x >= 0 else [] for x in ds.labels], valid=valid & (cls[:, 0] >= 0))
+    if ds.truth is not None:
+        rel += truth_metrics(cls, ds.truth, valid)
     return [(model, m) for m in rows + rel]
 
 
@@ -675,6 +685,7 @@ def _ingest(
     )
     with connect(db) as con, transaction(con):
         _sync_dataset(con, ds)  # labels, ReaL sets and classes as this run read them
+        write_truth(con, ds.truth)  # its own table (created here), so older workspaces open unchanged
         # A run defines the workspace's models: the ensemble, the flags and every table
         # then describe the same set. Earlier models not listed again leave the tables;
         # their arrays stay cached, so listing them again costs no scoring.
@@ -767,6 +778,6 @@ def live_metrics(db: Path) -> pd.DataFrame:
                     }
                 )
     out = pd.concat([stored, pd.DataFrame(rows)], ignore_index=True) if rows else stored
-    order = {"original": 0, "real": 1, "sigmoid": 2, "clean": 3, "relabeled": 4}
+    order = {"original": 0, "real": 1, "sigmoid": 2, "clean": 3, "relabeled": 4, "truth": 5, "flags_vs_truth": 6}
     out["_o"] = out["evaluation"].map(order).fillna(9)
     return out.sort_values(["model", "_o", "metric"], kind="stable").drop(columns="_o").reset_index(drop=True)

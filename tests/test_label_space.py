@@ -164,3 +164,101 @@ def test_cli_bad_classes_file_is_one_line_exit_2(flowers, tmp_path, capsys):
     assert main(["run", str(root), "--labels", str(labels), "--classes", str(classes), "--db", str(db)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "listed twice" in err[0] and not db.exists()
+
+
+# --------------------------------------------------------------------------- --truth
+
+
+def _truth_file(path: Path, root: Path, labels: Path, wrong: tuple[int, ...]) -> Path:
+    """The given labels with the rows at ``wrong`` (0-based, sorted-id order) set to the next flower."""
+    rows = labels.read_text().splitlines()
+    out = [rows[0]]
+    for k, row in enumerate(rows[1:]):
+        p, lab = row.split(",")
+        out.append(f"{p},{FLOWERS[(FLOWERS.index(lab) + 1) % 3] if k in wrong else lab}")
+    return _write(path, "\n".join(out) + "\n")
+
+
+def test_truth_is_checked_at_the_boundary(flowers, tmp_path):
+    root, labels = flowers
+    good = _truth_file(tmp_path / "t.csv", root, labels, ())
+    ds = load_dataset(root, label_file=labels, truth=good)
+    assert (ds.truth == ds.labels).all()
+    lines = good.read_text().splitlines()
+    cases = {
+        "unknown image": ([*lines, "nope.png,rose"], r"name images that are not in the dataset, first 'nope"),
+        "unknown class": ([*lines[:2], "f01.png,orchid", *lines[3:]], r"line 3: label 'orchid' is not a class"),
+        "missing row": (lines[:-1], r"1 image\(s\) have no row, first 'f11.png'"),
+        "twice": ([*lines, lines[1]], r"listed twice"),
+    }
+    for name, (rows, message) in cases.items():
+        bad = _write(tmp_path / f"{name}.csv", "\n".join(rows) + "\n")
+        with pytest.raises(LabelFileError, match=message):
+            load_dataset(root, label_file=labels, truth=bad)
+    # --limit keeps a subset; the truth file still describes the whole dataset, and is not refused for it.
+    assert len(load_dataset(root, label_file=labels, truth=good, limit=4).truth) == 4
+
+
+def test_truth_evaluates_every_model_and_scores_the_flags(flowers, tmp_path, capsys):
+    from audit.store import connect
+
+    root, labels = flowers
+    ds = load_dataset(root, label_file=labels)
+    # Both models' top-1 is label + 1 at rows 4 and 7: those are flagged. The truth says 4 and 9 are wrong.
+    flip = np.array([4, 7])
+    p1 = make_predictions(tmp_path / "a.npy", list(ds.image_ids), ds.labels, n_classes=3, flip=flip, seed=1)
+    p2 = make_predictions(tmp_path / "b.npy", list(ds.image_ids), ds.labels, n_classes=3, flip=flip, seed=2)
+    truth = _truth_file(tmp_path / "t.csv", root, labels, (4, 9))
+    db = tmp_path / "w.duckdb"
+    argv = ["run", str(root), "--labels", str(labels), "--truth", str(truth), "--models", f"preds:{p1},preds:{p2}"]
+    assert main([*argv, "--db", str(db), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["metrics", "--db", str(db), "--format", "json"]) == 0
+    rows = {(r["model"], r["evaluation"], r["metric"]): r for r in json.loads(capsys.readouterr().out)}
+    # Against the truth: rows 7 and 9 are wrong (4 is predicted as label+1, which is the truth there).
+    for m in ("ensemble", next(k[0] for k in rows if k[0] != "ensemble")):
+        assert rows[(m, "truth", "top1")]["value"] == pytest.approx(10 / 12)
+        assert rows[(m, "truth", "top1")]["low"] < 10 / 12 < rows[(m, "truth", "top1")]["high"]
+    with connect(db, read_only=True) as con:
+        flagged = {r[0] for r in con.execute("SELECT image_index FROM label_issues WHERE is_label_issue").fetchall()}
+        stored = [r[0] for r in con.execute("SELECT label FROM truth ORDER BY image_index").fetchall()]
+    assert stored == load_dataset(root, label_file=labels, truth=truth).truth.tolist()
+    wrong = {4, 9}
+    f = rows[("ensemble", "flags_vs_truth", "precision")]
+    assert f["value"] == pytest.approx(len(flagged & wrong) / len(flagged)) and f["n"] == len(flagged)
+    assert rows[("ensemble", "flags_vs_truth", "recall")]["value"] == pytest.approx(len(flagged & wrong) / 2)
+    assert 0 < rows[("ensemble", "flags_vs_truth", "ap")]["value"] <= 1
+    assert rows[("ensemble", "flags_vs_truth", "wrong")]["value"] == pytest.approx(2 / 12)
+    # A bare rerun keeps the truth file; a run of the same workspace without one... keeps it too (continues).
+    assert main(["run", "--db", str(db), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["metrics", "--db", str(db), "--format", "csv"]) == 0
+    assert "flags_vs_truth" in capsys.readouterr().out
+
+
+def test_cli_bad_truth_is_one_line_exit_2_and_writes_nothing(flowers, tmp_path, capsys):
+    root, labels = flowers
+    bad = _write(tmp_path / "t.csv", "path,label\nf00.png,daisy\n")
+    db = tmp_path / "w.duckdb"
+    assert main(["run", str(root), "--labels", str(labels), "--truth", str(bad), "--db", str(db)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "11 image(s) have no row" in err[0] and not db.exists()
+
+
+def test_flag_metrics_match_sklearn():
+    from sklearn.metrics import average_precision_score, precision_score, recall_score
+
+    from audit.truth import flag_metrics
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 200)
+    truth = np.where(rng.random(200) < 0.2, (labels + 1) % 3, labels)
+    q = np.clip(rng.random(200) - 0.5 * (labels != truth), 0, 1)
+    flagged = q < 0.3
+    valid = rng.random(200) > 0.05
+    m = {r.metric: r for r in flag_metrics(q, flagged, labels, truth, valid)}
+    w = (labels != truth)[valid]
+    assert m["precision"].value == pytest.approx(precision_score(w, flagged[valid]))
+    assert m["recall"].value == pytest.approx(recall_score(w, flagged[valid]))
+    assert m["ap"].value == pytest.approx(average_precision_score(w, 1 - q[valid]))
+    assert m["precision"].low < m["precision"].value < m["precision"].high
