@@ -57,7 +57,15 @@ THUMB = 192
 LARGE = 512
 # Seconds a page waits for another process's write before showing its last data.
 READ_WAIT = float(os.environ.get("AUDIT_READ_WAIT", "3"))
-EVAL_NAMES = {"original": "original", "real": "ReaL", "sigmoid": "sigmoid", "clean": "clean", "relabeled": "relabeled"}
+EVAL_NAMES = {
+    "original": "original",
+    "real": "ReaL",
+    "sigmoid": "sigmoid",
+    "clean": "clean",
+    "relabeled": "relabeled",
+    "truth": "truth",
+    "flags_vs_truth": "flags vs truth",
+}
 DEFAULTS: dict[str, Any] = {
     "f_kinds": ["flagged"],
     "f_issue": [],
@@ -258,6 +266,9 @@ def page_overview() -> None:
     st.dataframe(wide, width="stretch")
     n = h.groupby("evaluation")["n"].max()
     st.caption("images per evaluation: " + ", ".join(f"{EVAL_NAMES[e]} {int(v):,}" for e, v in n.items()))
+    flags = q.flags_vs_truth(m)
+    if flags:
+        st.text(flags)
     left, right = st.columns([3, 2])
     with left:
         st.subheader("Accuracy by evaluation")
@@ -698,8 +709,16 @@ def page_impact() -> None:
     if imp.empty:
         st.info("No metrics yet.")
         return
+    flags = q.flags_vs_truth(m)
+    if flags:
+        st.text(flags)
     view = pd.DataFrame({"model": imp["model"]})
-    for col, title in (("original", "original top-1"), ("relabeled", "relabeled top-1"), ("real", "ReaL top-1")):
+    for col, title in (
+        ("original", "original top-1"),
+        ("relabeled", "relabeled top-1"),
+        ("real", "ReaL top-1"),
+        ("truth", "truth top-1"),
+    ):
         if col in imp:
             view[title] = [
                 f"{pct(v)} ({pct(lo)[:-1]}–{pct(hi)})"

@@ -61,6 +61,7 @@ __all__ = [
     "export_files",
     "export_summary",
     "flagged_issues",
+    "flags_vs_truth",
     "gallery",
     "headline",
     "image_detail",
@@ -77,9 +78,16 @@ __all__ = [
 ]
 
 ENSEMBLE = "ensemble"
-EVALUATIONS = ("original", "real", "sigmoid", "clean", "relabeled")
+EVALUATIONS = ("original", "real", "sigmoid", "clean", "relabeled", "truth", "flags_vs_truth")
 # The one number per evaluation that the overview compares and ranks models by.
-HEADLINE = {"original": "top1", "real": "top1", "sigmoid": "f1", "clean": "top1", "relabeled": "top1"}
+HEADLINE = {
+    "original": "top1",
+    "real": "top1",
+    "sigmoid": "f1",
+    "clean": "top1",
+    "relabeled": "top1",
+    "truth": "top1",  # against --truth, the trusted labels (audit.truth)
+}
 ISSUE_KINDS = ("wrong_label", "multi_label", "no_fit", "model_disagreement")
 # Kinds of disagreement an image can show; a filter keeps images showing any of those selected.
 DISAGREEMENTS = {
@@ -453,6 +461,31 @@ def metrics_table(db: str | Path | Reader) -> pd.DataFrame:
     return out.sort_values(["model", "_o", "metric"], kind="stable").drop(columns="_o").reset_index(drop=True)
 
 
+def flags_vs_truth(metrics: pd.DataFrame) -> str | None:
+    """One plain-text line on how the flags fare against ``--truth`` (precision, recall, AP), or None.
+
+    Pure: takes :func:`metrics_table`'s frame (rows of evaluation ``flags_vs_truth``, see audit.truth).
+    """
+    rows = metrics[metrics["evaluation"] == "flags_vs_truth"].set_index("metric")
+    if rows.empty or not {"precision", "recall", "ap", "wrong"} <= set(rows.index):
+
+        return None
+
+    def cell(name: str) -> str:
+        r = rows.loc[name]
+        if pd.isna(r["value"]):
+            return "–"
+        iv = "" if pd.isna(r["low"]) else f" ({100 * r['low']:.1f}–{100 * r['high']:.1f}%)"
+        return f"{100 * r['value']:.1f}%{iv}"
+
+    ap = rows.loc["ap"]["value"]
+    return (
+        f"flags against the truth labels: precision {cell('precision')}, recall {cell('recall')}, "
+        f"AP {'–' if pd.isna(ap) else f'{ap:.3f}'} over {int(rows.loc['wrong']['n']):,} images, "
+        f"{cell('wrong')} of them with a given label that differs from the truth (the AP of a random order)"
+    )
+
+
 def headline(metrics: pd.DataFrame) -> pd.DataFrame:
     """One row per model and evaluation: its :data:`HEADLINE` metric, with low/high/n."""
     keep = [(metrics["evaluation"] == e) & (metrics["metric"] == m) for e, m in HEADLINE.items()]
@@ -476,7 +509,7 @@ def rank_table(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def impact(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Per model: original, relabeled and ReaL top-1 (with intervals), deltas and rank changes.
+    """Per model: original, relabeled, ReaL and truth top-1 (with intervals), deltas and rank changes.
 
     Pure: takes :func:`metrics_table`'s frame. Deltas are fractions
     (relabeled - original, relabeled - real); ranks leave the ensemble out;
@@ -487,7 +520,7 @@ def impact(metrics: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     wide = top1.pivot(index="model", columns="evaluation", values="value")
     out = pd.DataFrame(index=wide.index)
-    for e in ("original", "relabeled", "real"):
+    for e in ("original", "relabeled", "real", "truth"):
         if e in wide:
             out[e] = wide[e]
             rows = top1[top1["evaluation"] == e].set_index("model")

@@ -262,3 +262,30 @@ def test_flag_metrics_match_sklearn():
     assert m["recall"].value == pytest.approx(recall_score(w, flagged[valid]))
     assert m["ap"].value == pytest.approx(average_precision_score(w, 1 - q[valid]))
     assert m["precision"].low < m["precision"].value < m["precision"].high
+
+
+def test_dashboard_shows_truth_metrics_and_flag_scores(flowers, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from audit import queries as q
+
+    root, labels = flowers
+    ds = load_dataset(root, label_file=labels)
+    p = make_predictions(tmp_path / "a.npy", list(ds.image_ids), ds.labels, n_classes=3, flip=np.array([4, 7]))
+    truth = _truth_file(tmp_path / "t.csv", root, labels, (4, 9))
+    db = tmp_path / "w.duckdb"
+    argv = ["run", str(root), "--labels", str(labels), "--truth", str(truth), "--models", f"preds:{p}"]
+    assert main([*argv, "--db", str(db), "-q"]) == 0
+    m = q.metrics_table(db)
+    assert set(m["evaluation"]) >= {"original", "truth", "flags_vs_truth"}
+    line = q.flags_vs_truth(m)
+    assert line.startswith("flags against the truth labels: precision") and "over 12 images" in line
+    assert "truth" in set(q.impact(m).columns)
+    monkeypatch.setenv("AUDIT_DB", str(db))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    assert any(line == t.value for t in at.text)
+    at.sidebar.radio(key="page").set_value("Impact").run()
+    assert not at.exception, at.exception
+    assert any(line == t.value for t in at.text)
