@@ -242,6 +242,8 @@ def page_overview() -> None:
     c[3].metric("bad images", s["bad_images"], help="could not be read; left out of every metric")
     c[4].metric("flagged", f"{s['flagged']:,}")
     c[5].metric("reviewed", f"{s['reviewed']:,}")
+    if s.get("heads_warning"):
+        alert("warning", "Heads too weak to trust", s["heads_warning"])
     last = s["last_run"]
     st.text(
         f"dataset {shown(s['dataset_root'])} ({shown(s['layout'])}, {shown(s['label_space'])})\n"

@@ -86,6 +86,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     prev = last_run_inputs(a.db)
     labels, real, limit = a.labels, a.real, a.limit
     space, classes, truth = a.label_space, a.classes, a.truth
+    heads, folds = a.heads, a.folds
     if a.dataset:
         root = Path(a.dataset)
     elif prev:
@@ -97,6 +98,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         space = space or prev.get("label_space")
         classes = classes or prev.get("classes")
         truth = truth or prev.get("truth")
+        heads = heads if heads is not None else prev.get("heads")
+        folds = folds if folds is not None else prev.get("folds")
         print(f"audit: continuing workspace {a.db} (dataset {root}, from its last run)", file=sys.stderr)
     else:
         root = _default_dataset()
@@ -126,6 +129,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         progress=not a.quiet,
         backend=a.backend,
         precision=a.precision,
+        heads=heads,
+        folds=folds if folds is not None else 10,
         inputs={
             "dataset": _absolute(str(root)),
             "labels": _absolute(labels),
@@ -134,11 +139,15 @@ def cmd_run(a: argparse.Namespace) -> int:
             "label_space": space,
             "classes": _absolute(classes),
             "truth": _absolute(truth),
+            "heads": heads,
+            "folds": folds,
             "models": names,
         },
     )
     for note in res.skipped:
         print(f"audit: note: {note}", file=sys.stderr)
+    for warning in res.warnings:
+        print(f"audit: warning: {warning}", file=sys.stderr)
     from audit.pipeline import live_metrics
 
     _emit_metrics(live_metrics(Path(a.db)), a.format)
@@ -310,6 +319,18 @@ def _parser() -> argparse.ArgumentParser:
         "--classes",
         help="text file, one class per line: the class order of a custom label space (classes without images "
         "allowed; every label must be listed)",
+    )
+    r.add_argument(
+        "--heads",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fit cross-validated softmax and sigmoid heads on each model's features and add them as models "
+        "(default: on for a custom label space, off for ImageNet's)",
+    )
+    r.add_argument(
+        "--folds",
+        type=_typed(_options.check_int, "--folds", lo=2),
+        help="outer cross-validation folds of the heads (default 10)",
     )
     r.add_argument(
         "--truth",

@@ -25,6 +25,7 @@ from audit import __version__, _options
 from audit.datasets import AuditDataset
 from audit.errors import ModelError, OptionError, StoreError
 from audit.evaluate import Metric, evaluate_all, relabeled_accuracy
+from audit.headmodels import HEADS_MIN_AGREEMENT, features_of, fit_heads, head_agreement, weak_heads_warning
 from audit.score import ModelArrays, ScoreStats, check_predictions, load_models, score_dataset
 from audit.store import (
     arrays_dir,
@@ -72,6 +73,7 @@ class RunResult:
     n_flagged: int
     n_bad: int
     skipped: tuple[str, ...]  # evaluations that could not run, with why
+    warnings: tuple[str, ...] = ()  # what the user must not miss (heads too weak to trust)
 
 
 def dataset_fingerprint(ds: AuditDataset) -> str:
@@ -291,11 +293,14 @@ def run_audit(ds: AuditDataset, specs: Sequence[ModelSpec], db: Path, **options:
 
     Options: ``batch_size`` (64), ``workers`` (2), ``device`` (cuda when
     present), ``sigmoid_threshold`` (cross-fitted), ``progress`` (True),
-    ``backend`` ("auto") and ``precision`` ("fp32"; see :func:`audit.score.score_dataset`).
+    ``backend`` ("auto") and ``precision`` ("fp32"; see :func:`audit.score.score_dataset`),
+    ``heads`` (None: for a custom label space; True/False: always/never; see
+    :mod:`audit.headmodels`) and ``folds`` (10, their outer folds).
     """
     # Every option and path is checked before the workspace is touched: a refused run writes nothing.
     db = check_workspace(db, create=True)
     options = _check_options(options)
+    _check_heads(ds, options)
     check_workspace_outside(ds.root, db)
     _check_compatible(ds, specs)
     if len({s.name for s in specs}) != len(specs):
@@ -321,6 +326,8 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
         out["batch_size"] = _options.check_int("--batch-size", out["batch_size"], lo=1)
     if "workers" in out:
         out["workers"] = _options.check_workers("--workers", out["workers"])
+    if "folds" in out:
+        out["folds"] = _options.check_int("--folds", out["folds"], lo=2)
     if out.get("sigmoid_threshold") is not None:
         out["sigmoid_threshold"] = _options.check_probability("--sigmoid-threshold", out["sigmoid_threshold"])
     if os.environ.get("AUDIT_SHARD_SIZE") is not None:  # read by scoring, after the run is registered
@@ -334,6 +341,36 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     backend = score.resolve_backend(out.get("backend", "auto"), device)
     score._check_precision(out.get("precision", "fp32"), backend, device)
     return out
+
+
+def wants_heads(ds: AuditDataset, heads: bool | None) -> bool:
+    """Whether a run fits heads: asked for (``--heads``), or by default for a custom label space."""
+    return bool(heads) if heads is not None else not ds.label_space.imagenet
+
+
+def _check_heads(ds: AuditDataset, options: Mapping[str, Any]) -> None:
+    """``--heads`` with ``--folds`` against the dataset: every outer fold needs images (:class:`OptionError`).
+
+    Only when heads were asked for; the default heads of a custom space are skipped with a note instead
+    (:func:`_heads_note`), so a tiny custom set still gets its predictions stored.
+    """
+    folds = options.get("folds", 10)
+    if options.get("heads") and len(ds) < folds:
+        raise OptionError(
+            f"--folds {folds}: the dataset has only {len(ds)} images, too few to hold out one per fold; "
+            "pass a smaller --folds (at least 2)"
+        )
+
+
+def _heads_note(ds: AuditDataset, valid: np.ndarray, folds: int) -> str | None:
+    """Why no heads can be fitted on this dataset's valid images, or None."""
+    lab = ds.labels[valid]
+    if len(lab) < folds or len(np.unique(lab)) < 2:
+        return (
+            f"no heads: {len(lab)} readable images in {len(np.unique(lab))} classes, and {folds}-fold "
+            "cross-validation needs at least one image per fold and 2 classes; pass a smaller --folds or more images"
+        )
+    return None
 
 
 def _end_unfinished_run(db: Path, run_id: str, e: BaseException) -> None:
@@ -367,6 +404,8 @@ def _run_audit(
     backend: str = "auto",
     precision: str = "fp32",
     inputs: Mapping[str, Any] | None = None,
+    heads: bool | None = None,
+    folds: int = 10,
 ) -> RunResult:
     from audit import flag
 
@@ -379,6 +418,8 @@ def _run_audit(
         "sigmoid_threshold": sigmoid_threshold,
         "backend": backend,
         "precision": precision,
+        "heads": heads,
+        "folds": folds,
         # What the user passed, so that a bare `audit run --db WS` can continue this workspace.
         "inputs": dict(inputs or {}),
     }
@@ -406,6 +447,22 @@ def _run_audit(
         bad.update(a.bad)
     valid = np.ones(len(ds), dtype=bool)
     valid[list(bad)] = False
+    head_params: dict[str, dict[str, Any]] = {}
+    warnings: list[str] = []
+    heads_info: dict[str, Any] = {}
+    why_not = _heads_note(ds, valid, folds) if wants_heads(ds, heads) else None
+    if why_not:
+        notes.append(why_not)
+    elif wants_heads(ds, heads):
+        made = fit_heads(ds, arrays, arrays_dir(db), valid=valid, folds=folds, features=_features_of)
+        arrays = [*arrays, *made.arrays]
+        notes += made.notes
+        head_params = made.params
+        if made.arrays:
+            agree = head_agreement([np.load(a.probs, mmap_mode="r") for a in made.arrays], ds.labels, valid)
+            warn = weak_heads_warning(agree)
+            heads_info = {"agreement": agree, "threshold": HEADS_MIN_AGREEMENT, "warning": warn}
+            warnings += [warn] if warn else []
     evaluable = [a for a in arrays if a.num_classes == len(ds.label_space)]
     _log.info("post-processing %d model(s)", len(arrays))
     pred_frames, metric_rows = [], []
@@ -436,9 +493,14 @@ def _run_audit(
     if ds.real is None:
         notes.append("ReaL labels do not apply to these images: real, sigmoid and clean evaluations skipped")
     metrics = pd.DataFrame([_metric_row(run_id, m, r) for m, r in metric_rows])
-    _ingest(db, run_id, ds, arrays, pred_frames, metrics, issues, bad, notes, stats)
+    _ingest(db, run_id, ds, arrays, pred_frames, metrics, issues, bad, notes, stats, head_params, heads_info)
     n_flag = int(issues["is_label_issue"].sum()) if issues is not None else 0
-    return RunResult(run_id, db, metrics, n_flag, len(bad), tuple(notes))
+    return RunResult(run_id, db, metrics, n_flag, len(bad), tuple(notes), tuple(warnings))
+
+
+def _features_of(arrays: ModelArrays) -> np.ndarray | None:
+    """A model's ``(N, D)`` penultimate features, or None: the one seam from scoring to the heads."""
+    return features_of(arrays)
 
 
 def last_run_inputs(db: str | Path) -> dict[str, Any] | None:
@@ -653,6 +715,8 @@ def _ingest(
     bad: dict[int, str],
     notes: list[str],
     stats: ScoreStats,
+    head_params: Mapping[str, dict[str, Any]] | None = None,
+    heads_info: Mapping[str, Any] | None = None,
 ) -> None:
     from audit import flag
 
@@ -665,7 +729,12 @@ def _ingest(
                 "tag": a.spec.tag,
                 "loss": a.spec.loss,
                 "num_classes": a.num_classes,
-                "preprocess": to_json(a.spec.preprocess.__dict__ if a.spec.preprocess else None),
+                # A head has no preprocessing of its own (it reads its model's features): the column holds
+                # its parameters instead (kind, folds, seed, C and its grid, the features' model and width).
+                "preprocess": to_json(
+                    (head_params or {}).get(a.spec.name)
+                    or (a.spec.preprocess.__dict__ if a.spec.preprocess else None)
+                ),
                 "weights_file": a.spec.weights_file,
                 "logits_file": str(a.logits),
                 "probs_file": str(a.probs),
@@ -713,7 +782,7 @@ def _ingest(
             insert_frame(con, "label_issues", _issue_frame(issues, run_id))
         # What ran: the backend "auto" resolved to, and how many images were scored (0 when all were cached).
         scoring = {"backend_used": stats.backend, "images_scored": stats.images}
-        params = {"flag": flag.flag_params(), "notes": notes, "scoring": scoring}
+        params = {"flag": flag.flag_params(), "notes": notes, "scoring": scoring, "head_check": dict(heads_info or {})}
         con.execute(
             "UPDATE runs SET finished_at = ?, status = ?, params = json_merge_patch(params, ?) WHERE run_id = ?",
             [now(), "finished", to_json(params), run_id],

@@ -64,6 +64,7 @@ __all__ = [
     "flags_vs_truth",
     "gallery",
     "headline",
+    "heads_warning",
     "image_detail",
     "impact",
     "metrics_table",
@@ -347,6 +348,7 @@ def run_summary(db: str | Path | Reader) -> dict[str, Any]:
             con, "SELECT run_id, status, started_at, finished_at FROM runs ORDER BY started_at DESC LIMIT ?", [1]
         )
         n_runs = fetch_one(con, "SELECT count(*) FROM runs")[0]
+        heads = _heads_warning(con)
     return {
         "dataset_root": meta.get("dataset_root"),
         "layout": meta.get("layout"),
@@ -363,7 +365,23 @@ def run_summary(db: str | Path | Reader) -> dict[str, Any]:
         "decisions": n_decisions,
         "last_run": last,
         "runs": n_runs,
+        "heads_warning": heads,
     }
+
+
+def heads_warning(db: str | Path | Reader) -> str | None:
+    """The newest finished run's warning that its heads are too weak to trust (audit.headmodels), or None."""
+    with _open(db) as con:
+        return _heads_warning(con)
+
+
+def _heads_warning(con: duckdb.DuckDBPyConnection) -> str | None:
+    row = fetch_one(
+        con,
+        "SELECT json_extract_string(params, ?) FROM runs WHERE status = ? ORDER BY finished_at DESC LIMIT ?",
+        ["$.head_check.warning", "finished", 1],
+    )
+    return row[0] if row and row[0] else None
 
 
 def runs_table(db: str | Path | Reader) -> pd.DataFrame:

@@ -1,0 +1,162 @@
+"""Heads as models of a run (issue 10 §2): custom label space, prediction files plus features given through the seam."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _synth import make_predictions
+
+from audit import pipeline
+from audit.cli import main
+from audit.datasets import load_dataset
+from audit.headmodels import HEADS_MIN_AGREEMENT, head_agreement, weak_heads_warning
+from audit.store import connect
+
+CLASSES = ("scratch", "dent", "ok")
+N = 60
+WRONG = (5, 17, 30, 44)  # given labels that are not the image's class
+
+
+@pytest.fixture
+def parts(tmp_path, make_image) -> tuple[Path, Path, np.ndarray]:
+    root = tmp_path / "parts"
+    rows = ["path,label"]
+    cls = np.arange(N) % 3
+    for k in range(N):
+        make_image(root / f"p{k:02d}.png", seed=k)
+        given = (cls[k] + 1) % 3 if k in WRONG else cls[k]
+        rows.append(f"p{k:02d}.png,{CLASSES[given]}")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    return root, labels, cls
+
+
+def _features(ds, cls_by_id: dict[str, int], sep: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    cls = np.array([cls_by_id[i] for i in ds.image_ids])
+    centres = rng.normal(0, 1, (3, 16)) * sep
+    return (centres[cls] + rng.normal(0, 1, (len(cls), 16))).astype(np.float16)
+
+
+def _setup(tmp_path, parts, monkeypatch, sep: float) -> tuple[list[str], Path]:
+    root, labels, cls = parts
+    ds = load_dataset(root, label_file=labels)
+    assert not ds.label_space.imagenet
+    cls_by_id = {f"p{k:02d}.png": int(c) for k, c in enumerate(cls)}
+    # An ImageNet-width prediction file stands in for a zoo model: stored as context in a custom space.
+    pred = make_predictions(tmp_path / "zoo.npy", list(ds.image_ids), ds.labels, n_classes=1000, seed=3)
+    feats = _features(ds, cls_by_id, sep)
+    calls = []
+
+    def seam(a):
+        calls.append(a.spec.name)
+        return feats
+
+    monkeypatch.setattr(pipeline, "_features_of", seam)
+    argv = ["run", str(root), "--labels", str(labels), "--models", f"preds:{pred}", "--folds", "5", "-q"]
+    return argv, calls
+
+
+def test_custom_space_heads_become_models_and_flag_the_wrong_labels(tmp_path, parts, monkeypatch, capsys):
+    argv, calls = _setup(tmp_path, parts, monkeypatch, sep=3.0)
+    db = tmp_path / "w.duckdb"
+    assert main([*argv, "--db", str(db)]) == 0
+    err = capsys.readouterr().err
+    assert "heads agree" not in err  # strong heads: no warning
+    with connect(db, read_only=True) as con:
+        models = {r[0]: r[1:] for r in con.execute(
+            "SELECT model, source, arch, loss, num_classes, preprocess, logits_file FROM models").fetchall()}
+        metric_models = {r[0] for r in con.execute("SELECT DISTINCT model FROM metrics").fetchall()}
+        flagged = {r[0] for r in con.execute("SELECT image_index FROM label_issues WHERE is_label_issue").fetchall()}
+    (base,) = [m for m in models if models[m][0] == "predictions"]
+    soft, sig = f"{base}+softmax-head", f"{base}+sigmoid-head"
+    assert models[soft][:4] == ("head", base, "softmax", 3) and models[sig][:3] == ("head", base, "sigmoid")
+    p = json.loads(models[soft][4])
+    assert p["kind"] == "softmax" and p["folds"] == 5 and p["features"] == base and p["features_dim"] == 16
+    assert p["C"] in p["c_grid"]
+    # The zoo model's ImageNet predictions are stored, not evaluated; the heads and their ensemble are.
+    assert metric_models == {soft, sig, "ensemble"}
+    logits = np.load(models[sig][5])
+    assert logits.shape == (N, 3) and np.isfinite(logits).all()
+    assert set(WRONG) <= flagged  # ids sort as p00..p59, so indices are the rows above
+    # A rerun reads the fitted heads back: the seam is asked again, nothing is refitted.
+    stamp = Path(models[soft][5]).stat().st_mtime_ns
+    assert main([*argv, "--db", str(db)]) == 0
+    assert Path(models[soft][5]).stat().st_mtime_ns == stamp and len(calls) == 2
+
+
+def test_weak_heads_warn_in_the_summary_and_the_dashboard(tmp_path, parts, monkeypatch, capsys):
+    from streamlit.testing.v1 import AppTest
+
+    from audit import queries as q
+
+    argv, _ = _setup(tmp_path, parts, monkeypatch, sep=0.0)  # features carry nothing of the class
+    db = tmp_path / "w.duckdb"
+    assert main([*argv, "--db", str(db)]) == 0
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if "heads agree" in ln]
+    assert line.startswith("audit: warning: heads agree with the given labels on ") and "add stronger models" in line
+    text = q.heads_warning(db)
+    assert text and text in line
+    monkeypatch.setenv("AUDIT_DB", str(db))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    assert any(w.value == "Heads too weak to trust" for w in at.warning) and any(text in t.value for t in at.text)
+
+
+def test_folds_are_checked_before_anything_is_written(tmp_path, parts, monkeypatch, capsys):
+    argv, _ = _setup(tmp_path, parts, monkeypatch, sep=3.0)
+    db = tmp_path / "w.duckdb"
+    argv[argv.index("--folds") + 1] = "61"
+    assert main([*argv, "--heads", "--db", str(db)]) == 2  # asked for: refused before anything is written
+    assert "only 60 images" in capsys.readouterr().err and not db.exists()
+    assert main([*argv, "--db", str(db)]) == 0  # the default heads of a custom space: skipped, with why
+    assert "no heads: 60 readable images in 3 classes" in capsys.readouterr().err
+    argv[argv.index("--folds") + 1] = "1"
+    with pytest.raises(SystemExit) as e:  # argparse's own check: one line, exit 2
+        main([*argv, "--db", str(db)])
+    assert e.value.code == 2 and "--folds must be at least 2" in capsys.readouterr().err
+
+
+def test_no_heads_without_features_says_why(tmp_path, parts, capsys):
+    root, labels, _ = parts
+    ds = load_dataset(root, label_file=labels)
+    pred = make_predictions(tmp_path / "zoo.npy", list(ds.image_ids), ds.labels, n_classes=1000)
+    db = tmp_path / "w.duckdb"
+    assert main(["run", str(root), "--labels", str(labels), "--models", f"preds:{pred}", "--db", str(db), "-q"]) == 0
+    assert "no features stored, so no heads" in capsys.readouterr().err
+
+
+def test_agreement_and_warning_rule():
+    labels = np.array([0, 1, 2, 0])
+    probs = np.eye(3)[[0, 1, 1, 0]].astype(np.float32)
+    assert head_agreement([probs], labels, np.ones(4, bool)) == pytest.approx(0.75)
+    assert head_agreement([probs], labels, np.array([1, 1, 0, 1], bool)) == pytest.approx(1.0)
+    assert weak_heads_warning(HEADS_MIN_AGREEMENT) is None
+    assert "76%" in weak_heads_warning(0.76)
+
+
+def test_heads_on_request_for_an_imagenet_dataset(tmp_path, monkeypatch, capsys):
+    from _synth import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "ds", per_class=6)
+    ds = load_dataset(root)
+    pred = make_predictions(tmp_path / "m.npy", list(ds.image_ids), ds.labels, flip=np.array([2, 9]))
+    rng = np.random.default_rng(0)
+    feats = (np.eye(4)[ds.labels % 4] * 4 + rng.normal(0, 1, (len(ds), 4))).astype(np.float32)
+    monkeypatch.setattr(pipeline, "_features_of", lambda a: feats)
+    db = tmp_path / "w.duckdb"
+    argv = ["run", str(root), "--models", f"preds:{pred}", "--db", str(db), "-q", "--folds", "3"]
+    assert main([*argv, "--heads"]) == 0
+    with connect(db, read_only=True) as con:
+        models = {r[0]: r[1] for r in con.execute("SELECT model, num_classes FROM models").fetchall()}
+        evaluated = {r[0] for r in con.execute("SELECT DISTINCT model FROM metrics").fetchall()}
+    heads = {m for m in models if m.endswith("-head")}
+    assert len(heads) == 2 and {models[m] for m in heads} == {1000} and heads | {"ensemble"} < evaluated
+    assert main(argv) == 0  # without --heads an ImageNet dataset gets none
+    with connect(db, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM models WHERE source = ?", ["head"]).fetchone()[0] == 0
