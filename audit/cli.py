@@ -1,4 +1,4 @@
-"""Command line: ``audit run | models | metrics | issues | runs | export | review | dashboard``.
+"""Command line: ``audit run | models | metrics | issues | runs | heads | export | review | dashboard``.
 
 Machine-readable output goes to stdout; progress and logs go to stderr. A
 mistake the user can fix prints one line naming it and the fix, and exits 2.
@@ -155,6 +155,29 @@ def cmd_run(a: argparse.Namespace) -> int:
         f"flagged images: {res.n_flagged} of {len(ds)} (bad images left out: {res.n_bad}); "
         f"review them with 'audit issues --db {a.db}' or 'audit dashboard --db {a.db}'"
     )
+    return 0
+
+
+def cmd_heads(a: argparse.Namespace) -> int:
+    from audit.heads_table import heads_table
+    from audit.store import check_workspace
+
+    df = heads_table(check_workspace(a.db), folds=a.folds, seed=a.seed)
+    if df.empty:
+        print(
+            "audit: no heads: no model of this workspace has stored features; score zoo models with 'audit run'",
+            file=sys.stderr,
+        )
+        return 0
+    if a.format == "table":
+        df = df.copy()
+        for col in ("given", "truth"):
+            df[f"{col} top-1 (95%)"] = [
+                "-" if pd.isna(v) else f"{100 * v:.1f}% ({100 * lo:.1f}-{100 * hi:.1f})"
+                for v, lo, hi in zip(df[f"{col}_top1"], df[f"{col}_low"], df[f"{col}_high"], strict=True)
+            ]
+        df = df[["model", "head", "labels", "n_train", "C", "given top-1 (95%)", "truth", "truth top-1 (95%)"]]
+    _emit(df, a.format)
     return 0
 
 
@@ -397,6 +420,17 @@ def _parser() -> argparse.ArgumentParser:
         if name == "issues":
             s.add_argument("--limit", type=_typed(_options.check_int, "--limit", lo=1), help="show at most this many")
         s.set_defaults(func=func)
+
+    h = sub.add_parser(
+        "heads",
+        help="softmax vs sigmoid heads trained on the given vs the cleaned labels, evaluated out of fold against "
+        "the given labels and the truth (--truth, or ReaL), per model with features",
+    )
+    h.add_argument("--db", default=str(default_db()), help=db_help)
+    h.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    h.add_argument("--folds", type=_typed(_options.check_int, "--folds", lo=2), default=10, help="outer folds")
+    h.add_argument("--seed", type=_typed(_options.check_int, "--seed", lo=0), default=0, help="fold assignment seed")
+    h.set_defaults(func=cmd_heads)
 
     e = sub.add_parser("export", help="write the cleaned label set")
     e.add_argument("--db", default=str(default_db()), help=db_help)

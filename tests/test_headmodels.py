@@ -160,3 +160,53 @@ def test_heads_on_request_for_an_imagenet_dataset(tmp_path, monkeypatch, capsys)
     assert main(argv) == 0  # without --heads an ImageNet dataset gets none
     with connect(db, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM models WHERE source = ?", ["head"]).fetchone()[0] == 0
+
+
+# --------------------------------------------------------------------------- audit heads
+
+
+def test_heads_table_rows_match_the_run_and_clean_training_drops_the_flags(tmp_path, parts, monkeypatch, capsys):
+    from audit import heads_table as ht
+    from audit import queries as q
+
+    cls = parts[2]
+    argv, _ = _setup(tmp_path, parts, monkeypatch, sep=1.2)
+    from types import SimpleNamespace
+
+    feats = pipeline._features_of(SimpleNamespace(spec=SimpleNamespace(name="any")))
+    truth = tmp_path / "truth.csv"
+    truth.write_text("path,label\n" + "".join(f"p{k:02d}.png,{CLASSES[c]}\n" for k, c in enumerate(cls)))
+    db = tmp_path / "w.duckdb"
+    assert main([*argv, "--truth", str(truth), "--db", str(db)]) == 0
+    q.record_decision(db, WRONG[0], "relabel", labels=[int(cls[WRONG[0]])], reviewer="t")
+    with connect(db, read_only=True) as con:
+        (base,) = con.execute("SELECT model FROM models WHERE source = ?", ["predictions"]).fetchone()
+    df = ht.heads_table(db, folds=5, features={base: feats})
+    assert len(df) == 4 and set(zip(df["head"], df["labels"], strict=True)) == {
+        (h, t) for h in ("softmax", "sigmoid") for t in ("given", "clean")
+    }
+    m = q.metrics_table(db)
+    with connect(db, read_only=True) as con:
+        flagged = {r[0] for r in con.execute("SELECT image_index FROM label_issues WHERE is_label_issue").fetchall()}
+    for kind in ("softmax", "sigmoid"):
+        row = df[(df["head"] == kind) & (df["labels"] == "given")].iloc[0]
+        stored = m[(m["model"] == f"{base}+{kind}-head") & (m["evaluation"] == "original") & (m["metric"] == "top1")]
+        assert row["given_top1"] == pytest.approx(stored["value"].iloc[0]) and row["n_train"] == N
+        truth_row = m[(m["model"] == f"{base}+{kind}-head") & (m["evaluation"] == "truth") & (m["metric"] == "top1")]
+        assert row["truth"] == "truth" and row["truth_top1"] == pytest.approx(truth_row["value"].iloc[0])
+        assert row["given_low"] < row["given_top1"] < row["given_high"]
+        clean = df[(df["head"] == kind) & (df["labels"] == "clean")].iloc[0]
+        # Flagged images leave the training set, except the one a decision relabeled.
+        assert clean["n_train"] == N - len(flagged - {WRONG[0]}) and clean["n_given"] == N
+    # The command: each format, features through the seam.
+    monkeypatch.setattr(ht, "_stored_features", lambda model, _f: feats if model == base else None)
+    capsys.readouterr()
+    assert main(["heads", "--db", str(db), "--folds", "5", "--format", "json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 4
+    assert main(["heads", "--db", str(db), "--folds", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "given top-1 (95%)" in out and "clean" in out
+    monkeypatch.setattr(ht, "_stored_features", lambda model, _f: None)
+    assert main(["heads", "--db", str(db)]) == 0
+    assert "no model of this workspace has stored features" in capsys.readouterr().err
+    assert main(["heads", "--db", str(tmp_path / "none.duckdb")]) == 2
