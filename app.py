@@ -608,6 +608,8 @@ def page_review() -> None:
             ]
         )
         st.dataframe(plain_frame(preds), hide_index=True, width="stretch")
+        for line in q.imagenet_sees(d):  # a custom space: what the zoo's ImageNet heads see, as context
+            st.text(shown(line))
         st.text_input("Reason (optional; saved with the decision)", key="reason")
         bar = st.container(horizontal=True)
         sug = d["suggested_label"]

@@ -29,7 +29,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ __all__ = [
     "headline",
     "heads_warning",
     "image_detail",
+    "imagenet_sees",
     "impact",
     "metrics_table",
     "model_names",
@@ -842,7 +843,9 @@ def image_detail(db: str | Path | Reader, image_index: int) -> dict[str, Any] | 
     suggested, real (names), current_labels / current (the label set now),
     last_action (the action of the decision in effect, None when none is),
     reviewed (a decision is in effect), predictions (each model's top 5 with names and
-    probabilities) and history (every decision on it, oldest first).
+    probabilities), history (every decision on it, oldest first) and imagenet (for a custom
+    label space: each ImageNet model's top 3 as ``(model, [(ImageNet name, prob), ...])``,
+    the context its stored, unevaluated ImageNet predictions give; empty otherwise).
     """
     idx = int(image_index)
     with _open(db) as con:
@@ -873,12 +876,43 @@ def image_detail(db: str | Path | Reader, image_index: int) -> dict[str, Any] | 
             [idx],
         ).df()
         names = _names(con, {x for col in ("old_labels", "new_labels") for v in hist[col] for x in _int_list(v) or []})
+        imagenet = _imagenet_top(con, idx)
     for col in ("old_labels", "new_labels"):
         hist[col.replace("_labels", "")] = [_joined(names, v, "(no class fits)") for v in hist[col]]
     row = {k: _plain(v) for k, v in df.iloc[0].items()}
     row["predictions"] = top
     row["history"] = hist
+    row["imagenet"] = imagenet
     return row
+
+
+def imagenet_sees(detail: Mapping[str, Any]) -> list[str]:
+    """Plain-text lines "ImageNet sees (model): Egyptian cat 71%, tabby 12%, ..." of :func:`image_detail`."""
+    return [
+        f"ImageNet sees ({model}): " + ", ".join(f"{name} {p:.0%}" for name, p in top)
+        for model, top in detail.get("imagenet") or []
+    ]
+
+
+def _imagenet_top(con: duckdb.DuckDBPyConnection, idx: int, k: int = 3) -> list[tuple[str, list[tuple[str, float]]]]:
+    space = fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["label_space"])
+    if not space or space[0] != "custom":
+        return []
+    rows = con.execute(
+        "SELECT p.model, p.top_classes[1:?], p.top_probs[1:?] FROM predictions p JOIN models m USING (model) "
+        "WHERE p.image_index = ? AND m.num_classes = ? AND m.source IS DISTINCT FROM ? AND p.top1 >= 0 "
+        "ORDER BY p.model",
+        [k, k, idx, 1000, "head"],
+    ).fetchall()
+    if not rows:
+        return []
+    from audit.datasets import imagenet_label_space
+
+    names = imagenet_label_space().names
+    return [
+        (m, [(names[int(c)], float(p)) for c, p in zip(cls or [], prob or [], strict=True) if 0 <= int(c) < 1000])
+        for m, cls, prob in rows
+    ]
 
 
 def confused_pairs(db: str | Path | Reader, model: str = ENSEMBLE, limit: int = 20) -> pd.DataFrame:

@@ -210,3 +210,28 @@ def test_heads_table_rows_match_the_run_and_clean_training_drops_the_flags(tmp_p
     assert main(["heads", "--db", str(db)]) == 0
     assert "no model of this workspace has stored features" in capsys.readouterr().err
     assert main(["heads", "--db", str(tmp_path / "none.duckdb")]) == 2
+
+
+def test_review_shows_what_imagenet_sees_for_a_custom_space(tmp_path, parts, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from audit import queries as q
+    from audit.datasets import imagenet_label_space
+
+    argv, _ = _setup(tmp_path, parts, monkeypatch, sep=3.0)
+    db = tmp_path / "w.duckdb"
+    assert main([*argv, "--db", str(db)]) == 0
+    d = q.image_detail(db, WRONG[0])
+    ((model, top),) = d["imagenet"]  # the ImageNet-width model only, not the heads
+    assert not model.endswith("-head") and len(top) == 3
+    ds = load_dataset(parts[0], label_file=parts[1])
+    # make_predictions favours ImageNet class = the given label's index: that name comes first.
+    assert top[0][0] == imagenet_label_space().names[int(ds.labels[WRONG[0]])] and top[0][1] > 0.5
+    (line,) = q.imagenet_sees(d)
+    assert line.startswith(f"ImageNet sees ({model}): {top[0][0]} ")
+    monkeypatch.setenv("AUDIT_DB", str(db))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=60)
+    at.run()
+    at.sidebar.radio(key="page").set_value("Review").run()
+    assert not at.exception, at.exception
+    assert any(t.value.startswith("ImageNet sees (") for t in at.text)
