@@ -490,8 +490,14 @@ def _run_audit(
             f"no model predicts this dataset's {len(ds.label_space)} classes: their predictions are stored, "
             "but there are no evaluations and no label issues (pass a checkpoint trained on these classes)"
         )
-    if ds.real is None:
+    if ds.real is None and ds.label_space.imagenet:
         notes.append("ReaL labels do not apply to these images: real, sigmoid and clean evaluations skipped")
+    elif ds.real is None:
+        against = "truth" if ds.truth is not None else "given"
+        notes.append(
+            "ReaL labels do not apply to a custom label space: real and clean evaluations skipped; the sigmoid "
+            f"evaluation is against the {against} labels"
+        )
     metrics = pd.DataFrame([_metric_row(run_id, m, r) for m, r in metric_rows])
     _ingest(db, run_id, ds, arrays, pred_frames, metrics, issues, bad, notes, stats, head_params, heads_info)
     n_flag = int(issues["is_label_issue"].sum()) if issues is not None else 0
@@ -668,7 +674,27 @@ def _evaluate(
     rel = relabeled_accuracy(cls, [[int(x)] if x >= 0 else [] for x in ds.labels], valid=valid & (cls[:, 0] >= 0))
     if ds.truth is not None:
         rel += truth_metrics(cls, ds.truth, valid)
+    if logits and ds.real is None and not ds.label_space.imagenet:
+        rel += _custom_sigmoid(logits, ds, valid & (cls[:, 0] >= 0), threshold)
     return [(model, m) for m in rows + rel]
+
+
+def _custom_sigmoid(
+    logits: Sequence[np.ndarray], ds: AuditDataset, valid: np.ndarray, threshold: float | None
+) -> list[Metric]:
+    """The sigmoid (multi-label) evaluation of a custom label space, where no ReaL sets exist.
+
+    Each image's set is its one trusted label (``--truth``) when there is one, else its
+    given label, so a sigmoid head's per-class scores (the sigmoid of its logits) are
+    scored as a set prediction: F1, precision and recall at a cross-fitted threshold.
+    """
+    from audit.evaluate import sigmoid_evaluation
+
+    ref = ds.truth if ds.truth is not None else ds.labels
+    sets = [[int(x)] if x >= 0 else [] for x in ref]
+    against = "truth" if ds.truth is not None else "given labels"
+    rows = sigmoid_evaluation(_sigmoid_scores(logits), sets, threshold=threshold, valid=valid)
+    return [Metric(m.evaluation, m.metric, m.value, m.low, m.high, m.n, {**m.params, "against": against}) for m in rows]
 
 
 def _sigmoid_scores(logits: Sequence[np.ndarray]) -> np.ndarray:
