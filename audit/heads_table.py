@@ -17,7 +17,8 @@ What "out of fold" means for each training set, precisely:
   decision counts). ``C`` is chosen by inner cross-validation on that subset and the
   subset is cross-validated K-fold: each of its images is predicted by a head that never
   saw it. Every image outside the subset (the flagged ones, mostly) is predicted by the
-  head trained on the whole subset, which never saw it either. So every image gets an
+  head trained on the whole subset with the same ``C`` (scikit-learn's logistic regression,
+  the same objective), which never saw it either. So every image gets an
   out-of-sample prediction, and both training sets are evaluated on the same images.
 """
 
@@ -144,21 +145,35 @@ def _out_of_fold_top1(
     x: np.ndarray, lab: np.ndarray, valid: np.ndarray, n_classes: int, kind: str, folds: int, seed: int
 ) -> tuple[np.ndarray, float]:
     """Top-1 of every valid image from a head that never saw it (module docstring); -1 elsewhere."""
-    import torch
-
-    from audit.heads import _fit, _forward, standardize
-
     res = cross_val_head(x, lab, n_classes=n_classes, kind=kind, folds=folds, seed=seed)  # type: ignore[arg-type]
-    logits = res.logits.copy()
-    rest = np.flatnonzero(valid & (res.fold < 0) & np.isfinite(x).all(axis=1))
-    if len(rest):
-        # Images outside the training subset: the head fitted on all of it (same C, same standardisation).
-        rows = np.flatnonzero(res.fold >= 0)
-        xs = torch.from_numpy(standardize(x, rows))
-        w = _fit(xs[rows], torch.from_numpy(lab[rows]), n_classes, kind, res.C, 200)
-        with torch.no_grad():
-            logits[rest] = _forward(xs[rest], w).numpy()
     top1 = np.full(len(lab), -1, dtype=np.int64)
-    ok = np.isfinite(logits).all(axis=1)
-    top1[ok] = logits[ok].argmax(axis=1)
+    ok = np.isfinite(res.logits).all(axis=1)
+    top1[ok] = res.logits[ok].argmax(axis=1)
+    rest = np.flatnonzero(valid & ~ok & np.isfinite(x).all(axis=1))
+    if len(rest):
+        top1[rest] = _fit_all_predict(x, lab, res.fold >= 0, rest, kind, res.C)
     return top1, float(res.C)
+
+
+def _fit_all_predict(
+    x: np.ndarray, lab: np.ndarray, train: np.ndarray, rest: np.ndarray, kind: str, c: float
+) -> np.ndarray:
+    """Top-1 of images ``rest`` by the head fitted on every ``train`` image, with the C cross-validation chose.
+
+    scikit-learn's L-BFGS logistic regression: the same objective as :mod:`audit.heads`
+    (its ``C`` is scikit-learn's; the bias is not penalised; features standardised with the
+    training images' statistics), multinomial for softmax, one-vs-rest for sigmoid.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    from audit.heads import standardize
+
+    rows = np.flatnonzero(train)
+    xs = standardize(x, rows)
+    base = LogisticRegression(C=c, max_iter=500)
+    clf = base if kind == "softmax" else OneVsRestClassifier(base)
+    clf.fit(xs[rows], lab[rows])
+    d = np.asarray(clf.decision_function(xs[rest]))
+    pick = (d > 0).astype(np.int64) if d.ndim == 1 else d.argmax(axis=1)  # two classes: one score column
+    return np.asarray(clf.classes_)[pick].astype(np.int64)

@@ -251,3 +251,20 @@ def test_custom_space_sigmoid_evaluation_scores_the_sigmoid_head(tmp_path, parts
     by = {r[0]: r for r in rows}
     sig = next(m for m in by if m.endswith("+sigmoid-head"))
     assert 0.5 < by[sig][2] <= 1 and json.loads(by[sig][3])["against"] == "given labels"
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_clean_training_predicts_the_left_out_images_too(n_classes, kind):
+    from audit.heads_table import _out_of_fold_top1
+
+    rng = np.random.default_rng(1)
+    cls = np.arange(90) % n_classes
+    x = (np.eye(n_classes)[cls] * 5 + rng.normal(0, 1, (90, n_classes))).astype(np.float32)
+    lab = cls.copy()
+    lab[::7] = -1  # left out of training (flagged): still predicted, by a head that never saw them
+    valid = np.ones(90, bool)
+    valid[3] = False
+    top1, c = _out_of_fold_top1(x, np.where(valid, lab, -1), valid, n_classes, kind, 5, 0)
+    assert top1[3] == -1 and (top1[valid] >= 0).all() and c > 0
+    assert (top1[valid] == cls[valid]).mean() > 0.95
