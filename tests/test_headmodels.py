@@ -159,6 +159,11 @@ def test_heads_on_request_for_an_imagenet_dataset(tmp_path, monkeypatch, capsys)
         evaluated = {r[0] for r in con.execute("SELECT DISTINCT model FROM metrics").fetchall()}
     heads = {m for m in models if m.endswith("-head")}
     assert len(heads) == 2 and {models[m] for m in heads} == {1000} and heads | {"ensemble"} < evaluated
+    from audit.heads_table import heads_table
+
+    (base,) = set(models) - heads
+    df = heads_table(db, folds=3, features={base: feats})
+    assert len(df) == 4 and set(df["truth"]) == {"ReaL"} and df["truth_top1"].between(0, 1).all()
     assert main(argv) == 0  # without --heads an ImageNet dataset gets none
     with connect(db, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM models WHERE source = ?", ["head"]).fetchone()[0] == 0
