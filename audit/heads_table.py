@@ -4,7 +4,8 @@ For every model of a workspace that has features, four heads: softmax or sigmoid
 (:func:`audit.heads.cross_val_head`), trained on the given labels or on the cleaned
 labels; each evaluated out of fold against the given labels and against the truth
 (the ``--truth`` labels when the workspace has them, else ReaL for ImageNet), top-1
-with 95% Wilson intervals. One row per model x head x training labels.
+with 95% Wilson intervals. One row per model x head x training labels; with several
+models, also heads on all their features together (model ``"a + b + c"``).
 
 What "out of fold" means for each training set, precisely:
 
@@ -97,11 +98,15 @@ def heads_table(
     truth_name = "truth" if truth is not None else "ReaL" if all(r is not None for r in real) else None
     get = _source(features)
     rows: list[dict[str, Any]] = []
+    sets: list[tuple[str, np.ndarray]] = []
     for model, logits_file in models:
         x = get(model, logits_file or "")
-        if x is None:
-            continue
-        x = np.asarray(x, dtype=np.float32)
+        if x is not None:
+            sets.append((model, np.asarray(x, dtype=np.float32)))
+    if len(sets) > 1:
+        # The third option: one head on the features of every model together (concatenated).
+        sets.append((" + ".join(m for m, _ in sets), np.concatenate([x for _, x in sets], axis=1)))
+    for model, x in sets:
         for kind in HEAD_KINDS:
             for train in TRAINING_LABELS:
                 lab = np.where(valid, given if train == "given" else clean, -1)

@@ -148,11 +148,12 @@ def test_heads_on_request_for_an_imagenet_dataset(tmp_path, monkeypatch, capsys)
     root = make_imagefolder(tmp_path / "ds", per_class=6)
     ds = load_dataset(root)
     pred = make_predictions(tmp_path / "m.npy", list(ds.image_ids), ds.labels, flip=np.array([2, 9]))
+    pred2 = make_predictions(tmp_path / "n.npy", list(ds.image_ids), ds.labels, flip=np.array([2]), seed=5)
     rng = np.random.default_rng(0)
     feats = (np.eye(4)[ds.labels % 4] * 4 + rng.normal(0, 1, (len(ds), 4))).astype(np.float32)
-    monkeypatch.setattr(pipeline, "_features_of", lambda a: feats)
+    monkeypatch.setattr(pipeline, "_features_of", lambda a: feats if a.spec.name == "preds:m" else None)
     db = tmp_path / "w.duckdb"
-    argv = ["run", str(root), "--models", f"preds:{pred}", "--db", str(db), "-q", "--folds", "3"]
+    argv = ["run", str(root), "--models", f"preds:{pred},preds:{pred2}", "--db", str(db), "-q", "--folds", "3"]
     assert main([*argv, "--heads"]) == 0
     with connect(db, read_only=True) as con:
         models = {r[0]: r[1] for r in con.execute("SELECT model, num_classes FROM models").fetchall()}
@@ -161,9 +162,11 @@ def test_heads_on_request_for_an_imagenet_dataset(tmp_path, monkeypatch, capsys)
     assert len(heads) == 2 and {models[m] for m in heads} == {1000} and heads | {"ensemble"} < evaluated
     from audit.heads_table import heads_table
 
-    (base,) = set(models) - heads
-    df = heads_table(db, folds=3, features={base: feats})
-    assert len(df) == 4 and set(df["truth"]) == {"ReaL"} and df["truth_top1"].between(0, 1).all()
+    a, b = sorted(set(models) - heads)
+    assert {m.split("+")[0] for m in heads} == {"preds:m"}  # no features, no heads
+    df = heads_table(db, folds=3, features={a: feats, b: feats[:, :2]})
+    assert len(df) == 12 and set(df["truth"]) == {"ReaL"} and df["truth_top1"].between(0, 1).all()
+    assert set(df["model"]) == {a, b, f"{a} + {b}"}
     assert main(argv) == 0  # without --heads an ImageNet dataset gets none
     with connect(db, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM models WHERE source = ?", ["head"]).fetchone()[0] == 0
