@@ -57,7 +57,15 @@ THUMB = 192
 LARGE = 512
 # Seconds a page waits for another process's write before showing its last data.
 READ_WAIT = float(os.environ.get("AUDIT_READ_WAIT", "3"))
-EVAL_NAMES = {"original": "original", "real": "ReaL", "sigmoid": "sigmoid", "clean": "clean", "relabeled": "relabeled"}
+EVAL_NAMES = {
+    "original": "original",
+    "real": "ReaL",
+    "sigmoid": "sigmoid",
+    "clean": "clean",
+    "relabeled": "relabeled",
+    "truth": "truth",
+    "flags_vs_truth": "flags vs truth",
+}
 DEFAULTS: dict[str, Any] = {
     "f_kinds": ["flagged"],
     "f_issue": [],
@@ -234,6 +242,8 @@ def page_overview() -> None:
     c[3].metric("bad images", s["bad_images"], help="could not be read; left out of every metric")
     c[4].metric("flagged", f"{s['flagged']:,}")
     c[5].metric("reviewed", f"{s['reviewed']:,}")
+    if s.get("heads_warning"):
+        alert("warning", "Heads too weak to trust", s["heads_warning"])
     last = s["last_run"]
     st.text(
         f"dataset {shown(s['dataset_root'])} ({shown(s['layout'])}, {shown(s['label_space'])})\n"
@@ -258,6 +268,9 @@ def page_overview() -> None:
     st.dataframe(wide, width="stretch")
     n = h.groupby("evaluation")["n"].max()
     st.caption("images per evaluation: " + ", ".join(f"{EVAL_NAMES[e]} {int(v):,}" for e, v in n.items()))
+    flags = q.flags_vs_truth(m)
+    if flags:
+        st.text(flags)
     left, right = st.columns([3, 2])
     with left:
         st.subheader("Accuracy by evaluation")
@@ -595,6 +608,8 @@ def page_review() -> None:
             ]
         )
         st.dataframe(plain_frame(preds), hide_index=True, width="stretch")
+        for line in q.imagenet_sees(d):  # a custom space: what the zoo's ImageNet heads see, as context
+            st.text(shown(line))
         st.text_input("Reason (optional; saved with the decision)", key="reason")
         bar = st.container(horizontal=True)
         sug = d["suggested_label"]
@@ -698,8 +713,16 @@ def page_impact() -> None:
     if imp.empty:
         st.info("No metrics yet.")
         return
+    flags = q.flags_vs_truth(m)
+    if flags:
+        st.text(flags)
     view = pd.DataFrame({"model": imp["model"]})
-    for col, title in (("original", "original top-1"), ("relabeled", "relabeled top-1"), ("real", "ReaL top-1")):
+    for col, title in (
+        ("original", "original top-1"),
+        ("relabeled", "relabeled top-1"),
+        ("real", "ReaL top-1"),
+        ("truth", "truth top-1"),
+    ):
         if col in imp:
             view[title] = [
                 f"{pct(v)} ({pct(lo)[:-1]}–{pct(hi)})"

@@ -1,4 +1,4 @@
-"""Command line: ``audit run | models | metrics | issues | runs | export | review | dashboard``.
+"""Command line: ``audit run | models | metrics | issues | runs | heads | export | review | dashboard``.
 
 Machine-readable output goes to stdout; progress and logs go to stderr. A
 mistake the user can fix prints one line naming it and the fix, and exits 2.
@@ -85,6 +85,8 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     prev = last_run_inputs(a.db)
     labels, real, limit = a.labels, a.real, a.limit
+    space, classes, truth = a.label_space, a.classes, a.truth
+    heads, folds = a.heads, a.folds
     if a.dataset:
         root = Path(a.dataset)
     elif prev:
@@ -93,12 +95,19 @@ def cmd_run(a: argparse.Namespace) -> int:
         labels = labels or prev.get("labels")
         real = real or prev.get("real")
         limit = limit if limit is not None else prev.get("limit")
+        space = space or prev.get("label_space")
+        classes = classes or prev.get("classes")
+        truth = truth or prev.get("truth")
+        heads = heads if heads is not None else prev.get("heads")
+        folds = folds if folds is not None else prev.get("folds")
         print(f"audit: continuing workspace {a.db} (dataset {root}, from its last run)", file=sys.stderr)
     else:
         root = _default_dataset()
     # Before the dataset is read: a workspace inside it would change what is read.
     check_workspace_outside(root, a.db)
-    ds = load_dataset(root, label_file=labels, real=real, limit=limit)
+    ds = load_dataset(
+        root, label_file=labels, real=real, limit=limit, label_space=space or "auto", classes=classes, truth=truth
+    )
     model_names = a.models if a.models is not None else ",".join(prev["models"]) if prev else _DEFAULT_MODELS
     names = [n.strip() for n in model_names.split(",") if n.strip()]
     if not names:
@@ -120,16 +129,25 @@ def cmd_run(a: argparse.Namespace) -> int:
         progress=not a.quiet,
         backend=a.backend,
         precision=a.precision,
+        heads=heads,
+        folds=folds if folds is not None else 10,
         inputs={
             "dataset": _absolute(str(root)),
             "labels": _absolute(labels),
             "real": _absolute(real),
             "limit": limit,
+            "label_space": space,
+            "classes": _absolute(classes),
+            "truth": _absolute(truth),
+            "heads": heads,
+            "folds": folds,
             "models": names,
         },
     )
     for note in res.skipped:
         print(f"audit: note: {note}", file=sys.stderr)
+    for warning in res.warnings:
+        print(f"audit: warning: {warning}", file=sys.stderr)
     from audit.pipeline import live_metrics
 
     _emit_metrics(live_metrics(Path(a.db)), a.format)
@@ -137,6 +155,29 @@ def cmd_run(a: argparse.Namespace) -> int:
         f"flagged images: {res.n_flagged} of {len(ds)} (bad images left out: {res.n_bad}); "
         f"review them with 'audit issues --db {a.db}' or 'audit dashboard --db {a.db}'"
     )
+    return 0
+
+
+def cmd_heads(a: argparse.Namespace) -> int:
+    from audit.heads_table import heads_table
+    from audit.store import check_workspace
+
+    df = heads_table(check_workspace(a.db), folds=a.folds, seed=a.seed)
+    if df.empty:
+        print(
+            "audit: no heads: no model of this workspace has stored features; score zoo models with 'audit run'",
+            file=sys.stderr,
+        )
+        return 0
+    if a.format == "table":
+        df = df.copy()
+        for col in ("given", "truth"):
+            df[f"{col} top-1 (95%)"] = [
+                "-" if pd.isna(v) else f"{100 * v:.1f}% ({100 * lo:.1f}-{100 * hi:.1f})"
+                for v, lo, hi in zip(df[f"{col}_top1"], df[f"{col}_low"], df[f"{col}_high"], strict=True)
+            ]
+        df = df[["model", "head", "labels", "n_train", "C", "given top-1 (95%)", "truth", "truth top-1 (95%)"]]
+    _emit(df, a.format)
     return 0
 
 
@@ -290,6 +331,36 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--db", default=str(default_db()), help=db_help)
     r.add_argument("--labels", help="CSV 'path,label' for a flat folder (label: wnid, index or class name)")
     r.add_argument("--real", help="ReaL label JSON (default: the copy inside the timm wheel, when it applies)")
+    r.add_argument(
+        "--label-space",
+        choices=["auto", "imagenet", "custom"],
+        help="imagenet: every label must name an ImageNet class; custom: the labels are classes of their own "
+        "(a flowers set's 'daisy'); auto (default): wnid folders, or a label file whose every label names an "
+        "ImageNet class, are ImageNet's, anything else custom",
+    )
+    r.add_argument(
+        "--classes",
+        help="text file, one class per line: the class order of a custom label space (classes without images "
+        "allowed; every label must be listed)",
+    )
+    r.add_argument(
+        "--heads",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fit cross-validated softmax and sigmoid heads on each model's features and add them as models "
+        "(default: on for a custom label space, off for ImageNet's)",
+    )
+    r.add_argument(
+        "--folds",
+        type=_typed(_options.check_int, "--folds", lo=2),
+        help="outer cross-validation folds of the heads (default 10)",
+    )
+    r.add_argument(
+        "--truth",
+        help="CSV 'path,label' of trusted labels for every image (a re-annotation, a clean set): every model is "
+        "evaluated against it (evaluation 'truth') and the flags scored by it ('flags_vs_truth': precision, "
+        "recall, AP)",
+    )
     r.add_argument("--batch-size", type=_typed(_options.check_int, "--batch-size", lo=1), default=64)
     r.add_argument(
         "--workers",
@@ -349,6 +420,17 @@ def _parser() -> argparse.ArgumentParser:
         if name == "issues":
             s.add_argument("--limit", type=_typed(_options.check_int, "--limit", lo=1), help="show at most this many")
         s.set_defaults(func=func)
+
+    h = sub.add_parser(
+        "heads",
+        help="softmax vs sigmoid heads trained on the given vs the cleaned labels, evaluated out of fold against "
+        "the given labels and the truth (--truth, or ReaL), per model with features",
+    )
+    h.add_argument("--db", default=str(default_db()), help=db_help)
+    h.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    h.add_argument("--folds", type=_typed(_options.check_int, "--folds", lo=2), default=10, help="outer folds")
+    h.add_argument("--seed", type=_typed(_options.check_int, "--seed", lo=0), default=0, help="fold assignment seed")
+    h.set_defaults(func=cmd_heads)
 
     e = sub.add_parser("export", help="write the cleaned label set")
     e.add_argument("--db", default=str(default_db()), help=db_help)

@@ -40,6 +40,7 @@ import numpy as np
 from audit.errors import DatasetError, LabelFileError
 
 __all__ = [
+    "LABEL_SPACES",
     "AuditDataset",
     "LabelSpace",
     "decode_image",
@@ -47,6 +48,7 @@ __all__ = [
     "image_extensions",
     "image_path",
     "imagenet_label_space",
+    "load_classes",
     "load_dataset",
     "load_real_labels",
     "real_index_of",
@@ -58,6 +60,8 @@ _WNID = re.compile(r"^n\d{8}$")
 _N_IMAGENET_VAL = 50_000
 # Folders that hold the actual class folders in common ImageNet layouts.
 _SPLIT_DIRS = ("val", "validation", "test")
+# --label-space: "auto" decides from the labels (see _choose_space), the others are the user's word.
+LABEL_SPACES = ("auto", "imagenet", "custom")
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,8 @@ class AuditDataset:
         ``(size, mtime_ns)`` of each file when it was listed, ``(-1, -1)`` where
         it cannot be stat'ed; a changed stamp means a changed image. Taken by
         :func:`file_stamps` on first use when not given.
+    notes : tuple of str
+        Decisions made while loading that a run reports (e.g. ``auto`` chose a custom space).
     """
 
     root: Path
@@ -200,6 +206,9 @@ class AuditDataset:
     real: list[list[int]] | None = None
     real_source: str | None = None
     stamps: np.ndarray | None = field(default=None, repr=False, compare=False)
+    notes: tuple[str, ...] = ()  # what loading decided that the user should hear (see load_dataset's label_space)
+    truth: np.ndarray | None = field(default=None, repr=False, compare=False)  # (N,) int64 trusted labels
+    truth_source: str | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -404,7 +413,7 @@ def _refuse_outside(base: str, outside: list[tuple[str, str]], where: str) -> No
         )
 
 
-def _imagefolder(root: Path) -> tuple[list[_Entry], str, LabelSpace]:
+def _imagefolder(root: Path) -> tuple[list[_Entry], str, list[str]]:
     base = str(root)
     walk = _Walk(base)
     st = os.stat(base)
@@ -441,53 +450,157 @@ def _imagefolder(root: Path) -> tuple[list[_Entry], str, LabelSpace]:
             raise DatasetError(
                 f"folder {unknown[0]!r} looks like a wnid but is not an ImageNet-1k class; rename or remove it"
             )
-        return entries, "imagefolder-wnid", space
+        return entries, "imagefolder-wnid", classes
     if wnid:
         other = next(c for c in classes if not _WNID.match(c))
         raise DatasetError(
             f"{root}: folder {other!r} is neither an ImageNet wnid nor like its siblings "
             f"(e.g. {wnid[0]!r}); rename it to its wnid or move it out of the dataset"
         )
-    space = LabelSpace(keys=tuple(classes), names=tuple(classes), imagenet=False)
-    return entries, "imagefolder-custom", space
+    return entries, "imagefolder-custom", classes
 
 
-def _read_label_csv(path: Path) -> list[tuple[int, str, str]]:
+def load_classes(path: str | Path) -> tuple[str, ...]:
+    """The classes of a ``--classes`` file: one class per line, in the order of the label space.
+
+    Surrounding spaces of a line are dropped (as in a label file's label cell) and
+    empty lines at the end of the file are ignored; an empty line between classes,
+    a class listed twice or fewer than 2 classes is refused.
+
+    Raises
+    ------
+    LabelFileError
+    """
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise LabelFileError(f"cannot read classes file {p}: {e.strerror}; check --classes") from e
+    except UnicodeDecodeError as e:
+        raise LabelFileError(f"classes file {p} is not UTF-8 (byte {e.start}); re-save it as UTF-8") from e
+    lines = [line.strip() for line in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    seen: dict[str, int] = {}
+    for n, name in enumerate(lines, start=1):
+        if not name:
+            raise LabelFileError(f"classes file {p} line {n} is empty; write one class per line, without blank lines")
+        if name in seen:
+            raise LabelFileError(
+                f"classes file {p} line {n}: {name!r} is listed twice (first on line {seen[name]}); "
+                "list each class once"
+            )
+        seen[name] = n
+    if len(lines) < 2:
+        raise LabelFileError(f"classes file {p} lists {len(lines)} class(es); a label space needs at least 2")
+    return tuple(lines)
+
+
+def _custom_space(keys: Sequence[str]) -> LabelSpace:
+    space = imagenet_label_space()
+    # Wnid keys (an ImageNet folder audited as its own space) keep their readable ImageNet names.
+    names = tuple(space.names[space.keys.index(k)] if _WNID.match(k) and k in space.keys else k for k in keys)
+    return LabelSpace(keys=tuple(keys), names=names, imagenet=False)
+
+
+def _choose_space(
+    toks: Sequence[str], where: str, label_space: str, classes: tuple[str, ...] | None, classes_file: str | None
+) -> tuple[LabelSpace, str | None]:
+    """The label space of a dataset whose given labels are ``toks``, and a note when ``auto`` chose custom.
+
+    * ``--classes``: a custom space in the file's order; every label must be one of its lines, exactly.
+    * ``imagenet``: every label must name an ImageNet class (wnid, index or name).
+    * ``custom``: the distinct labels, sorted; ImageNet names are just names ("daisy" is a flower).
+    * ``auto``: ImageNet when every label names an ImageNet class, else custom with a note, except
+      when the labels are written as ImageNet ids (any label shaped like a wnid, ``n`` and 8 digits,
+      or every failing label an index or an ImageNet name of several classes) while others are
+      ImageNet's: those were meant as ImageNet classes, and are refused. When no label names an
+      ImageNet class the space is custom without a note.
+    """
+    if label_space not in LABEL_SPACES:
+        raise DatasetError(f"--label-space is {label_space!r}; pass one of {', '.join(LABEL_SPACES)}")
+    if classes is not None:
+        if label_space == "imagenet":
+            raise DatasetError(
+                "--classes defines a custom label space, --label-space imagenet the ImageNet one; drop one of them"
+            )
+        known = set(classes)
+        missing = sorted({t for t in toks if t not in known})
+        if missing:
+            raise LabelFileError(
+                f"{where}: {len(missing)} label(s) are not in classes file {classes_file}, first {missing[0]!r}; "
+                "add them to the classes file or fix the labels"
+            )
+        return _custom_space(classes), None
+    distinct = sorted(set(toks))
+    if label_space == "custom":
+        return _custom_space(distinct), None
+    space = imagenet_label_space()
+    bad = []
+    for t in distinct:
+        try:
+            space.resolve(t)
+        except KeyError as e:
+            bad.append((t, e.args[0]))
+    if not bad:
+        return space, None
+    t, why = bad[0]
+    # In auto, labels written as ImageNet ids (a wnid anywhere; or only indices and ImageNet names that
+    # name several classes failing) were meant as ImageNet classes: the failing one is a mistake to fix,
+    # not a sign of a custom space.
+    meant = any(_WNID.match(x) for x in distinct) or all(
+        (b.isascii() and b.isdigit()) or space._lookup.get(b.lower()) == -1 for b, _ in bad
+    )
+    if label_space == "imagenet" or (meant and len(bad) < len(distinct)):
+        raise LabelFileError(
+            f"{where}: {len(bad)} label(s) are not ImageNet classes, first {t!r} ({why}); use wnids, class "
+            "indices or exact ImageNet names, or pass --label-space custom"
+        )
+    note = None
+    if len(bad) < len(distinct):
+        note = (
+            f"{where}: {len(bad)} of {len(distinct)} labels are not ImageNet classes (e.g. {t!r}), so the labels "
+            "form a custom label space; pass --label-space imagenet to refuse such labels instead"
+        )
+    return _custom_space(distinct), note
+
+
+def _read_label_csv(path: Path, what: str = "label file") -> list[tuple[int, str, str]]:
     """``(line, path, label)`` rows; the path cell is taken verbatim, the label cell is stripped."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except OSError as e:
-        raise LabelFileError(f"cannot read label file {path}: {e.strerror}; check the path") from e
+        raise LabelFileError(f"cannot read {what} {path}: {e.strerror}; check the path") from e
     except UnicodeDecodeError as e:
-        raise LabelFileError(f"label file {path} is not UTF-8 (byte {e.start}); re-save it as UTF-8") from e
+        raise LabelFileError(f"{what} {path} is not UTF-8 (byte {e.start}); re-save it as UTF-8") from e
     try:
         rows = list(enumerate(csv.reader(io.StringIO(text, newline="")), start=1))
     except csv.Error as e:
-        raise LabelFileError(f"label file {path} is not valid CSV ({e}); save it as plain 'path,label' CSV") from e
+        raise LabelFileError(f"{what} {path} is not valid CSV ({e}); save it as plain 'path,label' CSV") from e
     rows = [(n, r) for n, r in rows if any(cell.strip() for cell in r)]
     if not rows:
-        raise LabelFileError(f"label file {path} is empty; expected a header 'path,label' and rows")
+        raise LabelFileError(f"{what} {path} is empty; expected a header 'path,label' and rows")
     first = rows[0][1]
     header = [h.strip().lower() for h in first]
     # 'image' is accepted for 'path' so that an exported labels.csv loads back as it is.
     col = "path" if "path" in header else "image"
     if col not in header or "label" not in header:
-        raise LabelFileError(f"label file {path} has header {first!r}; expected columns 'path' and 'label'")
+        raise LabelFileError(f"{what} {path} has header {first!r}; expected columns 'path' and 'label'")
     ip, il = header.index(col), header.index("label")
     out: list[tuple[int, str, str]] = []
     for n, r in rows[1:]:
         if len(r) <= max(ip, il):
-            raise LabelFileError(f"label file {path} line {n}: expected 'path,label', got {r!r}")
+            raise LabelFileError(f"{what} {path} line {n}: expected 'path,label', got {r!r}")
         if not r[il].strip():
-            raise LabelFileError(f"label file {path} line {n}: empty label for {r[ip]!r}; give a class or drop the row")
+            raise LabelFileError(f"{what} {path} line {n}: empty label for {r[ip]!r}; give a class or drop the row")
         # The path exactly as written: ' a.jpg' is a file whose name starts with a space.
         out.append((n, r[ip], r[il].strip()))
     if not out:
-        raise LabelFileError(f"label file {path} has a header but no rows")
+        raise LabelFileError(f"{what} {path} has a header but no rows")
     return out
 
 
-def _label_file(root: Path, label_file: Path) -> tuple[list[_Entry], LabelSpace]:
+def _label_file(root: Path, label_file: Path) -> list[_Entry]:
     rows = _read_label_csv(label_file)
     base = str(root)
     seen: dict[str, int] = {}
@@ -534,24 +647,7 @@ def _label_file(root: Path, label_file: Path) -> tuple[list[_Entry], LabelSpace]
             raise LabelFileError(f"{where}: {rel!r} is not a regular file (a folder or a pipe); name an image file")
         canonical = not link and real_dirs[folder] == os.path.normpath(os.path.join(base, folder))
         entries.append(_entry(rel, tok, st, canonical, real))
-    toks = [e.tok for e in entries]
-    space = imagenet_label_space()
-    bad = []
-    for t in toks:
-        try:
-            space.resolve(t)
-        except KeyError as e:
-            bad.append((t, e.args[0]))
-    if bad and len(bad) < len(toks):
-        t, why = bad[0]
-        raise LabelFileError(
-            f"{label_file}: {len(bad)} labels are not ImageNet classes, first {t!r} ({why}); "
-            "use wnids, class indices or exact ImageNet names"
-        )
-    if bad:
-        names = sorted(set(toks))
-        space = LabelSpace(keys=tuple(names), names=tuple(names), imagenet=False)
-    return entries, space
+    return entries
 
 
 def _count_once(entries: list[_Entry], space: LabelSpace, where: str, error: type[DatasetError]) -> list[_Entry]:
@@ -648,6 +744,9 @@ def load_dataset(
     label_file: str | Path | None = None,
     real: str | Path | bool | None = None,
     limit: int | None = None,
+    label_space: str = "auto",
+    classes: str | Path | None = None,
+    truth: str | Path | None = None,
 ) -> AuditDataset:
     """Discover the images and labels of a validation set.
 
@@ -662,12 +761,25 @@ def load_dataset(
         ILSVRC-2012 validation file; False: never attach.
     limit : int, optional
         Keep this many images, evenly spaced over the sorted ids.
+    label_space : {"auto", "imagenet", "custom"}
+        ``imagenet``: every label (or class folder) must name an ImageNet class.
+        ``custom``: the labels are classes of their own, whatever their names
+        (a flowers set's "daisy" is not ImageNet's daisy); sorted unless
+        ``classes`` orders them. ``auto``: an ImageFolder is ImageNet when its
+        folders are wnids; a label file is ImageNet when every label names an
+        ImageNet class, else custom with a note in ``notes`` (labels written
+        as wnids or indices are refused instead: one of them is a typo).
+    classes : path-like, optional
+        A text file, one class per line (see :func:`load_classes`): a custom
+        space in that order, which may hold classes no image has. Every given
+        label must be one of its lines, exactly.
 
     Raises
     ------
     DatasetError, LabelFileError
         For anything the user must fix, before any scoring starts.
     """
+    class_list = load_classes(classes) if classes is not None else None
     r = Path(root).expanduser()
     if not r.is_dir():
         raise DatasetError(f"dataset folder {r} does not exist; pass the folder that holds the images")
@@ -675,18 +787,31 @@ def load_dataset(
     # Real paths: the rule compares them (a linked val/ is followed here, once).
     r = r.resolve() if label_file is not None else _find_root(r.resolve()).resolve()
     if label_file is not None:
-        entries, space = _label_file(r, Path(label_file))
+        entries = _label_file(r, Path(label_file))
+        space, note = _choose_space(
+            [e.tok for e in entries], str(label_file), label_space, class_list, str(classes)
+        )
         entries = _count_once(entries, space, str(label_file), LabelFileError)
         layout = "label-file"
     else:
-        entries, layout, space = _imagefolder(r)
+        entries, layout, folders = _imagefolder(r)
         if not entries and any(_is_image(p) for p in r.iterdir()):
             raise DatasetError(f"{r} holds images but no class folders; pass --labels FILE.csv with 'path,label' rows")
+        if label_space == "auto" and class_list is None:
+            # Folders decide: wnids are ImageNet's classes, any other names a custom space (as always).
+            space, note = (imagenet_label_space(), None) if layout == "imagefolder-wnid" else (
+                _custom_space(sorted(folders)), None
+            )
+        else:
+            space, note = _choose_space(folders, f"{r} (class folders)", label_space, class_list, str(classes))
         entries = _count_once(entries, space, str(r), DatasetError)
     if not entries:
         raise DatasetError(f"no images found under {r}; expected class folders of image files")
     entries.sort(key=lambda e: e.id)  # ids are sorted as strings, whatever the layout
-    entries = [entries[i] for i in _spread(len(entries), limit)]
+    # Checked against every listed image, so that --limit does not turn the truth file's rows into unknowns.
+    trusted = _truth([e.id for e in entries], space, Path(truth)) if truth is not None else None
+    keep = _spread(len(entries), limit)
+    entries = [entries[i] for i in keep]
     ids = [e.id for e in entries]
     labels = np.array([space.resolve(e.tok) for e in entries], dtype=np.int64)
     real_sets, real_src = _attach_real(ids, space, real)
@@ -699,7 +824,53 @@ def load_dataset(
         real=real_sets,
         real_source=real_src,
         stamps=np.array([e.stamp for e in entries], dtype=np.int64).reshape(len(entries), 2),
+        notes=(note,) if note else (),
+        truth=trusted[keep] if trusted is not None else None,
+        truth_source=str(truth) if truth is not None else None,
     )
+
+
+def _truth(ids: Sequence[str], space: LabelSpace, path: Path) -> np.ndarray:
+    """The trusted label of each of ``ids`` from truth file ``path``; every fault one :class:`LabelFileError`."""
+    rows = _read_label_csv(path, "truth file")
+    index = {i: k for k, i in enumerate(ids)}
+    out = np.full(len(ids), -1, dtype=np.int64)
+    seen: dict[str, int] = {}
+    unknown: list[tuple[int, str]] = []
+    for n, raw, tok in rows:
+        where = f"truth file {path} line {n}"
+        try:
+            rel = _check_id(raw)
+        except DatasetError as e:
+            raise LabelFileError(f"{where}: {e}") from e
+        if rel in seen:
+            raise LabelFileError(
+                f"{where}: {rel!r} is listed twice (first on line {seen[rel]}); keep one row per image"
+            )
+        seen[rel] = n
+        if rel not in index:
+            unknown.append((n, rel))
+            continue
+        try:
+            out[index[rel]] = space.resolve(tok)
+        except KeyError as e:
+            raise LabelFileError(
+                f"{where}: label {tok!r} is not a class of the dataset's label space ({e.args[0]}); use the given "
+                "labels' classes, or list it in --classes"
+            ) from None
+    if unknown:
+        n, rel = unknown[0]
+        raise LabelFileError(
+            f"truth file {path}: {len(unknown)} row(s) name images that are not in the dataset, first {rel!r} "
+            f"(line {n}); drop those rows or fix their paths"
+        )
+    missing = [ids[k] for k in np.flatnonzero(out < 0)]
+    if missing:
+        raise LabelFileError(
+            f"truth file {path}: {len(missing)} image(s) have no row, first {missing[0]!r}; give every image of "
+            "the dataset a trusted label"
+        )
+    return out
 
 
 def _attach_real(

@@ -26,6 +26,7 @@ from audit import __version__, _options
 from audit.datasets import AuditDataset
 from audit.errors import ModelError, OptionError, StoreError
 from audit.evaluate import Metric, evaluate_all, relabeled_accuracy
+from audit.headmodels import HEADS_MIN_AGREEMENT, features_of, fit_heads, head_agreement, weak_heads_warning
 from audit.score import ModelArrays, ScoreStats, check_predictions, load_models, score_dataset
 from audit.store import (
     arrays_dir,
@@ -42,6 +43,7 @@ from audit.store import (
     workspace_lock,
     workspace_path,
 )
+from audit.truth import flag_metrics, truth_metrics, write_truth
 from audit.zoo import ModelSpec
 
 __all__ = [
@@ -59,6 +61,8 @@ __all__ = [
 _log = logging.getLogger(__name__)
 ENSEMBLE = "ensemble"
 _TOPK = 5
+# The files a run reads beside the images, by their key in the recorded inputs: an export must not overwrite one.
+_INPUT_FILES = {"labels": "label file", "real": "ReaL file", "classes": "classes file", "truth": "truth file"}
 _CHUNK = 4096
 
 
@@ -70,6 +74,7 @@ class RunResult:
     n_flagged: int
     n_bad: int
     skipped: tuple[str, ...]  # evaluations that could not run, with why
+    warnings: tuple[str, ...] = ()  # what the user must not miss (heads too weak to trust)
 
 
 def dataset_fingerprint(ds: AuditDataset) -> str:
@@ -86,6 +91,8 @@ def dataset_fingerprint(ds: AuditDataset) -> str:
         h.update(f"{i}\0{lab}\n".encode())
     h.update(json.dumps(ds.real).encode())
     h.update(np.ascontiguousarray(ds.file_stamps(), dtype=np.int64).tobytes())
+    if ds.truth is not None:  # only then: a workspace without truth keeps the fingerprint it always had
+        h.update(b"truth\0" + np.ascontiguousarray(ds.truth, dtype=np.int64).tobytes())
     return h.hexdigest()
 
 
@@ -254,6 +261,7 @@ def _write_meta(con: Any, ds: AuditDataset, fp: str) -> None:
         ("layout", ds.layout),
         ("label_space", "imagenet-1k" if ds.label_space.imagenet else "custom"),
         ("real_source", ds.real_source or ""),
+        ("truth_source", ds.truth_source or ""),
     ):
         con.execute(
             "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", [key, value]
@@ -286,11 +294,14 @@ def run_audit(ds: AuditDataset, specs: Sequence[ModelSpec], db: Path, **options:
 
     Options: ``batch_size`` (64), ``workers`` (2), ``device`` (cuda when
     present), ``sigmoid_threshold`` (cross-fitted), ``progress`` (True),
-    ``backend`` ("auto") and ``precision`` ("fp32"; see :func:`audit.score.score_dataset`).
+    ``backend`` ("auto") and ``precision`` ("fp32"; see :func:`audit.score.score_dataset`),
+    ``heads`` (None: for a custom label space; True/False: always/never; see
+    :mod:`audit.headmodels`) and ``folds`` (10, their outer folds).
     """
     # Every option and path is checked before the workspace is touched: a refused run writes nothing.
     db = check_workspace(db, create=True)
     options = _check_options(options)
+    _check_heads(ds, options)
     check_workspace_outside(ds.root, db)
     _check_compatible(ds, specs)
     if len({s.name for s in specs}) != len(specs):
@@ -316,6 +327,8 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
         out["batch_size"] = _options.check_int("--batch-size", out["batch_size"], lo=1)
     if "workers" in out:
         out["workers"] = _options.check_workers("--workers", out["workers"])
+    if "folds" in out:
+        out["folds"] = _options.check_int("--folds", out["folds"], lo=2)
     if out.get("sigmoid_threshold") is not None:
         out["sigmoid_threshold"] = _options.check_probability("--sigmoid-threshold", out["sigmoid_threshold"])
     if os.environ.get("AUDIT_SHARD_SIZE") is not None:  # read by scoring, after the run is registered
@@ -329,6 +342,36 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     backend = score.resolve_backend(out.get("backend", "auto"), device)
     score._check_precision(out.get("precision", "fp32"), backend, device)
     return out
+
+
+def wants_heads(ds: AuditDataset, heads: bool | None) -> bool:
+    """Whether a run fits heads: asked for (``--heads``), or by default for a custom label space."""
+    return bool(heads) if heads is not None else not ds.label_space.imagenet
+
+
+def _check_heads(ds: AuditDataset, options: Mapping[str, Any]) -> None:
+    """``--heads`` with ``--folds`` against the dataset: every outer fold needs images (:class:`OptionError`).
+
+    Only when heads were asked for; the default heads of a custom space are skipped with a note instead
+    (:func:`_heads_note`), so a tiny custom set still gets its predictions stored.
+    """
+    folds = options.get("folds", 10)
+    if options.get("heads") and len(ds) < folds:
+        raise OptionError(
+            f"--folds {folds}: the dataset has only {len(ds)} images, too few to hold out one per fold; "
+            "pass a smaller --folds (at least 2)"
+        )
+
+
+def _heads_note(ds: AuditDataset, valid: np.ndarray, folds: int) -> str | None:
+    """Why no heads can be fitted on this dataset's valid images, or None."""
+    lab = ds.labels[valid]
+    if len(lab) < folds or len(np.unique(lab)) < 2:
+        return (
+            f"no heads: {len(lab)} readable images in {len(np.unique(lab))} classes, and {folds}-fold "
+            "cross-validation needs at least one image per fold and 2 classes; pass a smaller --folds or more images"
+        )
+    return None
 
 
 def _end_unfinished_run(db: Path, run_id: str, e: BaseException) -> None:
@@ -362,10 +405,12 @@ def _run_audit(
     backend: str = "auto",
     precision: str = "fp32",
     inputs: Mapping[str, Any] | None = None,
+    heads: bool | None = None,
+    folds: int = 10,
 ) -> RunResult:
     from audit import flag
 
-    notes = _check_compatible(ds, specs)
+    notes = [*ds.notes, *_check_compatible(ds, specs)]
     if len({s.name for s in specs}) != len(specs):
         raise ModelError("the same model is listed twice in --models; list each once")
     params = {
@@ -374,6 +419,8 @@ def _run_audit(
         "sigmoid_threshold": sigmoid_threshold,
         "backend": backend,
         "precision": precision,
+        "heads": heads,
+        "folds": folds,
         # What the user passed, so that a bare `audit run --db WS` can continue this workspace.
         "inputs": dict(inputs or {}),
     }
@@ -401,6 +448,22 @@ def _run_audit(
         bad.update(a.bad)
     valid = np.ones(len(ds), dtype=bool)
     valid[list(bad)] = False
+    head_params: dict[str, dict[str, Any]] = {}
+    warnings: list[str] = []
+    heads_info: dict[str, Any] = {}
+    why_not = _heads_note(ds, valid, folds) if wants_heads(ds, heads) else None
+    if why_not:
+        notes.append(why_not)
+    elif wants_heads(ds, heads):
+        made = fit_heads(ds, arrays, arrays_dir(db), valid=valid, folds=folds, features=_features_of)
+        arrays = [*arrays, *made.arrays]
+        notes += made.notes
+        head_params = made.params
+        if made.arrays:
+            agree = head_agreement([np.load(a.probs, mmap_mode="r") for a in made.arrays], ds.labels, valid)
+            warn = weak_heads_warning(agree)
+            heads_info = {"agreement": agree, "threshold": HEADS_MIN_AGREEMENT, "warning": warn}
+            warnings += [warn] if warn else []
     evaluable = [a for a in arrays if a.num_classes == len(ds.label_space)]
     _log.info("post-processing %d model(s)", len(arrays))
     pred_frames, metric_rows = [], []
@@ -419,17 +482,32 @@ def _run_audit(
         ens_logits = [np.load(a.logits, mmap_mode="r") for a in evaluable]
         metric_rows += _evaluate(ENSEMBLE, cls, ens_logits, ds, valid, sigmoid_threshold)
         issues = flag.find_label_issues([np.load(a.probs, mmap_mode="r") for a in evaluable], ds.labels, valid=valid)
+        if ds.truth is not None:
+            quality = issues["label_quality"].to_numpy(dtype=np.float64)
+            flagged = issues["is_label_issue"].to_numpy(dtype=bool)
+            metric_rows += [(ENSEMBLE, m) for m in flag_metrics(quality, flagged, ds.labels, ds.truth, valid)]
     else:
         notes.append(
             f"no model predicts this dataset's {len(ds.label_space)} classes: their predictions are stored, "
             "but there are no evaluations and no label issues (pass a checkpoint trained on these classes)"
         )
-    if ds.real is None:
+    if ds.real is None and ds.label_space.imagenet:
         notes.append("ReaL labels do not apply to these images: real, sigmoid and clean evaluations skipped")
+    elif ds.real is None:
+        against = "truth" if ds.truth is not None else "given"
+        notes.append(
+            "ReaL labels do not apply to a custom label space: real and clean evaluations skipped; the sigmoid "
+            f"evaluation is against the {against} labels"
+        )
     metrics = pd.DataFrame([_metric_row(run_id, m, r) for m, r in metric_rows])
-    _ingest(db, run_id, ds, arrays, pred_frames, metrics, issues, bad, notes, stats)
+    _ingest(db, run_id, ds, arrays, pred_frames, metrics, issues, bad, notes, stats, head_params, heads_info)
     n_flag = int(issues["is_label_issue"].sum()) if issues is not None else 0
-    return RunResult(run_id, db, metrics, n_flag, len(bad), tuple(notes))
+    return RunResult(run_id, db, metrics, n_flag, len(bad), tuple(notes), tuple(warnings))
+
+
+def _features_of(arrays: ModelArrays) -> np.ndarray | None:
+    """A model's ``(N, D)`` penultimate features, or None: the one seam from scoring to the heads."""
+    return features_of(arrays)
 
 
 def last_run_inputs(db: str | Path) -> dict[str, Any] | None:
@@ -453,12 +531,14 @@ def last_run_inputs(db: str | Path) -> dict[str, Any] | None:
 
 
 def workspace_inputs(db: str | Path) -> dict[str, set[Path]]:
-    """Every input any run of workspace ``db`` read: ``{"dataset": roots, "labels": files, "real": files}``.
+    """Every input any run of workspace ``db`` read: ``{"dataset": roots, "labels": files, ...}``.
+
+    Keys: ``dataset`` (roots) and the files ``labels``, ``real``, ``classes`` and ``truth``.
 
     Real paths (symbolic links resolved), from the recorded inputs of every run
     and the dataset root the workspace was made for; empty sets for a new workspace.
     """
-    out: dict[str, set[Path]] = {"dataset": set(), "labels": set(), "real": set()}
+    out: dict[str, set[Path]] = {k: set() for k in ("dataset", *_INPUT_FILES)}
     if is_new_workspace(db):
         return out
     with connect(db, read_only=True) as con:
@@ -528,7 +608,7 @@ def check_export_target(db: str | Path, out: str | Path) -> Path:
                 f"--out {out} lies inside the dataset folder {root} that workspace {path} reads, where its files "
                 "would join the dataset; pass a folder outside it"
             )
-    for key, what in (("labels", "label file"), ("real", "ReaL file")):
+    for key, what in _INPUT_FILES.items():
         for f in sorted(inputs[key]):
             if f.parent == target:
                 raise OptionError(
@@ -602,7 +682,29 @@ def _evaluate(
         scores_scale=scale,
     )
     rel = relabeled_accuracy(cls, [[int(x)] if x >= 0 else [] for x in ds.labels], valid=valid & (cls[:, 0] >= 0))
+    if ds.truth is not None:
+        rel += truth_metrics(cls, ds.truth, valid)
+    if logits and ds.real is None and not ds.label_space.imagenet:
+        rel += _custom_sigmoid(logits, ds, valid & (cls[:, 0] >= 0), threshold)
     return [(model, m) for m in rows + rel]
+
+
+def _custom_sigmoid(
+    logits: Sequence[np.ndarray], ds: AuditDataset, valid: np.ndarray, threshold: float | None
+) -> list[Metric]:
+    """The sigmoid (multi-label) evaluation of a custom label space, where no ReaL sets exist.
+
+    Each image's set is its one trusted label (``--truth``) when there is one, else its
+    given label, so a sigmoid head's per-class scores (the sigmoid of its logits) are
+    scored as a set prediction: F1, precision and recall at a cross-fitted threshold.
+    """
+    from audit.evaluate import sigmoid_evaluation
+
+    ref = ds.truth if ds.truth is not None else ds.labels
+    sets = [[int(x)] if x >= 0 else [] for x in ref]
+    against = "truth" if ds.truth is not None else "given labels"
+    rows = sigmoid_evaluation(_sigmoid_scores(logits), sets, threshold=threshold, valid=valid)
+    return [Metric(m.evaluation, m.metric, m.value, m.low, m.high, m.n, {**m.params, "against": against}) for m in rows]
 
 
 def _sigmoid_scores(logits: Sequence[np.ndarray]) -> np.ndarray:
@@ -649,6 +751,8 @@ def _ingest(
     bad: dict[int, str],
     notes: list[str],
     stats: ScoreStats,
+    head_params: Mapping[str, dict[str, Any]] | None = None,
+    heads_info: Mapping[str, Any] | None = None,
 ) -> None:
     from audit import flag
 
@@ -661,7 +765,12 @@ def _ingest(
                 "tag": a.spec.tag,
                 "loss": a.spec.loss,
                 "num_classes": a.num_classes,
-                "preprocess": to_json(a.spec.preprocess.__dict__ if a.spec.preprocess else None),
+                # A head has no preprocessing of its own (it reads its model's features): the column holds
+                # its parameters instead (kind, folds, seed, C and its grid, the features' model and width).
+                "preprocess": to_json(
+                    (head_params or {}).get(a.spec.name)
+                    or (a.spec.preprocess.__dict__ if a.spec.preprocess else None)
+                ),
                 "weights_file": a.spec.weights_file,
                 "logits_file": str(a.logits),
                 "probs_file": str(a.probs),
@@ -681,6 +790,7 @@ def _ingest(
     )
     with connect(db) as con, transaction(con):
         _sync_dataset(con, ds)  # labels, ReaL sets and classes as this run read them
+        write_truth(con, ds.truth)  # its own table (created here), so older workspaces open unchanged
         # A run defines the workspace's models: the ensemble, the flags and every table
         # then describe the same set. Earlier models not listed again leave the tables;
         # their arrays stay cached, so listing them again costs no scoring.
@@ -708,7 +818,7 @@ def _ingest(
             insert_frame(con, "label_issues", _issue_frame(issues, run_id))
         # What ran: the backend "auto" resolved to, and how many images were scored (0 when all were cached).
         scoring = {"backend_used": stats.backend, "images_scored": stats.images}
-        params = {"flag": flag.flag_params(), "notes": notes, "scoring": scoring}
+        params = {"flag": flag.flag_params(), "notes": notes, "scoring": scoring, "head_check": dict(heads_info or {})}
         con.execute(
             "UPDATE runs SET finished_at = ?, status = ?, params = json_merge_patch(params, ?) WHERE run_id = ?",
             [now(), "finished", to_json(params), run_id],
@@ -773,6 +883,6 @@ def live_metrics(db: Path) -> pd.DataFrame:
                     }
                 )
     out = pd.concat([stored, pd.DataFrame(rows)], ignore_index=True) if rows else stored
-    order = {"original": 0, "real": 1, "sigmoid": 2, "clean": 3, "relabeled": 4}
+    order = {"original": 0, "real": 1, "sigmoid": 2, "clean": 3, "relabeled": 4, "truth": 5, "flags_vs_truth": 6}
     out["_o"] = out["evaluation"].map(order).fillna(9)
     return out.sort_values(["model", "_o", "metric"], kind="stable").drop(columns="_o").reset_index(drop=True)

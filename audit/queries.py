@@ -29,7 +29,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,9 +61,12 @@ __all__ = [
     "export_files",
     "export_summary",
     "flagged_issues",
+    "flags_vs_truth",
     "gallery",
     "headline",
+    "heads_warning",
     "image_detail",
+    "imagenet_sees",
     "impact",
     "metrics_table",
     "model_names",
@@ -77,9 +80,16 @@ __all__ = [
 ]
 
 ENSEMBLE = "ensemble"
-EVALUATIONS = ("original", "real", "sigmoid", "clean", "relabeled")
+EVALUATIONS = ("original", "real", "sigmoid", "clean", "relabeled", "truth", "flags_vs_truth")
 # The one number per evaluation that the overview compares and ranks models by.
-HEADLINE = {"original": "top1", "real": "top1", "sigmoid": "f1", "clean": "top1", "relabeled": "top1"}
+HEADLINE = {
+    "original": "top1",
+    "real": "top1",
+    "sigmoid": "f1",
+    "clean": "top1",
+    "relabeled": "top1",
+    "truth": "top1",  # against --truth, the trusted labels (audit.truth)
+}
 ISSUE_KINDS = ("wrong_label", "multi_label", "no_fit", "model_disagreement")
 # Kinds of disagreement an image can show; a filter keeps images showing any of those selected.
 DISAGREEMENTS = {
@@ -339,6 +349,7 @@ def run_summary(db: str | Path | Reader) -> dict[str, Any]:
             con, "SELECT run_id, status, started_at, finished_at FROM runs ORDER BY started_at DESC LIMIT ?", [1]
         )
         n_runs = fetch_one(con, "SELECT count(*) FROM runs")[0]
+        heads = _heads_warning(con)
     return {
         "dataset_root": meta.get("dataset_root"),
         "layout": meta.get("layout"),
@@ -355,7 +366,23 @@ def run_summary(db: str | Path | Reader) -> dict[str, Any]:
         "decisions": n_decisions,
         "last_run": last,
         "runs": n_runs,
+        "heads_warning": heads,
     }
+
+
+def heads_warning(db: str | Path | Reader) -> str | None:
+    """The newest finished run's warning that its heads are too weak to trust (audit.headmodels), or None."""
+    with _open(db) as con:
+        return _heads_warning(con)
+
+
+def _heads_warning(con: duckdb.DuckDBPyConnection) -> str | None:
+    row = fetch_one(
+        con,
+        "SELECT json_extract_string(params, ?) FROM runs WHERE status = ? ORDER BY finished_at DESC LIMIT ?",
+        ["$.head_check.warning", "finished", 1],
+    )
+    return row[0] if row and row[0] else None
 
 
 def runs_table(db: str | Path | Reader) -> pd.DataFrame:
@@ -453,6 +480,31 @@ def metrics_table(db: str | Path | Reader) -> pd.DataFrame:
     return out.sort_values(["model", "_o", "metric"], kind="stable").drop(columns="_o").reset_index(drop=True)
 
 
+def flags_vs_truth(metrics: pd.DataFrame) -> str | None:
+    """One plain-text line on how the flags fare against ``--truth`` (precision, recall, AP), or None.
+
+    Pure: takes :func:`metrics_table`'s frame (rows of evaluation ``flags_vs_truth``, see audit.truth).
+    """
+    rows = metrics[metrics["evaluation"] == "flags_vs_truth"].set_index("metric")
+    if rows.empty or not {"precision", "recall", "ap", "wrong"} <= set(rows.index):
+
+        return None
+
+    def cell(name: str) -> str:
+        r = rows.loc[name]
+        if pd.isna(r["value"]):
+            return "–"
+        iv = "" if pd.isna(r["low"]) else f" ({100 * r['low']:.1f}–{100 * r['high']:.1f}%)"
+        return f"{100 * r['value']:.1f}%{iv}"
+
+    ap = rows.loc["ap"]["value"]
+    return (
+        f"flags against the truth labels: precision {cell('precision')}, recall {cell('recall')}, "
+        f"AP {'–' if pd.isna(ap) else f'{ap:.3f}'} over {int(rows.loc['wrong']['n']):,} images, "
+        f"{cell('wrong')} of them with a given label that differs from the truth (the AP of a random order)"
+    )
+
+
 def headline(metrics: pd.DataFrame) -> pd.DataFrame:
     """One row per model and evaluation: its :data:`HEADLINE` metric, with low/high/n."""
     keep = [(metrics["evaluation"] == e) & (metrics["metric"] == m) for e, m in HEADLINE.items()]
@@ -476,7 +528,7 @@ def rank_table(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def impact(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Per model: original, relabeled and ReaL top-1 (with intervals), deltas and rank changes.
+    """Per model: original, relabeled, ReaL and truth top-1 (with intervals), deltas and rank changes.
 
     Pure: takes :func:`metrics_table`'s frame. Deltas are fractions
     (relabeled - original, relabeled - real); ranks leave the ensemble out;
@@ -487,7 +539,7 @@ def impact(metrics: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     wide = top1.pivot(index="model", columns="evaluation", values="value")
     out = pd.DataFrame(index=wide.index)
-    for e in ("original", "relabeled", "real"):
+    for e in ("original", "relabeled", "real", "truth"):
         if e in wide:
             out[e] = wide[e]
             rows = top1[top1["evaluation"] == e].set_index("model")
@@ -791,7 +843,9 @@ def image_detail(db: str | Path | Reader, image_index: int) -> dict[str, Any] | 
     suggested, real (names), current_labels / current (the label set now),
     last_action (the action of the decision in effect, None when none is),
     reviewed (a decision is in effect), predictions (each model's top 5 with names and
-    probabilities) and history (every decision on it, oldest first).
+    probabilities), history (every decision on it, oldest first) and imagenet (for a custom
+    label space: each ImageNet model's top 3 as ``(model, [(ImageNet name, prob), ...])``,
+    the context its stored, unevaluated ImageNet predictions give; empty otherwise).
     """
     idx = int(image_index)
     with _open(db) as con:
@@ -822,12 +876,43 @@ def image_detail(db: str | Path | Reader, image_index: int) -> dict[str, Any] | 
             [idx],
         ).df()
         names = _names(con, {x for col in ("old_labels", "new_labels") for v in hist[col] for x in _int_list(v) or []})
+        imagenet = _imagenet_top(con, idx)
     for col in ("old_labels", "new_labels"):
         hist[col.replace("_labels", "")] = [_joined(names, v, "(no class fits)") for v in hist[col]]
     row = {k: _plain(v) for k, v in df.iloc[0].items()}
     row["predictions"] = top
     row["history"] = hist
+    row["imagenet"] = imagenet
     return row
+
+
+def imagenet_sees(detail: Mapping[str, Any]) -> list[str]:
+    """Plain-text lines "ImageNet sees (model): Egyptian cat 71%, tabby 12%, ..." of :func:`image_detail`."""
+    return [
+        f"ImageNet sees ({model}): " + ", ".join(f"{name} {p:.0%}" for name, p in top)
+        for model, top in detail.get("imagenet") or []
+    ]
+
+
+def _imagenet_top(con: duckdb.DuckDBPyConnection, idx: int, k: int = 3) -> list[tuple[str, list[tuple[str, float]]]]:
+    space = fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["label_space"])
+    if not space or space[0] != "custom":
+        return []
+    rows = con.execute(
+        "SELECT p.model, p.top_classes[1:?], p.top_probs[1:?] FROM predictions p JOIN models m USING (model) "
+        "WHERE p.image_index = ? AND m.num_classes = ? AND m.source IS DISTINCT FROM ? AND p.top1 >= 0 "
+        "ORDER BY p.model",
+        [k, k, idx, 1000, "head"],
+    ).fetchall()
+    if not rows:
+        return []
+    from audit.datasets import imagenet_label_space
+
+    names = imagenet_label_space().names
+    return [
+        (m, [(names[int(c)], float(p)) for c, p in zip(cls or [], prob or [], strict=True) if 0 <= int(c) < 1000])
+        for m, cls, prob in rows
+    ]
 
 
 def confused_pairs(db: str | Path | Reader, model: str = ENSEMBLE, limit: int = 20) -> pd.DataFrame:
