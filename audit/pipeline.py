@@ -666,7 +666,7 @@ def _evaluate(
     # logits saturates at 1.0: SqueezeNet's run 0..66). The ensemble: the mean of the sigmoids.
     scale = "logit" if len(logits) == 1 else "probability"
     scores = None
-    if logits and ds.real is not None:
+    if logits and (ds.real is not None or not ds.label_space.imagenet):
         scores = logits[0] if scale == "logit" else _sigmoid_scores(logits)
     if threshold is not None and scale == "logit":
         # A probability threshold on the logit scale; 0 and 1 become "every class" and "the argmax only".
@@ -675,7 +675,7 @@ def _evaluate(
         cls,
         ds.labels,
         real_sets=ds.real,
-        scores=scores,
+        scores=scores if ds.real is not None else None,
         label_sets=None,
         valid=valid & (cls[:, 0] >= 0),
         threshold=threshold,
@@ -684,26 +684,27 @@ def _evaluate(
     rel = relabeled_accuracy(cls, [[int(x)] if x >= 0 else [] for x in ds.labels], valid=valid & (cls[:, 0] >= 0))
     if ds.truth is not None:
         rel += truth_metrics(cls, ds.truth, valid)
-    if logits and ds.real is None and not ds.label_space.imagenet:
-        rel += _custom_sigmoid(logits, ds, valid & (cls[:, 0] >= 0), threshold)
+    if scores is not None and ds.real is None:
+        rel += _custom_sigmoid(scores, scale, ds, valid & (cls[:, 0] >= 0), threshold)
     return [(model, m) for m in rows + rel]
 
 
 def _custom_sigmoid(
-    logits: Sequence[np.ndarray], ds: AuditDataset, valid: np.ndarray, threshold: float | None
+    scores: np.ndarray, scale: str, ds: AuditDataset, valid: np.ndarray, threshold: float | None
 ) -> list[Metric]:
     """The sigmoid (multi-label) evaluation of a custom label space, where no ReaL sets exist.
 
     Each image's set is its one trusted label (``--truth``) when there is one, else its
     given label, so a sigmoid head's per-class scores (the sigmoid of its logits) are
     scored as a set prediction: F1, precision and recall at a cross-fitted threshold.
+    ``scores`` and ``threshold`` are on ``scale``, as :func:`_evaluate` chose them.
     """
     from audit.evaluate import sigmoid_evaluation
 
     ref = ds.truth if ds.truth is not None else ds.labels
     sets = [[int(x)] if x >= 0 else [] for x in ref]
     against = "truth" if ds.truth is not None else "given labels"
-    rows = sigmoid_evaluation(_sigmoid_scores(logits), sets, threshold=threshold, valid=valid)
+    rows = sigmoid_evaluation(scores, sets, threshold=threshold, valid=valid, scale=scale)
     return [Metric(m.evaluation, m.metric, m.value, m.low, m.high, m.n, {**m.params, "against": against}) for m in rows]
 
 
