@@ -25,7 +25,7 @@ from audit import __version__, _options
 from audit.datasets import AuditDataset
 from audit.errors import ModelError, OptionError, StoreError
 from audit.evaluate import Metric, evaluate_all, relabeled_accuracy
-from audit.score import ModelArrays, ScoreStats, check_predictions, load_models, score_dataset
+from audit.scoring import ModelArrays, ScoreStats, check_predictions, load_models, score_dataset
 from audit.store import (
     arrays_dir,
     check_workspace,
@@ -77,7 +77,7 @@ def dataset_fingerprint(ds: AuditDataset) -> str:
     Image ids, given labels, ReaL sets, the classes, and each file's ``(size,
     mtime_ns)``: any image repaired or replaced, any label or ReaL set edited,
     changes it. Which images are *rescored* is decided per image by
-    :func:`audit.score.score_dataset` from the same stamps.
+    :func:`audit.scoring.score_dataset` from the same stamps.
     """
     h = hashlib.sha256()
     h.update(json.dumps([ds.layout, list(ds.label_space.keys), list(ds.label_space.names)]).encode())
@@ -285,7 +285,7 @@ def run_audit(ds: AuditDataset, specs: Sequence[ModelSpec], db: Path, **options:
 
     Options: ``batch_size`` (64), ``workers`` (2), ``device`` (cuda when
     present), ``sigmoid_threshold`` (cross-fitted), ``progress`` (True),
-    ``backend`` ("auto") and ``precision`` ("fp32"; see :func:`audit.score.score_dataset`).
+    ``backend`` ("auto") and ``precision`` ("fp32"; see :func:`audit.scoring.score_dataset`).
     """
     # Every option and path is checked before the workspace is touched: a refused run writes nothing.
     db = check_workspace(db, create=True)
@@ -308,7 +308,7 @@ def run_audit(ds: AuditDataset, specs: Sequence[ModelSpec], db: Path, **options:
 
 def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The options of :func:`run_audit`, each range- and combination-checked (:class:`OptionError`)."""
-    from audit import score
+    from audit import scoring
 
     out = dict(options)
     if "batch_size" in out:
@@ -325,8 +325,8 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # The backend / precision / device combination, refused here rather than after the run is registered.
-    backend = score.resolve_backend(out.get("backend", "auto"), device)
-    score._check_precision(out.get("precision", "fp32"), backend, device)
+    backend = scoring.resolve_backend(out.get("backend", "auto"), device)
+    scoring.check_precision(out.get("precision", "fp32"), backend, device)
     return out
 
 

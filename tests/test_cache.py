@@ -23,7 +23,7 @@ from PIL import Image
 
 from audit.datasets import load_dataset
 from audit.pipeline import run_audit
-from audit.score import ScoreStats, score_dataset
+from audit.scoring import ScoreStats, score_dataset
 from audit.store import arrays_dir, connect
 from audit.zoo import resolve_model
 

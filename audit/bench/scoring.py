@@ -117,7 +117,7 @@ def audit_arm(
 ) -> dict[str, Any]:
     """``audit run``'s scoring path: load the dataset, build the models, score into a fresh workspace."""
     from audit.datasets import load_dataset
-    from audit.score import ScoreStats, load_models, score_dataset
+    from audit.scoring import ScoreStats, load_models, score_dataset
     from audit.zoo import resolve_model
 
     out: dict[str, Any] = {"arm": "audit", "models": {}}
