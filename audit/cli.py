@@ -120,6 +120,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         progress=not a.quiet,
         backend=a.backend,
         precision=a.precision,
+        features=a.features,
         inputs={
             "dataset": _absolute(str(root)),
             "labels": _absolute(labels),
@@ -318,6 +319,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=["fp32", "bf16", "fp16"],
         default="fp32",
         help="fp32 (default) or an opt-in reduced precision; its agreement is measured by python -m audit.bench",
+    )
+    r.add_argument(
+        "--no-features",
+        dest="features",
+        action="store_false",
+        help="do not record each model's penultimate features beside its logits (on by default; ~no extra time)",
     )
     r.add_argument(
         "--sigmoid-threshold",

@@ -285,7 +285,8 @@ def run_audit(ds: AuditDataset, specs: Sequence[ModelSpec], db: Path, **options:
 
     Options: ``batch_size`` (64), ``workers`` (2), ``device`` (cuda when
     present), ``sigmoid_threshold`` (cross-fitted), ``progress`` (True),
-    ``backend`` ("auto") and ``precision`` ("fp32"; see :func:`audit.scoring.score_dataset`).
+    ``backend`` ("auto"), ``precision`` ("fp32") and ``features`` (True: each model's penultimate
+    embedding beside its logits; see :func:`audit.scoring.score_dataset`).
     """
     # Every option and path is checked before the workspace is touched: a refused run writes nothing.
     db = check_workspace(db, create=True)
@@ -315,6 +316,8 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
         out["batch_size"] = _options.check_int("--batch-size", out["batch_size"], lo=1)
     if "workers" in out:
         out["workers"] = _options.check_workers("--workers", out["workers"])
+    if "features" in out:
+        out["features"] = _options.check_bool("--features", out["features"])
     if out.get("sigmoid_threshold") is not None:
         out["sigmoid_threshold"] = _options.check_probability("--sigmoid-threshold", out["sigmoid_threshold"])
     if os.environ.get("AUDIT_SHARD_SIZE") is not None:  # read by scoring, after the run is registered
@@ -360,6 +363,7 @@ def _run_audit(
     progress: bool = True,
     backend: str = "auto",
     precision: str = "fp32",
+    features: bool = True,
     inputs: Mapping[str, Any] | None = None,
 ) -> RunResult:
     from audit import flag
@@ -373,6 +377,7 @@ def _run_audit(
         "sigmoid_threshold": sigmoid_threshold,
         "backend": backend,
         "precision": precision,
+        "features": features,
         # What the user passed, so that a bare `audit run --db WS` can continue this workspace.
         "inputs": dict(inputs or {}),
     }
@@ -394,6 +399,7 @@ def _run_audit(
         backend=backend,
         precision=precision,
         stats=stats,
+        features=features,
     )
     bad: dict[int, str] = {}
     for a in arrays:

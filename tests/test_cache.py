@@ -89,6 +89,30 @@ def test_rows_swapped_in_a_cached_matrix_are_caught_and_rebuilt_from_the_shards(
     assert "fail their checksum" in msg and "rebuilding" in msg
 
 
+def test_damaged_features_are_caught_in_the_matrix_and_in_a_shard(tmp_path, scored, caplog):
+    root, spec, a, before = scored
+    feats = Path(str(a.logits).replace(".logits.", ".features."))
+    want = feats.read_bytes()
+    _swap_rows(feats, 0, 11)  # the assembled features: rebuilt from the shards
+    st = ScoreStats()
+    (b,) = score_dataset(load_dataset(root), [spec], tmp_path / "arr", stats=st, **KW)
+    assert b.features == feats and feats.read_bytes() == want and _bytes(b) == before and st.images == 0
+    (msg,) = _warnings(caplog)
+    assert "fail their checksum" in msg
+    caplog.clear()
+    shard = _shards(a)[1]  # a shard's features: the shard is rescored
+    with np.load(shard) as z:
+        members = {k: z[k] for k in z.files}
+    members["features"] = members["features"][::-1].copy()
+    np.savez(shard, **members)
+    feats.unlink()
+    st = ScoreStats()
+    (b,) = score_dataset(load_dataset(root), [spec], tmp_path / "arr", stats=st, **KW)
+    assert st.images == 8 and feats.read_bytes() == want and _bytes(b) == before
+    (msg,) = _warnings(caplog)
+    assert "damaged" in msg and shard.name in msg and "checksum mismatch" in msg
+
+
 @pytest.mark.parametrize("damage", ["swap_rows", "truncate", "garbage", "empty", "foreign_npz"])
 def test_a_damaged_shard_is_rescored_with_one_line_and_no_traceback(tmp_path, scored, caplog, damage):
     root, spec, a, before = scored

@@ -124,6 +124,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+_F16_LOW = 6.1e-2  # 1e-3 of it is float16's smallest normal number
+_F16_HIGH = float(np.finfo(np.float16).max)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -172,6 +174,7 @@ def score_dataset(
     precision: str = "fp32",
     threads: int | None = None,
     stats: ScoreStats | None = None,
+    features: bool = True,
 ) -> list[ModelArrays]:
     """Score every image with every model, reusing what is cached and still valid.
 
@@ -208,6 +211,13 @@ def score_dataset(
         Compute threads of the OpenVINO / ONNX Runtime backends (default: the CPUs available).
     stats : ScoreStats, optional
         Filled with where the time went.
+    features : bool
+        Also record each model's penultimate embedding, from the same forward
+        pass as its logits (:func:`audit.scoring.runners.with_features`), as an
+        ``(N, D)`` float16 ``.npy`` beside the logits (``ModelArrays.features``;
+        float16 rounding moves a feature by under 1e-3 of its size). Off: no
+        features, and ``ModelArrays.features`` is None. Shards scored with and
+        without features are kept apart (switching rescores once).
 
     Returns
     -------
@@ -231,12 +241,13 @@ def score_dataset(
     # Imported predictions are checked before any image is scored: a NaN found after hours of scoring helps no one.
     imported = {s.name: _read_predictions(ds, s) for s in specs if s.source == "predictions"}
     run_specs = [s for s in specs if s.source != "predictions"]
-    fps = {s.name: _fingerprint(ds, s, shard_size, backend, precision) for s in run_specs}
+    fps = {s.name: _fingerprint(ds, s, shard_size, backend, precision, features) for s in run_specs}
     dirs = {s.name: _shard_dir(arrays, s, fps[s.name]) for s in run_specs}
     stamps = ds.file_stamps() if run_specs else np.empty((n, 2), dtype=np.int64)
     changed: set[int] = set()
     plans = {
-        s.name: _plan(s, dirs[s.name], fps[s.name], stamps, shard_size, batch_size, arrays, changed) for s in run_specs
+        s.name: _plan(s, dirs[s.name], fps[s.name], stamps, shard_size, batch_size, arrays, changed, features)
+        for s in run_specs
     }
     if changed:
         first = ds.image_ids[min(changed)]
@@ -250,16 +261,18 @@ def score_dataset(
         st.build += time.perf_counter() - t
         _score_shards(
             ds, active, built, dirs, plans, needed, stamps, shard_size, batch_size, workers, device, channels_last,
-            backend, precision, threads, progress, st,
+            backend, precision, threads, progress, st, features,
         )  # fmt: skip
     t = time.perf_counter()
     out = []
     for s in specs:
         if s.source == "predictions":
-            out.append(_import_predictions(s, imported[s.name], arrays))
+            out.append(_import_predictions(s, imported[s.name], arrays, features))
         else:
             reuse = plans[s.name].reuse
-            out.append(reuse if reuse is not None else _assemble(s, dirs[s.name], fps[s.name], shard_size, n, arrays))
+            out.append(
+                reuse if reuse is not None else _assemble(s, dirs[s.name], fps[s.name], shard_size, n, arrays, features)
+            )
     st.assemble += time.perf_counter() - t
     st.total += time.perf_counter() - t_start
     return out
@@ -283,6 +296,7 @@ def _score_shards(
     threads: int | None,
     progress: bool,
     st: ScoreStats,
+    features: bool = True,
 ) -> None:
     import torch
 
@@ -319,11 +333,13 @@ def _score_shards(
             precision=precision,
             threads=threads,
             channels_last=channels_last,
+            features=features,
         )
         for s in specs
     ]
     st.prepare += time.perf_counter() - t
     pending: dict[int, _Shard] = {}
+    top: dict[int, float] = {}  # model position -> largest |feature| seen
     bar = _progress(sum(len(b) for b in batches), f"scoring {len(specs)} model(s)", progress)
     try:
         while True:
@@ -350,6 +366,14 @@ def _score_shards(
                 t = time.perf_counter()
                 (y,) = forward_batch([runners[m]], [batch["inputs"][m]])
                 st.forward[spec.name] = st.forward.get(spec.name, 0.0) + time.perf_counter() - t
+                if features:
+                    y, f = y
+                    if len(f):
+                        top[m] = max(top.get(m, 0.0), float(f.abs().max()))
+                    fm = shard.feats.get(m)
+                    if fm is None:
+                        fm = shard.feats[m] = np.full((shard.size, f.shape[1]), np.nan, dtype=np.float16)
+                    fm[rows] = f.numpy()
                 mat = shard.mats.get(m)
                 if mat is None:
                     mat = shard.mats[m] = np.full((shard.size, y.shape[1]), np.nan, dtype=np.float32)
@@ -361,10 +385,20 @@ def _score_shards(
             bar.update(count)
             if shard.left == 0:
                 t = time.perf_counter()
-                _write_shard(pending.pop(k), k, start, specs, dirs, plans, stamps)
+                _write_shard(pending.pop(k), k, start, specs, dirs, plans, stamps, features)
                 st.write += time.perf_counter() - t
     finally:
         bar.close()
         del it
     if pending:
         raise RuntimeError(f"scoring ended with unfinished shards {sorted(pending)}")
+    for m, t in top.items():
+        # float16 keeps 1e-3 relative precision from 6.1e-5 (its smallest normal) to 65504: features whose
+        # largest value is under 6.1e-2 lose their small entries, over 65504 become inf. Trained models sit
+        # well inside (their features are of order 0.1 to 10); untrained weights may not.
+        if not _F16_LOW <= t <= _F16_HIGH:  # info, not a warning: the logits, what runs use today, are unaffected
+            _log.info(
+                "%s: its features reach at most %.3g, outside what float16 storage keeps to 1e-3 (%.3g to %.3g); "
+                "expected of untrained weights, not of a trained model: check the checkpoint",
+                specs[m].name, t, _F16_LOW, _F16_HIGH,
+            )  # fmt: skip

@@ -2,6 +2,12 @@
 
 Every fault of a prediction file is a :class:`~audit.errors.ModelError`
 naming the fix, raised before any image is scored.
+
+A prediction file may bring features (the model's embedding of each image,
+``(N, D)``): a ``.npy`` logits file's sibling ``<stem>.features.npy`` (rows in
+the order of the ``.ids.txt``), or a parquet column ``features`` (one list of
+floats per image). They must be finite, 2-D, one row per id, and within
+float16's range (they are stored as float16, like scored features).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class _Preds:
     mat: Any  # (rows, C) floating array or memory map
     order: np.ndarray  # (N,) int64
     is_prob: bool
+    features: Any = None  # (rows, D) floating array or memory map, or None
 
     @property
     def num_classes(self) -> int:
@@ -62,14 +69,43 @@ def _read_ids(path: Path, ids_file: Path) -> list[str]:
     return [x[:-1] if x.endswith("\r") else x for x in lines]
 
 
-def _load_matrix(path: Path) -> tuple[Any, list[Any], bool | None]:
-    """The raw matrix, the ids and whether the file says it holds probabilities (None: to be inferred)."""
+def _features_file(path: Path) -> Path:
+    """Where a ``.npy`` prediction file's features live: ``<stem>.features.npy`` beside it."""
+    return path.with_name(path.stem + ".features.npy")
+
+
+def _list_column(path: Path, table: Any, col: str, what: str, each: str, expected: str) -> np.ndarray:
+    """A parquet column of equal-length float lists as a ``(rows, k)`` array; a :class:`ModelError` otherwise."""
+    import pyarrow as pa
+
+    values = table.column(col).combine_chunks()
+    t = values.type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
+        raise ModelError(f"{path}: column {col!r} must hold one list of {what} per image (has {t})")
+    flat = values.flatten()
+    lengths = set(pa.compute.list_value_length(values).to_pylist()) if len(values) else set()
+    if values.null_count or flat.null_count or len(lengths) > 1:
+        raise ModelError(f"{path}: column {col!r} has nulls or rows of different lengths; give every image {each}")
+    if not pa.types.is_floating(flat.type):
+        raise ModelError(f"{path}: column {col!r} holds {flat.type}, expected floating-point {expected}")
+    c = lengths.pop() if lengths else 0
+    return flat.to_numpy(zero_copy_only=False).reshape(len(values), c)
+
+
+def _load_matrix(path: Path) -> tuple[Any, list[Any], bool | None, Any]:
+    """The raw matrix, the ids, whether the file says it holds probabilities (None: to be inferred), the features."""
     if path.suffix == ".npy":
         try:
             mat = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as e:  # a truncated header, an object array, not a .npy at all
             raise ModelError(f"cannot read {path} as a .npy matrix ({_why(e)}); save it with numpy.save") from e
-        return mat, _read_ids(path, path.with_suffix(".ids.txt")), None
+        ff, feats = _features_file(path), None
+        if ff.exists():
+            try:
+                feats = np.load(ff, mmap_mode="r", allow_pickle=False)
+            except Exception as e:  # as above
+                raise ModelError(f"cannot read {ff} as a .npy matrix ({_why(e)}); save it with numpy.save") from e
+        return mat, _read_ids(path, path.with_suffix(".ids.txt")), None, feats
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -83,25 +119,19 @@ def _load_matrix(path: Path) -> tuple[Any, list[Any], bool | None]:
     image = table.column("image")
     if not (pa.types.is_string(image.type) or pa.types.is_large_string(image.type)) or image.null_count:
         raise ModelError(f"{path}: column 'image' must hold image ids as text, with no nulls (has {image.type})")
-    values = table.column(col).combine_chunks()
-    t = values.type
-    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
-        raise ModelError(f"{path}: column {col!r} must hold one list of class scores per image (has {t})")
-    flat = values.flatten()
-    lengths = set(pa.compute.list_value_length(values).to_pylist()) if len(values) else set()
-    if values.null_count or flat.null_count or len(lengths) > 1:
-        raise ModelError(f"{path}: column {col!r} has nulls or rows of different lengths; give every image C scores")
-    if not pa.types.is_floating(flat.type):
-        raise ModelError(f"{path}: column {col!r} holds {flat.type}, expected floating-point logits or probabilities")
-    c = lengths.pop() if lengths else 0
-    mat = flat.to_numpy(zero_copy_only=False).reshape(len(values), c)
-    return mat, image.to_pylist(), col == "probs"
+    mat = _list_column(path, table, col, "class scores", "C scores", "logits or probabilities")
+    feats = (
+        _list_column(path, table, "features", "features", "D features", "features")
+        if "features" in table.column_names
+        else None
+    )
+    return mat, image.to_pylist(), col == "probs", feats
 
 
 def _read_predictions(ds: AuditDataset, spec: ModelSpec) -> _Preds:
     """Read and check a ``preds:`` file against ``ds``; every fault is a :class:`ModelError` naming the fix."""
     path = Path(spec.weights_file or "")
-    mat, ids, declared = _load_matrix(path)
+    mat, ids, declared, feats = _load_matrix(path)
     if mat.ndim != 2 or len(ids) != mat.shape[0]:
         raise ModelError(f"{path}: {mat.shape} predictions for {len(ids)} ids; expected one row per id")
     if not np.issubdtype(mat.dtype, np.floating):
@@ -122,7 +152,7 @@ def _read_predictions(ds: AuditDataset, spec: ModelSpec) -> _Preds:
         also = " (or 1000 ImageNet classes)" if not ds.label_space.imagenet else ""
         raise ModelError(f"{path} has {c} columns but the dataset has {k} classes{also}; give one column per class")
     order = np.fromiter((row[i] for i in ds.image_ids), dtype=np.int64, count=len(ds))
-    pr = _Preds(path, mat, order, bool(declared))
+    pr = _Preds(path, mat, order, bool(declared), _check_features(path, feats, len(ids), order, ds.image_ids))
     lo, hi = np.inf, -np.inf
     sums = np.empty(len(order), dtype=np.float64)
     for s, b in pr.chunks():
@@ -149,6 +179,29 @@ def _read_predictions(ds: AuditDataset, spec: ModelSpec) -> _Preds:
     return pr
 
 
+def _check_features(path: Path, feats: Any, rows: int, order: np.ndarray, ids: Sequence[str]) -> Any:
+    """The imported features, checked: 2-D floats, one row per id, finite and within float16's range."""
+    if feats is None:
+        return None
+    where = _features_file(path) if path.suffix == ".npy" else f"{path}: column 'features'"
+    if feats.ndim != 2 or len(feats) != rows:
+        raise ModelError(f"{where}: {feats.shape} features for {rows} ids; expected one row (a vector) per id")
+    if not np.issubdtype(feats.dtype, np.floating):
+        raise ModelError(f"{where} holds {feats.dtype}, expected floating-point features; save float32")
+    big = float(np.finfo(np.float16).max)
+    step = max(1, 2**20 // max(int(feats.shape[1]), 1))
+    for s in range(0, len(order), step):
+        b = np.asarray(feats[order[s : s + step]], dtype=np.float64)
+        bad = ~(np.isfinite(b) & (np.abs(b) <= big)).all(axis=1)
+        if bad.any():
+            r = s + int(np.flatnonzero(bad)[0])
+            raise ModelError(
+                f"{where}: the features of {ids[r]!r} are not finite numbers within +-{big:g} (float16, as stored); "
+                "give finite features (scale them down if they are that large)"
+            )
+    return feats
+
+
 def check_predictions(ds: AuditDataset, specs: Sequence[ModelSpec]) -> None:
     """Check every ``preds:`` file of ``specs`` against ``ds`` (see :func:`score_dataset`), before anything is written.
 
@@ -164,11 +217,11 @@ def check_predictions(ds: AuditDataset, specs: Sequence[ModelSpec]) -> None:
             _read_predictions(ds, s)
 
 
-def _import_predictions(spec: ModelSpec, pr: _Preds, arrays: Path) -> ModelArrays:
+def _import_predictions(spec: ModelSpec, pr: _Preds, arrays: Path, features: bool = True) -> ModelArrays:
     from numpy.lib.format import open_memmap
 
     n, c = len(pr.order), pr.num_classes
-    lpath, ppath = _array_paths(spec, arrays)
+    lpath, ppath, fpath = _array_paths(spec, arrays)
     arrays.mkdir(parents=True, exist_ok=True)
     tmp_l, tmp_p = lpath.with_suffix(".tmp.npy"), ppath.with_suffix(".tmp.npy")
     lm = open_memmap(tmp_l, mode="w+", dtype=np.float32, shape=(n, c))
@@ -184,4 +237,16 @@ def _import_predictions(spec: ModelSpec, pr: _Preds, arrays: Path) -> ModelArray
     del lm, pm
     os.replace(tmp_l, lpath)
     os.replace(tmp_p, ppath)
-    return ModelArrays(spec, lpath, ppath, c)
+    if not features or pr.features is None:
+        fpath.unlink(missing_ok=True)  # never left from an earlier import to pass as this one's
+        return ModelArrays(spec, lpath, ppath, c)
+    d = int(pr.features.shape[1])
+    tmp_f = fpath.with_suffix(".tmp.npy")
+    fm = open_memmap(tmp_f, mode="w+", dtype=np.float16, shape=(n, d))
+    step = max(1, 2**20 // max(d, 1))
+    for s in range(0, n, step):
+        fm[s : s + step] = np.asarray(pr.features[pr.order[s : s + step]], dtype=np.float16)
+    fm.flush()
+    del fm
+    os.replace(tmp_f, fpath)
+    return ModelArrays(spec, lpath, ppath, c, features=fpath)

@@ -13,6 +13,13 @@ The torch runner normalises on its device with the same float32 operations as
 torchvision's ``ToDtype(scale=True)`` + ``Normalize`` (:func:`normalize`); the
 OpenVINO runner does it inside the compiled graph. :func:`forward_batch` is a
 pure function of (models, inputs): a distributed engine can call it unchanged.
+
+Features: a runner made with ``features=True`` returns ``(logits, features)``
+from one forward pass, the model's penultimate embedding ``(B, D)`` beside its
+logits (:func:`with_features`): timm's ``forward_head(pre_logits=True)``, or
+for any other model the (globally average-pooled) input of its final
+classifier layer. The ONNX graph then has two outputs, ``logits`` and
+``features``, both with a dynamic batch axis; every backend runs both in fp32.
 """
 
 from __future__ import annotations
@@ -136,7 +143,7 @@ class TorchRunner:
 
     Calling it maps a uint8 ``(B, H, W, 3)`` batch (any device; pinned host
     memory copies without blocking) to float32 logits ``(B, C)`` on the
-    runner's device.
+    runner's device; with ``features``, to ``(logits, features (B, D))``.
     """
 
     backend = "torch"
@@ -149,9 +156,14 @@ class TorchRunner:
         *,
         channels_last: bool = True,
         precision: str = "fp32",
+        features: bool = False,
+        num_classes: int | None = None,
     ):
         import torch
 
+        if features:
+            module = with_features(module, num_classes)
+        self.features = features
         self.pre = pre
         self.device = torch.device(device)
         self.channels_last = channels_last
@@ -170,14 +182,115 @@ class TorchRunner:
         with torch.inference_mode():
             x = normalize(x.to(self.device, non_blocking=True), self.pre, channels_last=self.channels_last)
             with amp:
-                return self.module(x).float()
+                y = self.module(x)
+            return (y[0].float(), y[1].float()) if self.features else y.float()
 
 
-def export_onnx(module: Any, crop: int) -> bytes:
-    """The fp32 module as an ONNX graph with a dynamic batch axis (input ``x``, output ``logits``)."""
+def _classifier_layer(module: Any, num_classes: int | None) -> Any:
+    """The model's final classifier: the last ``Linear`` or 1x1 ``Conv2d`` (with ``num_classes`` outputs when given).
+
+    Why this rule: torchvision's classifiers all end in one (resnet ``fc``,
+    efficientnet / mobilenet / convnext ``classifier[-1]``, vgg / alexnet
+    ``classifier[6]``, squeezenet's ``Conv2d(512, C, 1)`` before its ReLU and
+    pooling), and the modules are registered in the order they run.
+    """
+    import torch
+
+    found = None
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear):
+            out = m.out_features
+        elif isinstance(m, torch.nn.Conv2d) and tuple(m.kernel_size) == (1, 1):
+            out = m.out_channels
+        else:
+            continue
+        if num_classes is None or out == num_classes:
+            found = m
+    if found is None:
+        raise ModelError(
+            f"{type(module).__name__} has no final Linear or 1x1 convolution with {num_classes} outputs to take "
+            "features from; score it with features off (--no-features)"
+        )
+    return found
+
+
+def with_features(module: Any, num_classes: int | None = None) -> Any:
+    """``module`` wrapped so that its forward returns ``(logits, features)`` from the same pass.
+
+    * timm models (``forward_features`` / ``forward_head``): the features are
+      ``forward_head(forward_features(x), pre_logits=True)`` and the logits
+      ``get_classifier()`` of them, the very operations of timm's own forward.
+    * any other model: the input of its final classifier layer
+      (:func:`_classifier_layer`), captured by a forward pre-hook and
+      globally average-pooled when it is spatial (squeezenet's 512 x 13 x 13);
+      the logits are the model's own output, untouched.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+    num_classes : int, optional
+        Picks the classifier among candidate layers by its output width.
+
+    Returns
+    -------
+    torch.nn.Module
+        Its forward maps ``(B, 3, H, W)`` to ``(logits (B, C), features (B, D))``.
+    """
+    cls = _features_class()
+    if isinstance(module, cls):
+        return module
+    if all(hasattr(module, a) for a in ("forward_features", "forward_head", "get_classifier")):
+        return cls(module, None).eval()
+    return cls(module, _classifier_layer(module, num_classes)).eval()
+
+
+@functools.cache
+def _features_class() -> type:
+    """The wrapper class of :func:`with_features`, made on first use (torch is imported only to run a model)."""
+    import torch
+
+    class WithFeatures(torch.nn.Module):
+        """``forward(x) -> (logits, features)``; ``layer`` None: a timm model."""
+
+        def __init__(self, model: Any, layer: Any):
+            super().__init__()
+            self.model = model
+            self._layer = [layer]  # in a list: not registered a second time as a submodule
+
+        def forward(self, x: Any) -> tuple[Any, Any]:
+            layer = self._layer[0]
+            if layer is None:
+                f = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+                return self.model.get_classifier()(f), f
+            seen: list[Any] = []
+            # Hooked for this call only: a model wrapped twice (two runners) never feeds a stale wrapper.
+            handle = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+            try:
+                logits = self.model(x)
+            finally:
+                handle.remove()
+            if not seen:
+                raise ModelError(f"{type(self.model).__name__}: its classifier layer did not run; use --no-features")
+            f = seen[-1]
+            if f.ndim == 4:  # a 1x1-conv classifier on a feature map: its global average pool
+                f = f.mean(dim=(2, 3))
+            return logits, f.flatten(1)
+
+    return WithFeatures
+
+
+def export_onnx(module: Any, crop: int, *, features: bool = False, num_classes: int | None = None) -> bytes:
+    """The fp32 module as an ONNX graph with a dynamic batch axis.
+
+    Input ``x``; output ``logits``, and with ``features`` a second output
+    ``features`` (see :func:`with_features`), both ``(batch, ...)``.
+    """
     import torch
 
     module = module.to("cpu", memory_format=torch.contiguous_format).eval()
+    if features:
+        module = with_features(module, num_classes).eval()
+    outputs = ["logits", "features"] if features else ["logits"]
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
@@ -187,8 +300,8 @@ def export_onnx(module: Any, crop: int) -> bytes:
             buf,
             dynamo=False,
             input_names=["x"],
-            output_names=["logits"],
-            dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={"x": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
             opset_version=_ONNX_OPSET,
         )
     return buf.getvalue()
@@ -250,16 +363,19 @@ class OpenVINORunner:
         self.inference_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         self.request = self.compiled.create_infer_request()
         self.chunk = chunk
+        self.features = len(self.compiled.outputs) > 1  # exported with features=True
 
     def __call__(self, x: Any) -> Any:
         import torch
 
         arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.uint8)
-        out = []
+        outs: list[list[np.ndarray]] = [[] for _ in range(2 if self.features else 1)]
         for s in range(0, len(arr), self.chunk):
             res = self.request.infer({0: arr[s : s + self.chunk]})
-            out.append(np.array(res[0], dtype=np.float32))  # copied: the request reuses its buffer
-        return torch.from_numpy(np.concatenate(out) if len(out) > 1 else out[0])
+            for j, o in enumerate(outs):
+                o.append(np.array(res[j], dtype=np.float32))  # copied: the request reuses its buffer
+        ys = [torch.from_numpy(np.concatenate(o) if len(o) > 1 else o[0]) for o in outs]
+        return tuple(ys) if self.features else ys[0]
 
 
 class OnnxRuntimeRunner:
@@ -275,12 +391,14 @@ class OnnxRuntimeRunner:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(onnx, so, providers=["CPUExecutionProvider"])
         self.pre = pre
+        self.features = len(self.session.get_outputs()) > 1  # exported with features=True
 
     def __call__(self, x: Any) -> Any:
         import torch
 
         arr = normalize(x.cpu(), self.pre, channels_last=False).numpy()
-        return torch.from_numpy(self.session.run(None, {"x": arr})[0])
+        ys = [torch.from_numpy(y) for y in self.session.run(None, {"x": arr})]
+        return (ys[0], ys[1]) if self.features else ys[0]
 
 
 def make_runner(
@@ -292,12 +410,14 @@ def make_runner(
     precision: str = "fp32",
     threads: int | None = None,
     channels_last: bool = True,
+    features: bool = False,
 ) -> Any:
     """Wrap a built model for :func:`forward_batch` on ``backend`` (resolved as :func:`resolve_backend`).
 
     The runner takes the loader's uint8 ``(B, H, W, 3)`` batches and applies
     ``spec.preprocess``'s normalisation itself. A model the ONNX exporter
-    cannot handle falls back to the torch runner, with a warning.
+    cannot handle falls back to the torch runner, with a warning. With
+    ``features`` the runner returns ``(logits, features)`` (:func:`with_features`).
     """
     pre = spec.preprocess
     if pre is None:
@@ -306,7 +426,7 @@ def make_runner(
     check_precision(precision, backend, device)
     if backend != "torch":
         try:
-            onnx = export_onnx(module, pre.crop)
+            onnx = export_onnx(module, pre.crop, features=features, num_classes=spec.num_classes)
         except Exception as e:  # exporter gaps are model-specific; torch still runs it
             _log.warning("%s: ONNX export failed (%s); running it with torch", spec.name, str(e).splitlines()[0])
         else:
@@ -319,7 +439,15 @@ def make_runner(
                     )  # fmt: skip
                 return runner
             return OnnxRuntimeRunner(onnx, pre, threads=threads)
-    return TorchRunner(module, pre, device, channels_last=channels_last, precision=precision)
+    return TorchRunner(
+        module,
+        pre,
+        device,
+        channels_last=channels_last,
+        precision=precision,
+        features=features,
+        num_classes=spec.num_classes,
+    )
 
 
 def forward_batch(models: Sequence[Any], inputs: Sequence[Any], *, channels_last: bool = True) -> list[Any]:
@@ -337,7 +465,8 @@ def forward_batch(models: Sequence[Any], inputs: Sequence[Any], *, channels_last
 
     Returns
     -------
-    list of Tensor, length M, each (B, C_m) float32 on the CPU
+    list, length M, of (B, C_m) float32 Tensors on the CPU, or of ``(logits, features (B, D_m))``
+    pairs from runners made with ``features=True``
     """
     import torch
 
@@ -349,7 +478,8 @@ def forward_batch(models: Sequence[Any], inputs: Sequence[Any], *, channels_last
                 x = x.to(dev, non_blocking=True)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-            out.append(model(x).float().cpu())
+            y = model(x)
+            out.append(tuple(t.float().cpu() for t in y) if isinstance(y, tuple) else y.float().cpu())
     return out
 
 
