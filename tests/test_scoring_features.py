@@ -257,3 +257,20 @@ def test_parquet_features_column_of_the_wrong_kind_is_one_clear_error(tmp_path, 
     pq.write_table(pa.table({"image": list(ds.image_ids), "logits": list(_logits(ds)), "features": rows}), path)
     with pytest.raises(ModelError, match="column 'features' has nulls or rows of different lengths"):
         check_predictions(ds, [resolve_model(f"preds:{path}")])
+
+
+def test_audit_run_records_features_unless_told_not_to(tmp_path, ds):
+    from audit.cli import main
+    from audit.errors import OptionError
+    from audit.pipeline import run_audit
+    from audit.store import arrays_dir
+
+    model = _npy(tmp_path, ds, _feats(ds), np.arange(len(ds)))
+    off, on = tmp_path / "off.duckdb", tmp_path / "on.duckdb"
+    assert main(["run", str(ds.root), "--models", model, "--db", str(off), "-q", "--no-features"]) == 0
+    assert not list(arrays_dir(off).glob("*.features.npy"))
+    assert main(["run", str(ds.root), "--models", model, "--db", str(on), "-q"]) == 0
+    assert len(list(arrays_dir(on).glob("*.features.npy"))) == 1
+    with pytest.raises(OptionError, match="--features takes true or false"):
+        run_audit(ds, [resolve_model(model)], tmp_path / "x.duckdb", features="sometimes", progress=False)
+    assert not (tmp_path / "x.duckdb").exists(), "refused before the workspace is written"

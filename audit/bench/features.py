@@ -10,6 +10,7 @@ over features off, and the per-model forward time.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,9 @@ def features(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="off/on pairs, interleaved (the order flips every pair)")
     p.add_argument("--out", type=Path, default=REPORTS / "perf_features")
     p.add_argument("--note", default="", help="a sentence for the report (e.g. that the machine was shared)")
+    p.add_argument("--render", type=Path, help="re-render the report from a .raw.json of an earlier run")
     a = p.parse_args(argv)
-    if not a.dataset.is_dir():
+    if not a.dataset.is_dir() and not a.render:
         print(f"skipped: {a.dataset} not found (the shared 1,300-image set lives in ../shared)")
         return 0
     info = machine()
@@ -54,13 +56,14 @@ def features(argv: list[str] | None = None) -> int:
     common += ["--workers", str(a.workers), "--backend", a.backend]
     if a.limit:
         common += ["--limit", str(a.limit)]
-    runs: list[dict[str, Any]] = []
-    for r in range(a.repeats):
+    runs: list[dict[str, Any]] = json.loads(a.render.read_text()) if a.render else []
+    for r in range(0 if a.render else a.repeats):
         for on in (False, True) if r % 2 == 0 else (True, False):
             print(f"repeat {r + 1}/{a.repeats}: features {'on' if on else 'off'} ...", flush=True)
             res = run_child(["arm", "audit", *common, *([] if on else ["--no-features"])])
             res["repeat"] = r + 1
             runs.append(res)
+            write_json(a.out.with_suffix(".raw.json"), runs)  # kept until the report is written
             print(f"  {res['wall_s']:.1f} s", flush=True)
     rows = []
     for r in range(1, a.repeats + 1):
@@ -84,9 +87,10 @@ def features(argv: list[str] | None = None) -> int:
         )
     models = [m for m in a.models.split(",") if m]
     per_model = []
-    for m in models:
-        f_off = [x["stats"]["forward"][m] for x in runs if not x["features"]]
-        f_on = [x["stats"]["forward"][m] for x in runs if x["features"]]
+    for j, m in enumerate(models):
+        # Keyed by the models' canonical names ("efficientnet_lite0.in1k"), in the order given.
+        f_off = [list(x["stats"]["forward"].values())[j] for x in runs if not x["features"]]
+        f_on = [list(x["stats"]["forward"].values())[j] for x in runs if x["features"]]
         per_model.append(
             {
                 "model": m,
@@ -130,5 +134,6 @@ def features(argv: list[str] | None = None) -> int:
         "",
     ]
     a.out.with_suffix(".md").write_text("\n".join(md))
+    a.out.with_suffix(".raw.json").unlink(missing_ok=True)
     print("\n".join(md))
     return 0
