@@ -23,7 +23,9 @@ Data flow for N images and M models:
    rescored, and an image changed in place is rescored with its batch (only
    that batch), each said in one line on the log.
 4. **Assemble**: the shards are streamed into one ``(N, C)`` float32 logits and
-   one probability matrix per model (``.npy``, memory-mappable); memory does
+   one probability matrix per model, and (features on, the default) one
+   ``(N, D)`` float16 features matrix, the model's penultimate embedding from
+   the same forward pass (``.npy``, memory-mappable); memory does
    not grow with N. Their SHA-256 sums are taken while they are written and
    checked before they are reused (about 0.2 s per 200 MB matrix, i.e. 50,000
    x 1,000 float32); matrices that fail are rebuilt from the shards.
