@@ -2,7 +2,7 @@
 
 The pipeline has one module per stage: :mod:`audit.datasets` (what images and
 labels there are), :mod:`audit.zoo` (which models, with their weights and
-preprocessing), :mod:`audit.score` (one decode pass feeding every model),
+preprocessing), :mod:`audit.scoring` (one decode pass feeding every model),
 :mod:`audit.evaluate` (original / ReaL / sigmoid / clean / relabeled accuracy),
 :mod:`audit.flag` (cleanlab label issues), :mod:`audit.store` (the DuckDB
 workspace), :mod:`audit.export` (cleaned label sets) and :mod:`audit.cli`.

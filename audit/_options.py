@@ -32,6 +32,18 @@ def check_int(name: str, value: object, *, lo: int, hi: int | None = None, what:
     return int(value)
 
 
+def check_bool(name: str, value: object) -> bool:
+    """``value`` as a bool: True / False (also 1 / 0, "true" / "false", "yes" / "no", "on" / "off")."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise OptionError(f"{name} takes true or false, got {value!r}")
+
+
 def check_probability(name: str, value: object) -> float:
     """``value`` as a finite float in ``[0, 1]`` (a threshold on probabilities or sigmoid scores)."""
     try:

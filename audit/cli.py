@@ -131,6 +131,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         precision=a.precision,
         heads=heads,
         folds=folds if folds is not None else 10,
+        features=a.features,
         inputs={
             "dataset": _absolute(str(root)),
             "labels": _absolute(labels),
@@ -389,6 +390,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=["fp32", "bf16", "fp16"],
         default="fp32",
         help="fp32 (default) or an opt-in reduced precision; its agreement is measured by python -m audit.bench",
+    )
+    r.add_argument(
+        "--no-features",
+        dest="features",
+        action="store_false",
+        help="do not record each model's penultimate features beside its logits (on by default; ~no extra time)",
     )
     r.add_argument(
         "--sigmoid-threshold",

@@ -33,7 +33,7 @@ import numpy as np
 from audit import _io
 from audit.datasets import AuditDataset
 from audit.heads import _C_GRID, HEAD_KINDS, cross_val_head
-from audit.score import ModelArrays, model_key
+from audit.scoring import ModelArrays, model_key
 from audit.zoo import ModelSpec
 
 __all__ = [

@@ -44,12 +44,15 @@ FeatureSource = Callable[[str, str], "np.ndarray | None"]
 
 
 def _stored_features(model: str, logits_file: str) -> np.ndarray | None:
-    """The seam to scoring's stored features of ``model`` (its logits at ``logits_file``); None until wired.
+    """Scoring's stored features of ``model`` (its logits at ``logits_file``), memory-mapped, or None.
 
-    Scoring that records features keeps an ``(N, D)`` .npy beside the logits
-    (``ModelArrays.features``); this returns it memory-mapped.
+    Scoring keeps each model's ``(N, D)`` float16 features beside its logits
+    (``<key>.features.npy`` beside ``<key>.logits.npy``: ``ModelArrays.features``).
     """
-    return None
+    if not logits_file or not logits_file.endswith(".logits.npy"):
+        return None
+    path = Path(logits_file[: -len(".logits.npy")] + ".features.npy")
+    return np.load(path, mmap_mode="r") if path.is_file() else None
 
 
 def heads_table(

@@ -27,7 +27,7 @@ from audit.datasets import AuditDataset
 from audit.errors import ModelError, OptionError, StoreError
 from audit.evaluate import Metric, evaluate_all, relabeled_accuracy
 from audit.headmodels import HEADS_MIN_AGREEMENT, features_of, fit_heads, head_agreement, weak_heads_warning
-from audit.score import ModelArrays, ScoreStats, check_predictions, load_models, score_dataset
+from audit.scoring import ModelArrays, ScoreStats, check_predictions, load_models, score_dataset
 from audit.store import (
     arrays_dir,
     check_workspace,
@@ -83,7 +83,7 @@ def dataset_fingerprint(ds: AuditDataset) -> str:
     Image ids, given labels, ReaL sets, the classes, and each file's ``(size,
     mtime_ns)``: any image repaired or replaced, any label or ReaL set edited,
     changes it. Which images are *rescored* is decided per image by
-    :func:`audit.score.score_dataset` from the same stamps.
+    :func:`audit.scoring.score_dataset` from the same stamps.
     """
     h = hashlib.sha256()
     h.update(json.dumps([ds.layout, list(ds.label_space.keys), list(ds.label_space.names)]).encode())
@@ -294,9 +294,10 @@ def run_audit(ds: AuditDataset, specs: Sequence[ModelSpec], db: Path, **options:
 
     Options: ``batch_size`` (64), ``workers`` (2), ``device`` (cuda when
     present), ``sigmoid_threshold`` (cross-fitted), ``progress`` (True),
-    ``backend`` ("auto") and ``precision`` ("fp32"; see :func:`audit.score.score_dataset`),
-    ``heads`` (None: for a custom label space; True/False: always/never; see
-    :mod:`audit.headmodels`) and ``folds`` (10, their outer folds).
+    ``backend`` ("auto"), ``precision`` ("fp32") and ``features`` (True: each model's penultimate
+    embedding beside its logits; see :func:`audit.scoring.score_dataset`), ``heads`` (None: for a
+    custom label space; True/False: always/never; see :mod:`audit.headmodels`) and ``folds`` (10,
+    their outer folds).
     """
     # Every option and path is checked before the workspace is touched: a refused run writes nothing.
     db = check_workspace(db, create=True)
@@ -320,7 +321,7 @@ def run_audit(ds: AuditDataset, specs: Sequence[ModelSpec], db: Path, **options:
 
 def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The options of :func:`run_audit`, each range- and combination-checked (:class:`OptionError`)."""
-    from audit import score
+    from audit import scoring
 
     out = dict(options)
     if "batch_size" in out:
@@ -329,6 +330,8 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
         out["workers"] = _options.check_workers("--workers", out["workers"])
     if "folds" in out:
         out["folds"] = _options.check_int("--folds", out["folds"], lo=2)
+    if "features" in out:
+        out["features"] = _options.check_bool("--features", out["features"])
     if out.get("sigmoid_threshold") is not None:
         out["sigmoid_threshold"] = _options.check_probability("--sigmoid-threshold", out["sigmoid_threshold"])
     if os.environ.get("AUDIT_SHARD_SIZE") is not None:  # read by scoring, after the run is registered
@@ -339,8 +342,8 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # The backend / precision / device combination, refused here rather than after the run is registered.
-    backend = score.resolve_backend(out.get("backend", "auto"), device)
-    score._check_precision(out.get("precision", "fp32"), backend, device)
+    backend = scoring.resolve_backend(out.get("backend", "auto"), device)
+    scoring.check_precision(out.get("precision", "fp32"), backend, device)
     return out
 
 
@@ -404,6 +407,7 @@ def _run_audit(
     progress: bool = True,
     backend: str = "auto",
     precision: str = "fp32",
+    features: bool = True,
     inputs: Mapping[str, Any] | None = None,
     heads: bool | None = None,
     folds: int = 10,
@@ -421,6 +425,7 @@ def _run_audit(
         "precision": precision,
         "heads": heads,
         "folds": folds,
+        "features": features,
         # What the user passed, so that a bare `audit run --db WS` can continue this workspace.
         "inputs": dict(inputs or {}),
     }
@@ -442,6 +447,7 @@ def _run_audit(
         backend=backend,
         precision=precision,
         stats=stats,
+        features=features,
     )
     bad: dict[int, str] = {}
     for a in arrays:

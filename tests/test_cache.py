@@ -23,7 +23,7 @@ from PIL import Image
 
 from audit.datasets import load_dataset
 from audit.pipeline import run_audit
-from audit.score import ScoreStats, score_dataset
+from audit.scoring import ScoreStats, score_dataset
 from audit.store import arrays_dir, connect
 from audit.zoo import resolve_model
 
@@ -87,6 +87,30 @@ def test_rows_swapped_in_a_cached_matrix_are_caught_and_rebuilt_from_the_shards(
     assert st.images == 0, "intact shards rebuild the matrices; nothing is rescored"
     (msg,) = _warnings(caplog)
     assert "fail their checksum" in msg and "rebuilding" in msg
+
+
+def test_damaged_features_are_caught_in_the_matrix_and_in_a_shard(tmp_path, scored, caplog):
+    root, spec, a, before = scored
+    feats = Path(str(a.logits).replace(".logits.", ".features."))
+    want = feats.read_bytes()
+    _swap_rows(feats, 0, 11)  # the assembled features: rebuilt from the shards
+    st = ScoreStats()
+    (b,) = score_dataset(load_dataset(root), [spec], tmp_path / "arr", stats=st, **KW)
+    assert b.features == feats and feats.read_bytes() == want and _bytes(b) == before and st.images == 0
+    (msg,) = _warnings(caplog)
+    assert "fail their checksum" in msg
+    caplog.clear()
+    shard = _shards(a)[1]  # a shard's features: the shard is rescored
+    with np.load(shard) as z:
+        members = {k: z[k] for k in z.files}
+    members["features"] = members["features"][::-1].copy()
+    np.savez(shard, **members)
+    feats.unlink()
+    st = ScoreStats()
+    (b,) = score_dataset(load_dataset(root), [spec], tmp_path / "arr", stats=st, **KW)
+    assert st.images == 8 and feats.read_bytes() == want and _bytes(b) == before
+    (msg,) = _warnings(caplog)
+    assert "damaged" in msg and shard.name in msg and "checksum mismatch" in msg
 
 
 @pytest.mark.parametrize("damage", ["swap_rows", "truncate", "garbage", "empty", "foreign_npz"])

@@ -117,8 +117,10 @@ def test_kill_9_mid_scoring_then_resume_is_byte_identical(setup):
 
     ref_npy = sorted(arrays_dir(ref).glob("*.npy"))
     got_npy = sorted(arrays_dir(db).glob("*.npy"))
-    assert [p.name for p in ref_npy] == [p.name for p in got_npy] and len(ref_npy) == 2
+    # Logits, probabilities and features (on by default), every one byte-identical.
+    assert [p.name for p in ref_npy] == [p.name for p in got_npy] and len(ref_npy) == 3
     for a, b in zip(ref_npy, got_npy, strict=True):
         assert a.read_bytes() == b.read_bytes(), f"{a.name} differs after resume"
-    assert np.load(got_npy[0]).shape == (N_IMAGES, 1000)
+    shapes = {p.name.split(".")[-2]: np.load(p).shape for p in got_npy}
+    assert shapes == {"features": (N_IMAGES, 512), "logits": (N_IMAGES, 1000), "probs": (N_IMAGES, 1000)}
     assert _tables(db) == _tables(ref)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from audit.datasets import decode_image, load_dataset
 from audit.errors import ModelError
-from audit.score import (
+from audit.scoring import (
     OnnxRuntimeRunner,
     OpenVINORunner,
     ScoreStats,
@@ -135,7 +135,7 @@ def test_openvino_runner_chunks_and_pins_fp32(checkpoint):
 _SIGNAL_STACK_CHILD = """
 import faulthandler, gc, signal, subprocess, sys
 faulthandler.enable()  # an alternate signal stack on the main thread, as under pytest
-from audit.score import OpenVINORunner, export_onnx
+from audit.scoring import OpenVINORunner, export_onnx
 from audit.zoo import build_model, resolve_model
 spec = resolve_model(sys.argv[1])
 onnx = export_onnx(build_model(spec), 64)

@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> int:
         "arm": ("audit.bench.scoring", "arm"),
         "levers": ("audit.bench.levers", "levers"),
         "stages": ("audit.bench.stages", "stages"),
+        "features": ("audit.bench.features", "features"),
         "gen-images": ("audit.bench.scale", "gen_images"),
         "gen-preds": ("audit.bench.scale", "gen_preds"),
         "scale": ("audit.bench.scale", "scale"),

@@ -113,7 +113,7 @@ def _e2e(a: argparse.Namespace, probs_dir: Path) -> list[dict[str, Any]]:
 def _forward(model: str, batch_size: int, reps: int, compile_: bool, bf16: bool) -> list[dict[str, Any]]:
     import torch
 
-    from audit.score import make_runner, normalize
+    from audit.scoring import make_runner, normalize
     from audit.zoo import build_model, resolve_model
 
     spec = resolve_model(model)

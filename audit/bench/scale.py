@@ -302,7 +302,7 @@ def post(argv: list[str] | None = None) -> int:
 def scale_arm(dataset: Path, model: str, batch_size: int, workers: int, limit: int | None) -> dict[str, Any]:
     from audit.datasets import load_dataset
     from audit.pipeline import run_audit
-    from audit.score import ScoreStats
+    from audit.scoring import ScoreStats
     from audit.zoo import resolve_model
 
     stats = ScoreStats()

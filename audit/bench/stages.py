@@ -6,7 +6,7 @@
    (normalisation included), softmax, top-k, writing shards and assembling.
 2. The forward-only ceiling: the same runners on random uint8 batches of the
    same size and count, with no loading at all.
-3. The real run (:func:`audit.score.score_dataset`, loader workers and all).
+3. The real run (:func:`audit.scoring.score_dataset`, loader workers and all).
 
 Ceiling and real run alternate ``--repeats`` times; the best of each is
 compared, so load from other processes does not pass for a gap.
@@ -35,7 +35,7 @@ from audit.bench.common import (
 
 def _loading_stages(ds: Any, specs: list[Any], batch_size: int) -> dict[str, float]:
     from audit.datasets import decode_image
-    from audit.score import resize_crop
+    from audit.scoring import resize_crop
 
     t = dict.fromkeys(["read", "decode", "batch"], 0.0)
     for s in specs:
@@ -94,7 +94,7 @@ def stages(argv: list[str] | None = None) -> int:
         return 0
     from audit.datasets import load_dataset
     from audit.pipeline import topk_of
-    from audit.score import ScoreStats, load_models, make_runner, resolve_backend, score_dataset, softmax
+    from audit.scoring import ScoreStats, load_models, make_runner, resolve_backend, score_dataset, softmax
     from audit.zoo import resolve_model
 
     info = machine()

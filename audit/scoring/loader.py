@@ -1,0 +1,90 @@
+"""The one-decode loader: every image read and decoded once, then resized and cropped for each model.
+
+A DataLoader with ``workers`` processes reads each image once
+(:func:`audit.datasets.decode_image`: EXIF orientation, RGB) and resizes and
+centre-crops it *from the decoded image* for each model by that model's own
+:class:`~audit.zoo.Preprocess` (:func:`resize_crop`). Batches travel as uint8
+``(B, H, W, 3)`` tensors, a quarter of float32, and never straddle a shard
+(:func:`_shard_batches`), so a resumed run recomputes exactly the batches an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from audit.datasets import AuditDataset, decode_image
+from audit.zoo import Preprocess
+
+__all__ = ["resize_crop"]
+
+
+def resize_crop(img: Any, pre: Preprocess) -> np.ndarray:
+    """Resize the short side and centre-crop, as ``pre.transform()`` does, stopping at uint8.
+
+    Parameters
+    ----------
+    img : PIL.Image.Image, RGB
+    pre : Preprocess
+        The weights' preprocessing.
+
+    Returns
+    -------
+    ndarray of uint8, shape (crop, crop, 3)
+        The pixels ``pre.transform()`` would normalise (same PIL resize, same crop).
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    img = F.resize(img, [pre.resize], interpolation=InterpolationMode(pre.interpolation), antialias=True)
+    img = F.center_crop(img, [pre.crop])
+    return np.array(img, dtype=np.uint8)  # writable: torch.from_numpy warns on read-only arrays
+
+
+class _Frames:
+    """Map-style dataset: image index -> (index, one uint8 crop per model or None, bad reason)."""
+
+    def __init__(self, ds: AuditDataset, pres: Sequence[Preprocess]):
+        self.root = ds.root
+        self.ids = ds.image_ids
+        self.pres = list(pres)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[int, list[np.ndarray] | None, str]:
+        try:
+            img = decode_image(self.root / self.ids[i])
+            return i, [resize_crop(img, p) for p in self.pres], ""
+        except Exception as e:  # any unreadable image is recorded, never fatal
+            return i, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+
+
+def _collate(items: list[tuple[int, list[np.ndarray] | None, str]]) -> dict[str, Any]:
+    import torch
+
+    good = [(i, t) for i, t, _ in items if t is not None]
+    bad = [(i, r) for i, t, r in items if t is None]
+    inputs = []
+    if good:
+        for m in range(len(good[0][1])):
+            inputs.append(torch.from_numpy(np.stack([t[m] for _, t in good])))
+    return {
+        "first": items[0][0],
+        "index": np.array([i for i, _ in good], dtype=np.int64),
+        "inputs": inputs,
+        "bad": bad,
+    }
+
+
+def _shard_batches(shards: Sequence[int], n: int, shard_size: int, batch_size: int) -> list[list[int]]:
+    """Index batches covering ``shards`` in order, never straddling a shard boundary."""
+    out = []
+    for k in shards:
+        stop = min(n, (k + 1) * shard_size)
+        for s in range(k * shard_size, stop, batch_size):
+            out.append(list(range(s, min(stop, s + batch_size))))
+    return out
