@@ -255,6 +255,18 @@ def _inside(real: str, base: str) -> bool:
     return real != base and real.startswith(base if base.endswith("/") else base + "/")
 
 
+def _row_id(raw: str, n: int, where: str, seen: dict[str, int]) -> str:
+    """The image id of label-file row ``n`` (checked by :func:`_check_id`), refused when listed twice."""
+    try:
+        rel = _check_id(raw)
+    except DatasetError as e:
+        raise LabelFileError(f"{where}: {e}") from e
+    if rel in seen:
+        raise LabelFileError(f"{where}: {rel!r} is listed twice (first on line {seen[rel]}); keep one row per image")
+    seen[rel] = n
+    return rel
+
+
 def _check_id(image_id: object) -> str:
     """The lexical half of the rule: a non-empty relative POSIX path without ``..``, taken as written."""
     if not isinstance(image_id, str) or not image_id or "\x00" in image_id:
@@ -608,15 +620,7 @@ def _label_file(root: Path, label_file: Path) -> list[_Entry]:
     real_dirs: dict[str, str] = {}  # folder -> its real path: one realpath per folder, not per row
     for n, raw, tok in rows:
         where = f"{label_file} line {n}"
-        try:
-            rel = _check_id(raw)
-        except DatasetError as e:
-            raise LabelFileError(f"{where}: {e}") from e
-        if rel in seen:
-            raise LabelFileError(
-                f"{where}: {rel!r} is listed twice (first on line {seen[rel]}); keep one row per image"
-            )
-        seen[rel] = n
+        rel = _row_id(raw, n, where, seen)
         folder, name = os.path.split(rel)
         if folder not in real_dirs:
             real_dirs[folder] = os.path.realpath(os.path.join(base, folder)) if folder else base
@@ -839,15 +843,7 @@ def _truth(ids: Sequence[str], space: LabelSpace, path: Path) -> np.ndarray:
     unknown: list[tuple[int, str]] = []
     for n, raw, tok in rows:
         where = f"truth file {path} line {n}"
-        try:
-            rel = _check_id(raw)
-        except DatasetError as e:
-            raise LabelFileError(f"{where}: {e}") from e
-        if rel in seen:
-            raise LabelFileError(
-                f"{where}: {rel!r} is listed twice (first on line {seen[rel]}); keep one row per image"
-            )
-        seen[rel] = n
+        rel = _row_id(raw, n, where, seen)
         if rel not in index:
             unknown.append((n, rel))
             continue
