@@ -20,6 +20,7 @@ import pandas as pd
 
 from audit import __version__, _options
 from audit.errors import OptionError, UserError, disk_error, is_disk_error
+from audit.zoo import CROP_MODES
 
 __all__ = ["main"]
 
@@ -86,7 +87,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     prev = last_run_inputs(a.db)
     labels, real, limit = a.labels, a.real, a.limit
     space, classes, truth = a.label_space, a.classes, a.truth
-    heads, folds = a.heads, a.folds
+    heads, folds, crop = a.heads, a.folds, a.crop
     if a.dataset:
         root = Path(a.dataset)
     elif prev:
@@ -100,6 +101,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         truth = truth or prev.get("truth")
         heads = heads if heads is not None else prev.get("heads")
         folds = folds if folds is not None else prev.get("folds")
+        crop = crop or prev.get("crop")
         print(f"audit: continuing workspace {a.db} (dataset {root}, from its last run)", file=sys.stderr)
     else:
         root = _default_dataset()
@@ -132,6 +134,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         heads=heads,
         folds=folds if folds is not None else 10,
         features=a.features,
+        crop=crop or "auto",
         inputs={
             "dataset": _absolute(str(root)),
             "labels": _absolute(labels),
@@ -142,6 +145,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             "truth": _absolute(truth),
             "heads": heads,
             "folds": folds,
+            "crop": crop,
             "models": names,
         },
     )
@@ -390,6 +394,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=["fp32", "bf16", "fp16"],
         default="fp32",
         help="fp32 (default) or an opt-in reduced precision; its agreement is measured by python -m audit.bench",
+    )
+    r.add_argument(
+        "--crop",
+        choices=list(CROP_MODES),
+        help="weights: each model's own resize + centre crop; full: the short side resized straight to the "
+        "input edge (a square image kept whole); auto (default): full for a model whose input is larger than "
+        "the images (e.g. 32 px CIFAR), weights otherwise",
     )
     r.add_argument(
         "--no-features",

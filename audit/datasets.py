@@ -52,6 +52,7 @@ __all__ = [
     "load_dataset",
     "load_real_labels",
     "real_index_of",
+    "typical_short_side",
 ]
 
 _log = logging.getLogger(__name__)
@@ -885,6 +886,24 @@ def _attach_real(
         return None, None
     sets, source = load_real_labels(None if not explicit else real)  # type: ignore[arg-type]
     return [list(sets[i]) for i in idx], source  # type: ignore[index]
+
+
+def typical_short_side(ds: AuditDataset, *, sample: int = 64) -> int | None:
+    """Median short side, in pixels, of up to ``sample`` images spread over the set; None if none reads.
+
+    Reads only the image headers (PIL opens lazily), so it costs milliseconds; it decides
+    ``--crop auto`` (:func:`audit.zoo.apply_crop`).
+    """
+    from PIL import Image
+
+    sides = []
+    for i in _spread(len(ds), sample):
+        try:
+            with Image.open(ds.path(int(i))) as im:
+                sides.append(min(im.size))
+        except Exception:  # an unreadable image is scoring's to report, not this probe's
+            continue
+    return int(np.median(sides)) if sides else None
 
 
 def decode_image(path: Path) -> Any:

