@@ -44,6 +44,7 @@ __all__ = ["HEAD_KINDS", "HeadResult", "cross_val_head", "standardize"]
 
 HEAD_KINDS = ("softmax", "sigmoid")
 _C_GRID = (0.001, 0.01, 0.1, 1.0)
+_EXTEND = 2  # grid steps the inner CV may take past an edge its best C lands on
 _SMALL = 1_000_000  # N x D below which heads fit on one thread
 
 
@@ -100,7 +101,9 @@ def cross_val_head(
     seed : int
         Seed of the fold assignment; the fit itself is deterministic.
     c_grid : sequence of float
-        Candidate inverse L2 strengths; one value skips the inner cross-validation.
+        Candidate inverse L2 strengths; one value skips the inner cross-validation. When the best
+        lies on an edge of the grid, up to 2 more values past that edge (by the grid's ratio) are
+        tried (``params["c_evaluated"]``).
     inner_folds : int
         Folds of the inner cross-validation that chooses ``C``.
     max_iter : int
@@ -160,15 +163,28 @@ def _cross_val(
         # problem, all solved together (see _fit_many).
         inner_fold = _assign_folds(lab, rows, inner_folds, seed + 1)
         grid = [float(c) for c in sorted(c_grid)]
-        masks = [in_rows & (inner_fold != k) for k in range(inner_folds) for _ in grid]
-        cs = [c for _ in range(inner_folds) for c in grid]
-        w, b = _fit_many(xs, y, masks, cs, n_classes, kind, max_iter)
-        total = dict.fromkeys(grid, 0.0)
-        for p, (mask, c) in enumerate(zip(masks, cs, strict=True)):
-            te = np.flatnonzero(in_rows & ~mask)
-            total[c] += _heldout_loss(xs[te], y[te], (w[p], b[p]), kind) * len(te)
-        inner = {repr(c): v / len(rows) for c, v in total.items()}
-        best_c = min(grid, key=lambda c: total[c])
+        total: dict[float, float] = {}
+
+        def evaluate(values: Sequence[float]) -> None:
+            masks = [in_rows & (inner_fold != k) for k in range(inner_folds) for _ in values]
+            cs = [c for _ in range(inner_folds) for c in values]
+            w, b = _fit_many(xs, y, masks, cs, n_classes, kind, max_iter)
+            for p, (mask, c) in enumerate(zip(masks, cs, strict=True)):
+                te = np.flatnonzero(in_rows & ~mask)
+                total[c] = total.get(c, 0.0) + _heldout_loss(xs[te], y[te], (w[p], b[p]), kind) * len(te)
+
+        evaluate(grid)
+        # A best C on the grid's edge says the optimum may lie beyond it: step past that edge by the
+        # grid's own ratio (at most _EXTEND steps) instead of settling on the boundary.
+        for _ in range(_EXTEND):
+            best_c = min(total, key=lambda c: total[c])
+            lo, hi = min(total), max(total)
+            if best_c not in (lo, hi) or len(grid) < 2:
+                break
+            ratio = grid[1] / grid[0]
+            evaluate([lo / ratio] if best_c == lo else [hi * ratio])
+        inner = {repr(c): v / len(rows) for c, v in sorted(total.items())}
+        best_c = min(total, key=lambda c: total[c])
 
     logits = np.full((n, n_classes), np.nan, dtype=np.float32)
     masks = [in_rows & (fold_of != k) for k in range(folds)]
@@ -187,6 +203,7 @@ def _cross_val(
         "folds": folds,
         "seed": seed,
         "c_grid": [float(c) for c in c_grid],
+        "c_evaluated": sorted(float(c) for c in inner) if inner else [float(c) for c in c_grid],
         "inner_folds": inner_folds if len(c_grid) > 1 else 0,
         "inner_log_loss": inner,
         "C": best_c,

@@ -25,7 +25,22 @@ def test_heads_learn_separable_classes_and_give_probabilities(kind):
     assert np.allclose(r.probs.sum(1), 1, atol=1e-5)
     assert ((r.scores >= 0) & (r.scores <= 1)).all()
     assert sorted(set(r.fold.tolist())) == list(range(5))
-    assert r.params["C"] == r.C and r.C in r.params["c_grid"]
+    assert r.params["C"] == r.C and r.C in r.params["c_evaluated"]
+    assert set(r.params["c_grid"]) <= set(r.params["c_evaluated"])
+
+
+def test_a_best_c_on_the_grid_edge_extends_the_grid_past_it():
+    # Well separated blobs want little regularisation: a grid of strong ones ends at its top edge.
+    x, y = _blobs(sep=4.0, seed=3)
+    r = cross_val_head(x, y, n_classes=4, folds=5, c_grid=(1e-4, 1e-3))
+    ev = r.params["c_evaluated"]
+    assert ev[:2] == [1e-4, 1e-3] and len(ev) in (3, 4)  # at most two steps past the edge
+    assert ev[2] == pytest.approx(1e-2) and r.C > 1e-3
+    # A best C inside the grid adds nothing.
+    grid = [10.0**k for k in range(-4, 3)]
+    hx, hy = _blobs(d=64, sep=0.15, seed=3)  # overlapping classes in many dimensions want regularisation
+    wide = cross_val_head(hx, hy, n_classes=4, folds=5, c_grid=grid)
+    assert grid[0] < wide.C < grid[-1] and wide.params["c_evaluated"] == grid
 
 
 def test_predictions_are_out_of_fold_so_a_wrong_label_gets_a_low_probability():
