@@ -612,15 +612,17 @@ def page_review() -> None:
             st.text(shown(line))
         st.text_input("Reason (optional; saved with the decision)", key="reason")
         bar = st.container(horizontal=True)
-        sug = d["suggested_label"]
+        sug = d["suggested_label"]  # a class index, or None: no class suggested (see audit.queries.gallery)
+        # A no_fit flag suggests that no class fits: accepting it records exactly that.
+        take = ("accept", (int(sug),)) if sug is not None else ("no_fit", ())
         bar.button(
             "Accept suggestion",  # its name is in the text above: button labels render Markdown
             type="primary",
             shortcut="A",
             key="do_accept",
             on_click=act,
-            args=("accept", image, next_image, (int(sug),) if pd.notna(sug) else ()),
-            disabled=pd.isna(sug),
+            args=(take[0], image, next_image, take[1]),
+            disabled=sug is None and not d["is_label_issue"],
         )
         bar.button("Keep original", shortcut="K", key="do_keep", on_click=act, args=("keep", image, next_image))
         bar.button("No class fits", shortcut="N", key="do_nofit", on_click=act, args=("no_fit", image, next_image))
@@ -695,7 +697,11 @@ def page_impact() -> None:
     k[0].metric("decisions", f"{c['decisions']:,}")
     k[1].metric("images reviewed", f"{c['reviewed']:,}")
     k[2].metric("flags reviewed", f"{c['reviewed_flagged']:,} / {c['flagged']:,}")
-    k[3].metric("accepted", c["accepted"], help="flagged images given the suggested label")
+    k[3].metric(
+        "accepted",
+        c["accepted"],
+        help="flagged images given the suggested label (or no class, where no class fits was the suggestion)",
+    )
     k[4].metric("rejected", c["rejected"], help="flagged images kept as given")
     k[5].metric(
         "flag precision",

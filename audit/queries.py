@@ -50,6 +50,7 @@ __all__ = [
     "EVALUATIONS",
     "HEADLINE",
     "ISSUE_KINDS",
+    "NO_FIT_SUGGESTED",
     "READ_TIMEOUT",
     "SORTS",
     "Filters",
@@ -91,6 +92,9 @@ HEADLINE = {
     "truth": "top1",  # against --truth, the trusted labels (audit.truth)
 }
 ISSUE_KINDS = ("wrong_label", "multi_label", "no_fit", "model_disagreement")
+# The name shown for a flag's suggestion when it is that no class fits (label_issues.suggested_label -1 on a
+# flagged image, the no_fit kind): fixed text in brackets, so it never reads as a class of the label space.
+NO_FIT_SUGGESTED = "(no class fits)"
 # Kinds of disagreement an image can show; a filter keeps images showing any of those selected.
 DISAGREEMENTS = {
     "flagged": "flagged by cleanlab",
@@ -295,7 +299,8 @@ def flagged_issues(db: str | Path | Reader, *, limit: int | None = None) -> pd.D
     with _open(db) as con:
         return con.execute(
             """
-            SELECT li.rank, i.image_index, i.image_id, c.name AS given, s.name AS suggested,
+            SELECT li.rank, i.image_index, i.image_id, c.name AS given,
+                   CASE WHEN li.suggested_label < 0 THEN ? ELSE s.name END AS suggested,
                    round(li.suggested_confidence, 3) AS suggested_confidence, li.issue_kind,
                    round(li.label_quality, 4) AS label_quality,
                    CASE WHEN i.real_labels IS NULL THEN NULL
@@ -308,7 +313,7 @@ def flagged_issues(db: str | Path | Reader, *, limit: int | None = None) -> pd.D
             ORDER BY li.label_quality, i.image_id
             LIMIT ?
             """,
-            [limit if limit is not None else 2**62],
+            [NO_FIT_SUGGESTED, limit if limit is not None else 2**62],
         ).df()
 
 
@@ -679,8 +684,9 @@ def gallery(db: str | Path | Reader, filters: Filters, page: int = 0, page_size:
 
     A page past the end gives the last page. The frame has one row per image:
     image_index, image_id, label, given (name), real_labels, real (names),
-    label_quality, is_label_issue, issue_kind, suggested_label, suggested (name),
-    suggested_confidence, reviewed, current_labels, current (names),
+    label_quality, is_label_issue, issue_kind, suggested_label (a class index, or None where no
+    class is suggested), suggested (its name; :data:`NO_FIT_SUGGESTED` where a flag suggests that
+    no class fits), suggested_confidence, reviewed, current_labels, current (names),
     dis_label, dis_models, dis_real, n_wrong, and ``top3``: a list of
     (model, [(class, name, probability), ...]) for every model, the ensemble last.
     """
@@ -746,7 +752,7 @@ def _add_names(con: duckdb.DuckDBPyConnection, df: pd.DataFrame) -> None:
     ids: set[int] = set()
     for col in ("label", "suggested_label"):
         if col in df:
-            ids.update(int(x) for x in df[col] if not _missing(x))
+            ids.update(int(x) for x in df[col] if not _missing(x) and int(x) >= 0)
     for col in ("real_labels", "current_labels"):
         if col in df:
             for v in df[col]:
@@ -756,11 +762,24 @@ def _add_names(con: duckdb.DuckDBPyConnection, df: pd.DataFrame) -> None:
     def many(v: list[int] | None) -> str | None:
         return None if v is None else "; ".join(names.get(x, str(x)) for x in v)
 
-    for col, out in (("label", "given"), ("suggested_label", "suggested")):
-        if col in df:
-            df[out] = pd.Series(
-                [None if _missing(x) else names.get(int(x), str(x)) for x in df[col]], index=df.index, dtype=object
-            )
+    if "label" in df:
+        df["given"] = pd.Series(
+            [None if _missing(x) else names.get(int(x), str(x)) for x in df["label"]], index=df.index, dtype=object
+        )
+    if "suggested_label" in df:
+        # label_issues stores -1 for "no class fits" (a no_fit flag) and for an image not assessed (a bad
+        # one): never a class index, so callers get None there and never offer it as a class to pick.
+        flagged = df["is_label_issue"] if "is_label_issue" in df else pd.Series(False, index=df.index)
+        sug = [None if _missing(x) or int(x) < 0 else int(x) for x in df["suggested_label"]]
+        df["suggested"] = pd.Series(
+            [
+                names.get(x, str(x)) if x is not None else NO_FIT_SUGGESTED if bool(f) else None
+                for x, f in zip(sug, flagged, strict=True)
+            ],
+            index=df.index,
+            dtype=object,
+        )
+        df["suggested_label"] = pd.Series(sug, index=df.index, dtype=object)
     for col, out in (("real_labels", "real"), ("current_labels", "current")):
         if col in df:
             df[out] = pd.Series([many(v) for v in df[col]], index=df.index, dtype=object)
@@ -839,8 +858,9 @@ def queue_window(
 def image_detail(db: str | Path | Reader, image_index: int) -> dict[str, Any] | None:
     """Everything the review page shows about one image; None when the index is not in the workspace.
 
-    Keys: the ``images`` and ``label_issues`` columns, bad_reason, given,
-    suggested, real (names), current_labels / current (the label set now),
+    Keys: the ``images`` and ``label_issues`` columns (suggested_label None where no class is
+    suggested: a no_fit flag, or an image not assessed), bad_reason, given, suggested (as in
+    :func:`gallery`), real (names), current_labels / current (the label set now),
     last_action (the action of the decision in effect, None when none is),
     reviewed (a decision is in effect), predictions (each model's top 5 with names and
     probabilities), history (every decision on it, oldest first) and imagenet (for a custom
@@ -970,7 +990,8 @@ def decision_counts(db: str | Path | Reader) -> dict[str, Any]:
     """What review has done so far, from the decision in effect on each image.
 
     Keys: decisions (rows in the log), reviewed (images), flagged,
-    reviewed_flagged, accepted (flagged images given the suggested label),
+    reviewed_flagged, accepted (flagged images given the suggested label, or left with
+    none where the suggestion is that no class fits),
     rejected (flagged images kept as given), other_change (flagged images
     relabeled otherwise, multi-labelled or excluded), by_action (action of the
     decision in effect -> images; an undone decision no longer counts), and
@@ -983,7 +1004,9 @@ def decision_counts(db: str | Path | Reader) -> dict[str, Any]:
             WITH {_LAST}
             SELECT coalesce(li.is_label_issue, false) AS flagged, l.action,
                    coalesce(list_sort(l.labels) = [i.label], false) AS kept,
-                   coalesce(l.labels = [li.suggested_label], false) AS took_suggestion,
+                   -- a no_fit flag suggests that no class fits (-1): taking it leaves the image no label
+                   coalesce(CASE WHEN li.suggested_label < 0 THEN len(l.labels) = 0
+                                 ELSE l.labels = [li.suggested_label] END, false) AS took_suggestion,
                    count(*) AS n
             FROM last l JOIN images i USING (image_index) LEFT JOIN label_issues li USING (image_index)
             WHERE {_REVIEWED}
