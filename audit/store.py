@@ -439,7 +439,7 @@ def _stamped_version(con: duckdb.DuckDBPyConnection) -> int | None:
     """The schema version ``meta`` stamps, or None (no meta table, no stamp, not a number: _check_schema says)."""
     try:
         row = fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["schema_version"])
-    except duckdb.CatalogException:
+    except duckdb.Error:  # no meta table, or one of other columns: _check_schema has refused those already
         return None
     text = str(row[0]).strip() if row else ""
     return int(text) if text.isascii() and text.isdigit() else None
@@ -461,8 +461,9 @@ _COMPAT_VIEWS = {1: {"issues": _V1_ISSUES, "checks": _V1_CHECKS}}
 
 def _migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     """Bring an older workspace to :data:`SCHEMA_VERSION` in one transaction (nothing is lost, or nothing changes)."""
-    version = _stamped_version(con)
-    if version is None or version >= SCHEMA_VERSION:
+    # Refused first: another application's file, a damaged stamp, a newer version; table-less reads as 0.
+    version = _check_schema(con, path, complete=False)
+    if version == 0 or version >= SCHEMA_VERSION:
         return
     _check_schema(con, path, complete=True)  # an older audit workspace, whole, before it is changed
     with transaction(con):
