@@ -246,14 +246,14 @@ def cmd_checks(a: argparse.Namespace) -> int:
 
     rows = [
         {
-            "check": c.name,
+            "name": c.name,
             "needs": sorted(c.needs) if a.format == "json" else ",".join(sorted(c.needs)),
             "default": c.default if a.format == "json" else ("on" if c.default else "off"),
             "description": c.description,
         }
         for c in list_checks(a.filter)
     ]
-    _emit(pd.DataFrame(rows, columns=["check", "needs", "default", "description"]), a.format)
+    _emit(pd.DataFrame(rows, columns=["name", "needs", "default", "description"]), a.format)
     return 0
 
 

@@ -479,6 +479,8 @@ def _run_audit(
         features=features,
     )
     scored = list(arrays)  # the scored models, before any heads join them
+    # Each scored model's features (memory-mapped), asked of the seam once a run: the heads and the checks share them.
+    feats = {a.spec.name: _features_of(a) for a in scored}
     bad: dict[int, str] = {}
     for a in arrays:
         bad.update(a.bad)
@@ -491,7 +493,7 @@ def _run_audit(
     if why_not:
         notes.append(why_not)
     elif wants_heads(ds, heads):
-        made = fit_heads(ds, arrays, arrays_dir(db), valid=valid, folds=folds, features=_features_of)
+        made = fit_heads(ds, arrays, arrays_dir(db), valid=valid, folds=folds, features=lambda a: feats[a.spec.name])
         arrays = [*arrays, *made.arrays]
         notes += made.notes
         head_params = made.params
@@ -516,7 +518,7 @@ def _run_audit(
         del mean  # an (N, C) matrix: freed before the ensemble's sigmoid scores take its place
         ens_logits = [np.load(a.logits, mmap_mode="r") for a in evaluable]
         metric_rows += _evaluate(ENSEMBLE, cls, ens_logits, ds, valid, sigmoid_threshold)
-    results, skipped = run_checks(_check_inputs(ds, scored, evaluable, valid), selected)
+    results, skipped = run_checks(_check_inputs(ds, scored, evaluable, valid, feats), selected)
     label = next((r for r in results if r.check == "label"), None)
     if label is not None and ds.truth is not None:
         metric_rows += [(ENSEMBLE, m) for m in flag_metrics(label.score, label.is_issue, ds.labels, ds.truth, valid)]
@@ -550,12 +552,16 @@ def _run_audit(
 
 
 def _check_inputs(
-    ds: AuditDataset, scored: Sequence[ModelArrays], evaluable: Sequence[ModelArrays], valid: np.ndarray
+    ds: AuditDataset,
+    scored: Sequence[ModelArrays],
+    evaluable: Sequence[ModelArrays],
+    valid: np.ndarray,
+    features: Mapping[str, np.ndarray | None],
 ) -> CheckInputs:
     """Everything this run can hand a check: the given labels, every evaluable model's probabilities (for a
     custom space, the heads' out-of-fold ones), the scored models' logits and features, the pixel statistics
     of the decode pass where scoring gathered them, the image ids and the valid mask."""
-    feats = [(a.spec.name, f) for a in scored if (f := _features_of(a)) is not None]
+    feats = [(a.spec.name, f) for a in scored if (f := features.get(a.spec.name)) is not None]
     return CheckInputs(
         n=len(ds),
         labels=np.asarray(ds.labels, dtype=np.int64),

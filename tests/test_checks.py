@@ -261,14 +261,14 @@ def test_audit_checks_lists_name_needs_default_and_description(capsys):
 
     assert main(["checks"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:3] == ["check", "needs", "default"]
+    assert out[0].split()[:3] == ["name", "needs", "default"]
     row = next(line for line in out if line.split()[0] == "label")
     assert row.split()[1:3] == ["labels,probs", "on"]
     assert main(["checks", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    label = next(r for r in rows if r["check"] == "label")
+    label = next(r for r in rows if r["name"] == "label")
     assert label == {
-        "check": "label",
+        "name": "label",
         "needs": ["labels", "probs"],
         "default": True,
         "description": LabelCheck.description,
