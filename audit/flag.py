@@ -392,6 +392,9 @@ def find_label_issues(
         redundancy between models). M numbers: those weights, normalised.
         The ``model_disagreement`` kind then measures the weighted
         Jensen-Shannon divergence, divided by the entropy of the weights.
+        Measured against ReaL (``reports/flag_quality.md``) neither fitted
+        weighting beats the uniform mean: the likelihood of the given labels
+        rewards agreeing with them, not the diversity that exposes errors.
 
     Returns
     -------
