@@ -1,4 +1,4 @@
-"""Command line: ``audit run | models | metrics | issues | runs | heads | export | review | dashboard``.
+"""Command line: ``audit run | models | checks | metrics | issues | runs | heads | export | review | dashboard``.
 
 Machine-readable output goes to stdout; progress and logs go to stderr. A
 mistake the user can fix prints one line naming it and the fix, and exits 2.
@@ -79,12 +79,37 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve()) if path else None
 
 
+def _check_options(items: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    """``--check-option NAME.KEY=VALUE`` (repeatable) as ``{NAME: {KEY: VALUE}}``; VALUE read as JSON when it is."""
+    import json
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or ():
+        m = re.fullmatch(r"\s*([A-Za-z_][\w]*)\.([A-Za-z_][\w]*)\s*=(.*)", item, re.S)
+        if m is None:
+            raise OptionError(
+                f"--check-option {item!r}: expected NAME.OPTION=VALUE, e.g. --check-option label.weights=fit"
+            )
+        text = m.group(3).strip()
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text  # a bare word: fit, equal, normalized_margin
+        out.setdefault(m.group(1), {})[m.group(2)] = value
+    return out
+
+
 def cmd_run(a: argparse.Namespace) -> int:
+    from audit.checks import make_checks
     from audit.datasets import load_dataset
     from audit.pipeline import check_workspace_outside, last_run_inputs, run_audit
     from audit.zoo import resolve_model
 
     prev = last_run_inputs(a.db)
+    checks = a.checks if a.checks is not None else (prev or {}).get("checks")
+    check_options = _check_options(a.check_option) if a.check_option else (prev or {}).get("check_options") or {}
+    # Before the dataset is read or anything written: an unknown check or option is the cheapest mistake to report.
+    make_checks(checks, params=check_options)
     labels, real, limit = a.labels, a.real, a.limit
     space, classes, truth = a.label_space, a.classes, a.truth
     heads, folds, crop = a.heads, a.folds, a.crop
@@ -135,6 +160,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         folds=folds if folds is not None else 10,
         features=a.features,
         crop=crop or "auto",
+        checks=checks,
+        check_options=check_options,
         inputs={
             "dataset": _absolute(str(root)),
             "labels": _absolute(labels),
@@ -147,10 +174,14 @@ def cmd_run(a: argparse.Namespace) -> int:
             "folds": folds,
             "crop": crop,
             "models": names,
+            "checks": checks,
+            "check_options": check_options or None,
         },
     )
     for note in res.skipped:
         print(f"audit: note: {note}", file=sys.stderr)
+    for outcome in res.checks:
+        print(f"audit: {outcome.line()}", file=sys.stderr)
     for warning in res.warnings:
         print(f"audit: warning: {warning}", file=sys.stderr)
     from audit.pipeline import live_metrics
@@ -214,10 +245,32 @@ def cmd_metrics(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_issues(a: argparse.Namespace) -> int:
-    from audit.queries import flagged_issues
+def cmd_checks(a: argparse.Namespace) -> int:
+    from audit.checks import list_checks
 
-    df = flagged_issues(Path(a.db), limit=a.limit)
+    rows = [
+        {
+            "name": c.name,
+            "needs": sorted(c.needs) if a.format == "json" else ",".join(sorted(c.needs)),
+            "default": c.default if a.format == "json" else ("on" if c.default else "off"),
+            "description": c.description,
+        }
+        for c in list_checks(a.filter)
+    ]
+    _emit(pd.DataFrame(rows, columns=["name", "needs", "default", "description"]), a.format)
+    return 0
+
+
+def cmd_issues(a: argparse.Namespace) -> int:
+    from audit.checks import check_name
+    from audit.queries import check_issues, check_note
+
+    name = check_name(a.check)  # before the workspace is opened: the cheaper mistake first
+    df = check_issues(Path(a.db), name, limit=a.limit)
+    if df.empty and name != "label":
+        note = check_note(Path(a.db), name)
+        if note:
+            print(f"audit: note: {note}", file=sys.stderr)
     _emit(df, a.format)
     return 0
 
@@ -413,9 +466,26 @@ def _parser() -> argparse.ArgumentParser:
         type=_typed(_options.check_probability, "--sigmoid-threshold"),
         help="fixed threshold for the sigmoid evaluation (default: chosen by 2-fold cross-fitting)",
     )
+    r.add_argument(
+        "--checks",
+        help="comma-separated checks to run, names or fnmatch patterns (see 'audit checks'; default: those of the "
+        "workspace's last run, else every check that is on by default); a check whose inputs the run lacks is "
+        "skipped with a note",
+    )
+    r.add_argument(
+        "--check-option",
+        action="append",
+        metavar="NAME.OPTION=VALUE",
+        help="an option of a selected check, e.g. label.weights=fit (repeatable; see each check's options)",
+    )
     r.add_argument("--format", choices=["table", "csv", "json"], default="table")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
+
+    k = sub.add_parser("checks", help="list the checks: name, the inputs each needs, default on/off, description")
+    k.add_argument("filter", nargs="?", default="*", help="fnmatch filter, e.g. '*duplicate'")
+    k.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    k.set_defaults(func=cmd_checks)
 
     m = sub.add_parser("models", help="list the zoo and whether weights are on this machine")
     m.add_argument("filter", nargs="?", default="*", help="fnmatch filter, e.g. 'resnet*'")
@@ -425,7 +495,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, func, hlp in (
         ("metrics", cmd_metrics, "accuracy per model and evaluation, with 95% intervals"),
-        ("issues", cmd_issues, "flagged images, worst first"),
+        ("issues", cmd_issues, "images a check flagged (default: the label check), worst first"),
         (
             "runs",
             cmd_runs,
@@ -437,6 +507,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--format", choices=["table", "csv", "json"], default="table")
         if name == "issues":
             s.add_argument("--limit", type=_typed(_options.check_int, "--limit", lo=1), help="show at most this many")
+            s.add_argument(
+                "--check", default="label", help="the check whose issues to list (default label; see 'audit checks')"
+            )
         s.set_defaults(func=func)
 
     h = sub.add_parser(

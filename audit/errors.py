@@ -17,6 +17,7 @@ import os
 __all__ = [
     "DISK_ERRNOS",
     "AuditError",
+    "CheckError",
     "DatasetError",
     "DiskError",
     "LabelFileError",
@@ -86,6 +87,10 @@ class ReviewError(StoreError):
 
 class OptionError(UserError):
     """A command-line option or API argument is out of range or names something that is not there."""
+
+
+class CheckError(OptionError):
+    """A check name (``--checks``) or check option (``--check-option``) is unknown or out of range."""
 
 
 class DiskError(UserError):

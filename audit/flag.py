@@ -14,7 +14,9 @@ How it works, in order:
    given labels are mostly right, so this fit needs no clean labels; it
    undoes the softening of label-smoothed training, which otherwise spreads
    ~10% of every row over a thousand tail classes and blurs the margin below.
-2. **Ensemble.** The calibrated matrices are averaged (a uniform model average).
+2. **Ensemble.** The calibrated matrices are averaged: a uniform model average
+   by default; ``weights="fit"`` weights each model by how well it explains the
+   given labels (see :func:`find_label_issues`).
 3. **Score.** ``label_quality`` is one of cleanlab's label-quality scores of the
    ensemble (:mod:`cleanlab.rank`); the default is ``"normalized_margin"``,
    ``(p[given] - max_{k != given} p[k] + 1) / 2``.
@@ -57,6 +59,7 @@ from audit._checks import as_labels, as_mask
 __all__ = [
     "DEFAULT_KINDS",
     "METHODS",
+    "WEIGHTS",
     "Ensemble",
     "IssueKind",
     "ModelDisagreement",
@@ -68,6 +71,11 @@ __all__ = [
 ]
 
 METHODS = ("normalized_margin", "self_confidence", "confidence_weighted_entropy")
+# How the calibrated models are averaged (see find_label_issues).
+WEIGHTS = ("equal", "fit", "softmax")
+# EM for the mixture weights: stop when no weight moves more than this, or after so many steps.
+_EM_TOL = 1e-9
+_EM_STEPS = 1000
 # Rows handled at once: bounds each float32 temporary to ~4 MiB (cache-sized) whatever N is.
 _CHUNK_ELEMENTS = 2**20
 # One scalar per model is fitted; a few thousand rows pin it down to ~1%.
@@ -114,6 +122,8 @@ class Ensemble:
         C.
     temperatures : tuple of float, length M
         Temperature applied to each model.
+    weights : tuple of float, length M
+        Weight of each model in the ensemble average (summing to 1).
     """
 
     index: np.ndarray
@@ -128,6 +138,7 @@ class Ensemble:
     disagreement: np.ndarray
     num_classes: int
     temperatures: tuple[float, ...]
+    weights: tuple[float, ...] = ()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -273,6 +284,7 @@ def flag_params(
     temperature: float | Sequence[float] | str = "fit",
     frac_flagged: float | None = None,
     kinds: Sequence[IssueKind] | None = None,
+    weights: str | Sequence[float] = "equal",
 ) -> dict[str, Any]:
     """Every setting :func:`find_label_issues` uses, as a JSON-able dict.
 
@@ -282,7 +294,7 @@ def flag_params(
 
     Parameters
     ----------
-    method, temperature, frac_flagged, kinds
+    method, temperature, frac_flagged, kinds, weights
         As for :func:`find_label_issues`.
 
     Returns
@@ -297,6 +309,7 @@ def flag_params(
     _check_temperature(temperature, None)
     _check_frac(frac_flagged)
     kinds = _check_kinds(kinds)
+    _check_weights(weights, None)
     return {
         "cleanlab_version": cleanlab.__version__,
         "numpy_version": np.__version__,
@@ -309,7 +322,8 @@ def flag_params(
             "max_rows": _FIT_ROWS,
             "rows": "evenly spaced over the assessed images",
         },
-        "ensemble": "uniform mean of temperature-scaled probabilities",
+        "ensemble": _ENSEMBLE_RULES[weights] if isinstance(weights, str) else "given weights",
+        "weights": weights if isinstance(weights, str) else [float(w) for w in weights],
         "frac_flagged": frac_flagged,
         "flag_rule": (
             f"the {frac_flagged} fraction of assessed images with the lowest label_quality"
@@ -333,6 +347,7 @@ def find_label_issues(
     temperature: float | Sequence[float] | str = "fit",
     frac_flagged: float | None = None,
     kinds: Sequence[IssueKind] | None = None,
+    weights: str | Sequence[float] = "equal",
 ) -> pd.DataFrame:
     """Score every label and flag the suspicious ones.
 
@@ -363,6 +378,23 @@ def find_label_issues(
         estimate of the number of label issues.
     kinds : sequence of IssueKind, optional
         Issue-kind plug-ins; default :data:`DEFAULT_KINDS`.
+    weights : {"equal", "fit", "softmax"} or sequence of M non-negative floats
+        How the calibrated models are averaged. ``"equal"`` (default): the
+        uniform mean. ``"fit"``: the convex combination that maximises the
+        likelihood of the given labels, ``sum_i log sum_m w_m q_m(y_i)`` over
+        the simplex (the linear opinion pool of stacking; a concave objective,
+        so EM reaches its maximum), fitted on the same rows as the
+        temperatures: a model that explains the labels better counts more,
+        a model that adds nothing the others lack drops towards 0, and no
+        parameter is chosen by hand. ``"softmax"``: ``w_m`` proportional to
+        ``exp(-NLL_m)``, each model's mean negative log-likelihood of the
+        given labels on its own (cheaper to explain, but blind to
+        redundancy between models). M numbers: those weights, normalised.
+        The ``model_disagreement`` kind then measures the weighted
+        Jensen-Shannon divergence, divided by the entropy of the weights.
+        Measured against ReaL (``reports/flag_quality.md``) neither fitted
+        weighting beats the uniform mean: the likelihood of the given labels
+        rewards agreeing with them, not the diversity that exposes errors.
 
     Returns
     -------
@@ -399,12 +431,15 @@ def find_label_issues(
     _check_frac(frac_flagged)
     kinds = _check_kinds(kinds)
     temps = _check_temperature(temperature, len(probs))
+    given_weights = _check_weights(weights, len(probs))
     valid = _check_valid(valid, n_rows)
     rows = _assessed_rows(probs, labels, valid)
 
     if temps is None:
         temps = tuple(_fit_temperature(p, labels, rows) for p in probs)
-    ens, matrix = _summarize(probs, labels, rows, temps)
+    # None: the uniform mean, computed exactly as before weights existed.
+    w = _fit_weights(probs, labels, rows, temps, given_weights) if isinstance(given_weights, str) else given_weights
+    ens, matrix = _summarize(probs, labels, rows, temps, w)
     quality = _label_quality(ens, method)
     n_flag, count_info = _issue_count(ens, matrix, frac_flagged)
     del matrix
@@ -434,9 +469,12 @@ def find_label_issues(
             sug_conf[sel] = np.asarray(conf)[sel]
 
     out = _frame(n_rows, ens, quality, flagged, order[flagged[order]], sug_label, sug_conf, kinds, kind_idx, columns)
-    params = flag_params(method=method, temperature=temperature, frac_flagged=frac_flagged, kinds=kinds)
+    params = flag_params(
+        method=method, temperature=temperature, frac_flagged=frac_flagged, kinds=kinds, weights=weights
+    )
     params.update(
         temperatures_used=[float(t) for t in temps],
+        weights_used=list(ens.weights),
         n_images=int(n_rows),
         n_assessed=len(ens),
         n_flagged=int(n_flag),
@@ -534,14 +572,59 @@ def _fit_temperature(p: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> flo
     return float(1 / min(max(beta, 1 / _T_BOUNDS[1]), 1 / _T_BOUNDS[0]))
 
 
+def _fit_weights(
+    probs: list[np.ndarray], labels: np.ndarray, rows: np.ndarray, temps: tuple[float, ...], how: str
+) -> tuple[float, ...] | None:
+    """Ensemble weights from the given labels (``how`` "fit" or "softmax"; "equal" gives None).
+
+    Both read each calibrated model's probability of the given label on the
+    rows the temperatures were fitted on.
+    """
+    m = len(probs)
+    if how == "equal" or m == 1 or rows.size < 2:
+        return None
+    pick = rows[np.unique(np.linspace(0, rows.size - 1, min(rows.size, _FIT_ROWS)).round().astype(np.int64))]
+    lab = labels[pick]
+    py = np.empty((pick.size, m))
+    for j, (p, t) in enumerate(zip(probs, temps, strict=True)):
+        z = np.log(np.maximum(np.asarray(p[pick], dtype=np.float64), _TINY)) / t
+        z -= z.max(axis=1, keepdims=True)
+        py[:, j] = np.exp(z[np.arange(pick.size), lab] - np.log(np.exp(z).sum(axis=1)))
+    py = np.maximum(py, _TINY)
+    if how == "softmax":
+        nll = -np.log(py).mean(axis=0)
+        w = np.exp(-(nll - nll.min()))
+        return tuple(float(x) for x in w / w.sum())
+    # EM for the weights of a mixture with fixed components: each step raises the likelihood,
+    # and the objective is concave in w, so it converges to the maximum (Dempster et al. 1977).
+    w = np.full(m, 1.0 / m)
+    for _ in range(_EM_STEPS):
+        resp = py * w
+        resp /= resp.sum(axis=1, keepdims=True)
+        new = resp.mean(axis=0)
+        done = np.abs(new - w).max() <= _EM_TOL
+        w = new
+        if done:
+            break
+    return tuple(float(x) for x in w / w.sum())
+
+
 def _entropy(q: np.ndarray) -> np.ndarray:
     return -(q * np.log(np.maximum(q, _TINY))).sum(axis=1, dtype=np.float64)
 
 
 def _summarize(
-    probs: list[np.ndarray], labels: np.ndarray, rows: np.ndarray, temps: tuple[float, ...]
+    probs: list[np.ndarray],
+    labels: np.ndarray,
+    rows: np.ndarray,
+    temps: tuple[float, ...],
+    weights: tuple[float, ...] | None = None,
 ) -> tuple[Ensemble, np.ndarray]:
-    """One chunked pass: the calibrated ensemble matrix (n, C) float32 and its summary."""
+    """One chunked pass: the calibrated ensemble matrix (n, C) float32 and its summary.
+
+    ``weights`` None is the uniform mean, summed then divided by M (the arithmetic the
+    flags were measured with); otherwise each model's matrix is added times its weight.
+    """
     n, c, m = rows.size, probs[0].shape[1], len(probs)
     matrix = np.zeros((n, c), dtype=np.float32)
     model_top = np.zeros((m, n), dtype=np.int64)
@@ -558,7 +641,7 @@ def _summarize(
                 # Renormalise all the same: rows summing to 1 within _SUM_TOL become exact.
                 q = q / q.sum(axis=1, keepdims=True)
                 if m > 1:
-                    mean_h[s : s + step] += _entropy(q)
+                    mean_h[s : s + step] += _entropy(q) * (1.0 if weights is None else weights[j])
             else:
                 z = np.log(np.maximum(q, np.float32(_TINY)))
                 z *= np.float32(1 / t)
@@ -570,10 +653,15 @@ def _summarize(
                 if m > 1:
                     # log q = z - log(total): the entropy needs no second log.
                     z *= q
-                    mean_h[s : s + step] += np.log(total[:, 0], dtype=np.float64) - z.sum(axis=1, dtype=np.float64)
-            acc += q
+                    h = np.log(total[:, 0], dtype=np.float64) - z.sum(axis=1, dtype=np.float64)
+                    mean_h[s : s + step] += h * (1.0 if weights is None else weights[j])
             model_top[j, s : s + step] = q.argmax(axis=1)
-        acc /= np.float32(m)
+            if weights is None:
+                acc += q
+            else:
+                acc += q * np.float32(weights[j])
+        if weights is None:
+            acc /= np.float32(m)
     lab = labels[rows]
     r = np.arange(n)
     p_given = matrix[r, lab].astype(np.float64)
@@ -587,7 +675,12 @@ def _summarize(
     ens_h = np.zeros(n)
     for s in range(0, n, step):
         ens_h[s : s + step] = _entropy(matrix[s : s + step])
-    disagreement = np.clip((ens_h - mean_h / m) / math.log(m), 0.0, 1.0) if m > 1 else np.zeros(n)
+    if weights is None:
+        disagreement = np.clip((ens_h - mean_h / m) / math.log(m), 0.0, 1.0) if m > 1 else np.zeros(n)
+    else:
+        # The weighted Jensen-Shannon divergence is at most the entropy of the weights.
+        h_w = -sum(w * math.log(w) for w in weights if w > 0)
+        disagreement = np.clip((ens_h - mean_h) / h_w, 0.0, 1.0) if m > 1 and h_w > 0 else np.zeros(n)
     ens = Ensemble(
         index=rows,
         labels=lab,
@@ -601,6 +694,7 @@ def _summarize(
         disagreement=disagreement,
         num_classes=c,
         temperatures=tuple(float(t) for t in temps),
+        weights=tuple(float(w) for w in weights) if weights is not None else (1.0 / m,) * m,
     )
     return ens, matrix
 
@@ -777,6 +871,37 @@ def _check_temperature(temperature: float | Sequence[float] | str, m: int | None
         if not isinstance(t, numbers.Real) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"temperature holds {t!r}, expected finite positive numbers")
     return tuple(float(t) for t in values)
+
+
+_ENSEMBLE_RULES = {
+    "equal": "uniform mean of temperature-scaled probabilities",
+    "fit": "weighted mean of temperature-scaled probabilities, weights maximising the likelihood of the given "
+    "labels under the mixture (EM), fitted on the temperature-fit rows",
+    "softmax": "weighted mean of temperature-scaled probabilities, weights proportional to exp(-mean NLL of the "
+    "given labels) per model, on the temperature-fit rows",
+}
+
+
+def _check_weights(weights: str | Sequence[float], m: int | None) -> str | tuple[float, ...]:
+    """A name in WEIGHTS, or M non-negative weights normalised to sum 1 (M unknown when m is None)."""
+    if isinstance(weights, str):
+        if weights not in WEIGHTS:
+            raise ValueError(
+                f"weights is {weights!r}, expected one of {', '.join(map(repr, WEIGHTS))} or one number per model"
+            )
+        return weights
+    if isinstance(weights, numbers.Real) or not isinstance(weights, Sequence | np.ndarray):
+        raise ValueError(f"weights is {weights!r}, expected one of {', '.join(map(repr, WEIGHTS))} or M numbers")
+    values = tuple(weights)
+    if m is not None and len(values) != m:
+        raise ValueError(f"weights has {len(values)} values, expected one per model (M={m})")
+    for w in values:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"weights holds {w!r}, expected finite non-negative numbers")
+    total = float(sum(values))
+    if values and total <= 0:
+        raise ValueError("weights are all 0; give at least one model a positive weight")
+    return tuple(float(w) / total for w in values)
 
 
 def _check_kinds(kinds: Sequence[IssueKind] | None) -> tuple[IssueKind, ...]:

@@ -1,4 +1,4 @@
-"""`audit run`: dataset -> scores -> evaluations -> label issues -> workspace.
+"""`audit run`: dataset -> scores -> evaluations -> checks (label issues and more) -> workspace.
 
 Everything a user can get wrong (dataset layout, label files, model names,
 weights, a workspace made for other images) is checked before any scoring
@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 
 from audit import __version__, _options
+from audit.checks import CheckInputs, CheckResult, make_checks, resolve_checks, run_checks
+from audit.checks.label import label_issues_frame
 from audit.datasets import AuditDataset, typical_short_side
 from audit.errors import ModelError, OptionError, StoreError
 from audit.evaluate import Metric, evaluate_all, relabeled_accuracy
@@ -48,6 +50,7 @@ from audit.zoo import CROP_MODES, ModelSpec, apply_crop
 
 __all__ = [
     "ENSEMBLE",
+    "CheckOutcome",
     "RunResult",
     "check_export_target",
     "check_workspace_outside",
@@ -67,14 +70,31 @@ _CHUNK = 4096
 
 
 @dataclass(frozen=True)
+class CheckOutcome:
+    """What one selected check did in a run: found ``n_issues`` of ``n_assessed`` images, or was skipped."""
+
+    check: str
+    n_issues: int | None  # None: skipped
+    n_assessed: int | None
+    skipped: str | None = None  # the one-line reason (audit.checks.skip_note)
+
+    def line(self) -> str:
+        """One line for the run summary."""
+        if self.skipped is not None:
+            return f"check {self.check}: {self.skipped}"
+        return f"check {self.check}: {self.n_issues} issue(s) among {self.n_assessed} assessed image(s)"
+
+
+@dataclass(frozen=True)
 class RunResult:
     run_id: str
     db: Path
     metrics: pd.DataFrame
-    n_flagged: int
+    n_flagged: int  # images the label check flagged (0 when it did not run)
     n_bad: int
     skipped: tuple[str, ...]  # evaluations that could not run, with why
     warnings: tuple[str, ...] = ()  # what the user must not miss (heads too weak to trust)
+    checks: tuple[CheckOutcome, ...] = ()  # one per selected check, in order
 
 
 def dataset_fingerprint(ds: AuditDataset) -> str:
@@ -298,7 +318,9 @@ def run_audit(ds: AuditDataset, specs: Sequence[ModelSpec], db: Path, **options:
     ``features`` (True: each model's penultimate
     embedding beside its logits; see :func:`audit.scoring.score_dataset`), ``heads`` (None: for a
     custom label space; True/False: always/never; see :mod:`audit.headmodels`) and ``folds`` (10,
-    their outer folds).
+    their outer folds), ``checks`` (None: the registry's default-on checks; else names or fnmatch
+    patterns, comma-separated text or a sequence; see :mod:`audit.checks`) and ``check_options``
+    (``{"label": {"weights": "fit"}}``: each selected check's options).
     """
     # Every option and path is checked before the workspace is touched: a refused run writes nothing.
     db = check_workspace(db, create=True)
@@ -337,6 +359,10 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
         raise OptionError(f"--crop {out['crop']!r}: expected one of {', '.join(CROP_MODES)}")
     if out.get("sigmoid_threshold") is not None:
         out["sigmoid_threshold"] = _options.check_probability("--sigmoid-threshold", out["sigmoid_threshold"])
+    # The checks and their options, each check refusing its own bad options (CheckError) here.
+    out["checks"] = resolve_checks(out.get("checks"))
+    out["check_options"] = {k: dict(v) for k, v in (out.get("check_options") or {}).items()}
+    make_checks(out["checks"], params=out["check_options"])
     if os.environ.get("AUDIT_SHARD_SIZE") is not None:  # read by scoring, after the run is registered
         _options.check_int("$AUDIT_SHARD_SIZE", os.environ["AUDIT_SHARD_SIZE"], lo=1)
     device = out["device"] = _options.check_device("--device", out.get("device"))
@@ -415,9 +441,10 @@ def _run_audit(
     heads: bool | None = None,
     folds: int = 10,
     crop: str = "auto",
+    checks: Sequence[str] | str | None = None,
+    check_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> RunResult:
-    from audit import flag
-
+    selected = make_checks(checks, params=check_options)  # checked again: _run_audit may be called alone
     # The crop rule changes each spec's preprocessing (and so its shard fingerprint) before anything is scored.
     specs, crop_notes = apply_crop(specs, crop, typical_short_side(ds) if crop == "auto" else None)
     notes = [*ds.notes, *crop_notes, *_check_compatible(ds, specs)]
@@ -433,6 +460,8 @@ def _run_audit(
         "folds": folds,
         "features": features,
         "crop": crop,
+        "checks": [c.name for c in selected],
+        "check_options": {c.name: dict(c.params) for c in selected if c.params},
         # What the user passed, so that a bare `audit run --db WS` can continue this workspace.
         "inputs": dict(inputs or {}),
     }
@@ -456,6 +485,9 @@ def _run_audit(
         stats=stats,
         features=features,
     )
+    scored = list(arrays)  # the scored models, before any heads join them
+    # Each scored model's features (memory-mapped), asked of the seam once a run: the heads and the checks share them.
+    feats = {a.spec.name: _features_of(a) for a in scored}
     bad: dict[int, str] = {}
     for a in arrays:
         bad.update(a.bad)
@@ -468,7 +500,7 @@ def _run_audit(
     if why_not:
         notes.append(why_not)
     elif wants_heads(ds, heads):
-        made = fit_heads(ds, arrays, arrays_dir(db), valid=valid, folds=folds, features=_features_of)
+        made = fit_heads(ds, arrays, arrays_dir(db), valid=valid, folds=folds, features=lambda a: feats[a.spec.name])
         arrays = [*arrays, *made.arrays]
         notes += made.notes
         head_params = made.params
@@ -486,7 +518,6 @@ def _run_audit(
         pred_frames.append(_prediction_frame(a.spec.name, cls, val, probs, ds.labels))
         if a in evaluable:
             metric_rows += _evaluate(a.spec.name, cls, [np.load(a.logits, mmap_mode="r")], ds, valid, sigmoid_threshold)
-    issues = None
     if evaluable:
         mean = _ensemble_mean([np.load(a.probs, mmap_mode="r") for a in evaluable], valid)
         cls, val = topk_of(mean)
@@ -494,12 +525,11 @@ def _run_audit(
         del mean  # an (N, C) matrix: freed before the ensemble's sigmoid scores take its place
         ens_logits = [np.load(a.logits, mmap_mode="r") for a in evaluable]
         metric_rows += _evaluate(ENSEMBLE, cls, ens_logits, ds, valid, sigmoid_threshold)
-        issues = flag.find_label_issues([np.load(a.probs, mmap_mode="r") for a in evaluable], ds.labels, valid=valid)
-        if ds.truth is not None:
-            quality = issues["label_quality"].to_numpy(dtype=np.float64)
-            flagged = issues["is_label_issue"].to_numpy(dtype=bool)
-            metric_rows += [(ENSEMBLE, m) for m in flag_metrics(quality, flagged, ds.labels, ds.truth, valid)]
-    else:
+    results, skipped = run_checks(_check_inputs(ds, scored, evaluable, valid, feats), selected)
+    label = next((r for r in results if r.check == "label"), None)
+    if label is not None and ds.truth is not None:
+        metric_rows += [(ENSEMBLE, m) for m in flag_metrics(label.score, label.is_issue, ds.labels, ds.truth, valid)]
+    if not evaluable:
         notes.append(
             f"no model predicts this dataset's {len(ds.label_space)} classes: their predictions are stored, "
             "but there are no evaluations and no label issues (pass a checkpoint trained on these classes)"
@@ -513,9 +543,107 @@ def _run_audit(
             f"evaluation is against the {against} labels"
         )
     metrics = pd.DataFrame([_metric_row(run_id, m, r) for m, r in metric_rows])
-    _ingest(db, run_id, ds, arrays, pred_frames, metrics, issues, bad, notes, stats, head_params, heads_info)
-    n_flag = int(issues["is_label_issue"].sum()) if issues is not None else 0
-    return RunResult(run_id, db, metrics, n_flag, len(bad), tuple(notes), tuple(warnings))
+    ran = {r.check: r for r in results}
+    outcomes = tuple(
+        CheckOutcome(c.name, ran[c.name].summary["n_issues"], ran[c.name].summary["n_assessed"])
+        if c.name in ran
+        else CheckOutcome(c.name, None, None, skipped[c.name])
+        for c in selected
+    )
+    check_rows = _check_frames(run_id, selected, results, skipped)
+    _ingest(
+        db, run_id, ds, arrays, pred_frames, metrics, label, bad, notes, stats, head_params, heads_info, check_rows
+    )
+    n_flag = int(np.count_nonzero(label.is_issue)) if label is not None else 0
+    return RunResult(run_id, db, metrics, n_flag, len(bad), tuple(notes), tuple(warnings), outcomes)
+
+
+def _check_inputs(
+    ds: AuditDataset,
+    scored: Sequence[ModelArrays],
+    evaluable: Sequence[ModelArrays],
+    valid: np.ndarray,
+    features: Mapping[str, np.ndarray | None],
+) -> CheckInputs:
+    """Everything this run can hand a check: the given labels, every evaluable model's probabilities (for a
+    custom space, the heads' out-of-fold ones), the scored models' logits and features, the pixel statistics
+    of the decode pass where scoring gathered them, the image ids and the valid mask."""
+    feats = [(a.spec.name, f) for a in scored if (f := features.get(a.spec.name)) is not None]
+    return CheckInputs(
+        n=len(ds),
+        labels=np.asarray(ds.labels, dtype=np.int64),
+        n_classes=len(ds.label_space),
+        class_names=tuple(ds.label_space.names),
+        valid=valid,
+        probs=[np.load(a.probs, mmap_mode="r") for a in evaluable] or None,
+        logits=[np.load(a.logits, mmap_mode="r") for a in scored] or None,
+        model_names=tuple(a.spec.name for a in evaluable),
+        features=[f for _, f in feats] or None,
+        pixels=_pixel_stats(ds, scored),
+        image_ids=tuple(ds.image_ids),
+        logit_models=tuple(a.spec.name for a in scored),
+        feature_models=tuple(name for name, _ in feats),
+    )
+
+
+def _pixel_stats(ds: AuditDataset, scored: Sequence[ModelArrays]) -> Mapping[str, np.ndarray] | None:
+    """The per-image pixel statistics scoring gathered in its decode pass, or None where it gathers none."""
+    from audit import scoring
+
+    load = getattr(scoring, "load_pixel_stats", None)  # absent in a scoring that gathers no pixel statistics
+    return load(ds, scored) if load is not None else None
+
+
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None and numpy scalars as Python ones: strict JSON for DuckDB's JSON."""
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | np.ndarray):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _check_frames(
+    run_id: str, selected: Sequence[Any], results: Sequence[CheckResult], skipped: Mapping[str, str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ``issues`` rows (one per image per check that ran) and ``checks`` rows (one per selected check)."""
+    frames = []
+    for r in results:
+        n = len(r.score)
+        score = np.asarray(r.score, dtype=np.float64)
+        sug = [None] * n if r.suggestion is None else np.asarray(r.suggestion, dtype=np.int64)
+        info = [None] * n if r.info is None else [None if d is None else to_json(_json_safe(d)) for d in r.info]
+        frames.append(
+            pd.DataFrame(
+                {
+                    "run_id": run_id,
+                    "check": r.check,
+                    "image_index": np.arange(n, dtype=np.int32),
+                    "score": np.where(np.isfinite(score), score, np.nan),  # NaN is stored as NULL: not assessed
+                    "is_issue": np.asarray(r.is_issue, dtype=bool),
+                    "suggestion": pd.array(sug, dtype="Int32"),
+                    "info": info,
+                }
+            )
+        )
+    issues = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    ran = {r.check: r for r in results}
+    checks = pd.DataFrame(
+        [
+            {
+                "run_id": run_id,
+                "check": c.name,
+                "params": to_json(_json_safe(ran[c.name].params if c.name in ran else c.params)),
+                "summary": to_json(_json_safe(ran[c.name].summary if c.name in ran else {"skipped": skipped[c.name]})),
+            }
+            for c in selected
+        ]
+    )
+    return issues, checks
 
 
 def _features_of(arrays: ModelArrays) -> np.ndarray | None:
@@ -761,12 +889,13 @@ def _ingest(
     arrays: Sequence[ModelArrays],
     preds: Sequence[pd.DataFrame],
     metrics: pd.DataFrame,
-    issues: pd.DataFrame | None,
+    label: CheckResult | None,
     bad: dict[int, str],
     notes: list[str],
     stats: ScoreStats,
     head_params: Mapping[str, dict[str, Any]] | None = None,
     heads_info: Mapping[str, Any] | None = None,
+    check_rows: tuple[pd.DataFrame, pd.DataFrame] | None = None,
 ) -> None:
     from audit import flag
 
@@ -827,37 +956,29 @@ def _ingest(
         con.execute("DELETE FROM bad_images")
         insert_frame(con, "bad_images", bad_df)
         con.execute("UPDATE images SET valid = NOT list_contains(?, image_index)", [sorted(bad)])
+        # The checks of this run replace the last run's, like the models: every table describes this run.
         con.execute("DELETE FROM label_issues")
-        if issues is not None:
-            insert_frame(con, "label_issues", _issue_frame(issues, run_id))
+        if label is not None:  # the label check's detail table, from the same result as its issues rows
+            insert_frame(con, "label_issues", label_issues_frame(label, run_id))
+        con.execute("DELETE FROM issues")
+        con.execute("DELETE FROM checks")
+        issue_rows, checks_rows = check_rows if check_rows is not None else (pd.DataFrame(), pd.DataFrame())
+        insert_frame(con, "issues", issue_rows)
+        insert_frame(con, "checks", checks_rows)
         # What ran: the backend "auto" resolved to, and how many images were scored (0 when all were cached).
         scoring = {"backend_used": stats.backend, "images_scored": stats.images}
-        params = {"flag": flag.flag_params(), "notes": notes, "scoring": scoring, "head_check": dict(heads_info or {})}
+        params = {
+            "flag": dict(label.params) if label is not None else flag.flag_params(),
+            # Each selected check's summary (what it found, or why it was skipped): the history of every run.
+            "check_results": {str(r["check"]): json.loads(r["summary"]) for r in checks_rows.to_dict("records")},
+            "notes": notes,
+            "scoring": scoring,
+            "head_check": dict(heads_info or {}),
+        }
         con.execute(
             "UPDATE runs SET finished_at = ?, status = ?, params = json_merge_patch(params, ?) WHERE run_id = ?",
             [now(), "finished", to_json(params), run_id],
         )
-
-
-def _issue_frame(issues: pd.DataFrame, run_id: str) -> pd.DataFrame:
-    score_cols = [c for c in issues.columns if c.endswith("_score")]
-    scores = [
-        to_json({c: float(v) for c, v in zip(score_cols, row, strict=True)})
-        for row in issues[score_cols].itertuples(index=False)
-    ]
-    return pd.DataFrame(
-        {
-            "image_index": issues["index"].astype(np.int32),
-            "label_quality": issues["label_quality"].astype(float),
-            "is_label_issue": issues["is_label_issue"].astype(bool),
-            "suggested_label": issues["suggested_label"].astype(np.int32),
-            "suggested_confidence": issues["suggested_confidence"].astype(float),
-            "issue_kind": issues["issue_kind"].astype(str),
-            "rank": issues["rank"].astype("Int32"),
-            "scores": scores,
-            "run_id": run_id,
-        }
-    )
 
 
 def live_metrics(db: Path) -> pd.DataFrame:

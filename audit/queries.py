@@ -55,6 +55,8 @@ __all__ = [
     "SORTS",
     "Filters",
     "Reader",
+    "check_issues",
+    "check_note",
     "classes",
     "confused_pairs",
     "data_version",
@@ -315,6 +317,57 @@ def flagged_issues(db: str | Path | Reader, *, limit: int | None = None) -> pd.D
             """,
             [NO_FIT_SUGGESTED, limit if limit is not None else 2**62],
         ).df()
+
+
+def check_issues(db: str | Path | Reader, check: str, *, limit: int | None = None) -> pd.DataFrame:
+    """The images one check flagged, most suspicious (lowest score) first.
+
+    ``check="label"`` is :func:`flagged_issues` (the label check's detail table);
+    any other registered check reads the ``issues`` table: its score, its
+    suggestion (a class name where the check suggests labels, a partner image id
+    where it suggests images) and its JSON details.
+
+    Raises
+    ------
+    CheckError
+        ``check`` is not a registered check (the message lists them).
+    """
+    from audit.checks import check_name, default_checks
+
+    name = check_name(check)
+    if name == "label":
+        return flagged_issues(db, limit=limit)
+    suggests = default_checks().get(name).suggests
+    with _open(db) as con:
+        return con.execute(
+            """
+            SELECT i.image_index, i.image_id, c.name AS given, round(x.score, 4) AS score,
+                   CASE WHEN x.suggestion < 0 THEN NULL ELSE x.suggestion END AS suggestion,
+                   CASE $suggests WHEN 'label' THEN sc.name WHEN 'image' THEN si.image_id END AS suggested,
+                   CAST(x.info AS VARCHAR) AS info
+            FROM issues x
+            JOIN images i USING (image_index)
+            LEFT JOIN classes c ON c.class_index = i.label
+            LEFT JOIN classes sc ON sc.class_index = x.suggestion AND $suggests = 'label'
+            LEFT JOIN images si ON si.image_index = x.suggestion AND $suggests = 'image'
+            WHERE x."check" = $check AND x.is_issue
+            ORDER BY x.score ASC NULLS LAST, i.image_id
+            LIMIT $limit
+            """,
+            {"check": name, "suggests": suggests or "", "limit": limit if limit is not None else 2**62},
+        ).df()
+
+
+def check_note(db: str | Path | Reader, check: str) -> str | None:
+    """Why ``check`` has no rows in the workspace (not selected by the last run, or skipped), or None when it ran."""
+    with _open(db) as con:
+        row = fetch_one(con, 'SELECT CAST(summary AS VARCHAR) FROM checks WHERE "check" = ?', [check])
+    if row is None:
+        return f"the last run did not select check {check!r}; run 'audit run --checks {check}' (see 'audit checks')"
+    import json
+
+    skipped = json.loads(row[0] or "{}").get("skipped")
+    return f"check {check!r} was {skipped}" if skipped else None
 
 
 def resolve_label(db: str | Path | Reader, token: str) -> int:

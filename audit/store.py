@@ -12,7 +12,15 @@ only files in the arrays folder; its DB writes are one short transaction at the
 end. Decisions are appended one per transaction, so two reviewers on one DB
 never lose each other's work and a crash loses at most the decision in flight.
 
-Schema version 1 (see :data:`SCHEMA`); newer files are refused, never guessed at.
+Schema version 2 (see :data:`SCHEMA`); newer files are refused, never guessed at.
+
+Versions. Version 2 adds the checks' long ``issues`` table and their ``checks``
+table (:mod:`audit.checks`); ``label_issues`` stays, as the label check's detail
+table. A version-1 workspace migrates in place on the first connection that may
+write (one transaction: the new tables, filled from ``label_issues``, and the new
+version stamp, or nothing); a read-only connection leaves the file as it is and
+sees the same rows through temporary views of the same SQL (:data:`_V1_ISSUES`),
+so a dashboard opened on an old workspace reads what a migration would write.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import functools
 import getpass
 import glob
 import json
+import logging
 import os
 import random
 import re
@@ -67,7 +76,8 @@ __all__ = [
     "workspace_path",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_log = logging.getLogger(__name__)
 
 # Append-only review actions and what each does to an image's label set.
 ACTIONS = {
@@ -112,7 +122,42 @@ SCHEMA: tuple[str, ...] = (
         action VARCHAR, reviewer VARCHAR, decided_at TIMESTAMP, reason VARCHAR)""",
     """CREATE TABLE IF NOT EXISTS bad_images (
         image_index INTEGER PRIMARY KEY, image_id VARCHAR, reason VARCHAR, run_id VARCHAR)""",
+    # One row per image per check of the newest run (audit.checks): score in [0, 1], low = suspicious, NULL =
+    # not assessed; suggestion a label or a partner image index (-1 none, NULL: the check suggests nothing);
+    # info the check's JSON details for the image. "check" is an SQL keyword, hence the quotes.
+    """CREATE TABLE IF NOT EXISTS issues (
+        run_id VARCHAR, "check" VARCHAR, image_index INTEGER, score DOUBLE, is_issue BOOLEAN,
+        suggestion INTEGER, info JSON, PRIMARY KEY ("check", image_index))""",
+    # One row per check selected by the newest run: its settings, and what it found (or why it was skipped).
+    """CREATE TABLE IF NOT EXISTS checks (
+        run_id VARCHAR, "check" VARCHAR PRIMARY KEY, params JSON, summary JSON)""",
 )
+# The schema version that added each table; older workspaces lack them until they migrate.
+_TABLE_SINCE = {"issues": 2, "checks": 2}
+
+# The label check's rows of a version-1 workspace, from its label_issues table: what the migration
+# writes, and what a read-only connection to an unmigrated workspace reads (audit.checks.label writes
+# the same info keys). NaN scores inside the old JSON become null, as the label check writes them.
+_V1_ISSUES = r"""
+    SELECT run_id, 'label' AS "check", image_index,
+           CASE WHEN isnan(label_quality) THEN NULL ELSE label_quality END AS score,
+           coalesce(is_label_issue, false) AS is_issue, suggested_label AS suggestion,
+           json_object(
+               'issue_kind', coalesce(issue_kind, ''),
+               'suggested_confidence', CASE WHEN isnan(suggested_confidence) THEN NULL ELSE suggested_confidence END,
+               'rank', rank,
+               'scores', CAST(regexp_replace(CAST(scores AS VARCHAR), ':\s*-?NaN', ':null', 'g') AS JSON)
+           ) AS info
+    FROM label_issues"""
+_V1_CHECKS = """
+    SELECT li.run_id, 'label' AS "check", coalesce(r.params -> 'flag', '{}'::JSON) AS params,
+           json_object('n_issues', li.n_issues, 'n_assessed', li.n_assessed, 'n_images', li.n_images,
+                       'migrated_from_schema', 1) AS summary
+    FROM (SELECT any_value(run_id) AS run_id, count(*) AS n_images,
+                 count(*) FILTER (WHERE is_label_issue) AS n_issues,
+                 count(*) FILTER (WHERE label_quality IS NOT NULL AND NOT isnan(label_quality)) AS n_assessed
+          FROM label_issues HAVING count(*) > 0) li
+    LEFT JOIN runs r USING (run_id)"""
 
 
 def default_db() -> Path:
@@ -208,11 +253,16 @@ def connect(
             f"run 'audit run DATASET --db {db}' to build it"
         )
     with _open(path, read_only=read_only, timeout=timeout) as con:
-        if create:
-            _check_schema(con, path, complete=False)
-            init_db(con)
-        _check_schema(con, path, complete=True)
         try:
+            if create:
+                _check_schema(con, path, complete=False)
+            if not read_only:
+                _migrate(con, path)  # the first connection that may write brings an older workspace up to date
+            if create:
+                init_db(con)
+            version = _check_schema(con, path, complete=True)
+            if version < SCHEMA_VERSION:
+                _compat_views(con, version)  # read-only on an older workspace: its rows in today's shape
             yield con
         except duckdb.Error as e:
             if is_disk_error(e):
@@ -340,13 +390,14 @@ def _expected_columns() -> dict[str, list[tuple[str, str]]]:
         con.close()
 
 
-def _check_schema(con: duckdb.DuckDBPyConnection, path: Path, *, complete: bool) -> None:
-    """Refuse a file that is not an audit workspace of a version this audit reads.
+def _check_schema(con: duckdb.DuckDBPyConnection, path: Path, *, complete: bool) -> int:
+    """Refuse a file that is not an audit workspace of a version this audit reads; return its version.
 
     Another application's DuckDB file may hold tables named like ours (``meta``,
     ``images``) with other columns: each of our tables it has must have our
     columns, and ``meta`` must stamp a numeric schema version. With
-    ``complete``, every table must be there.
+    ``complete``, every table of that version must be there. A table-less
+    database (which ``init_db`` builds) reads as version 0.
     """
     have = _columns(con)
     expected = _expected_columns()
@@ -354,7 +405,7 @@ def _check_schema(con: duckdb.DuckDBPyConnection, path: Path, *, complete: bool)
     fix = "pass the file 'audit run' made, or a new --db path"
     if not have:
         if not complete:
-            return  # table-less: init_db builds it
+            return 0  # table-less: init_db builds it
         raise StoreError(
             f"{path} is an empty DuckDB database, not an audit workspace yet (an 'audit run' killed as it "
             f"started leaves one); run 'audit run DATASET --db {path}' to build it"
@@ -373,13 +424,62 @@ def _check_schema(con: duckdb.DuckDBPyConnection, path: Path, *, complete: bool)
         raise StoreError(
             f"{path} has schema_version {row[0]!r}, not a number: the file is damaged or was not made by audit; {fix}"
         )
-    if int(text) > SCHEMA_VERSION:
+    version = int(text)
+    if version > SCHEMA_VERSION:
         raise StoreError(f"{path} has schema version {text}, this audit reads up to {SCHEMA_VERSION}; upgrade audit")
-    missing = sorted(set(expected) - set(have))
+    missing = sorted(t for t in set(expected) - set(have) if _TABLE_SINCE.get(t, 1) <= version)
     if complete and missing:
         raise StoreError(
             f"{path} lacks table(s) {', '.join(missing)}; run 'audit run --db {path}' to complete the workspace"
         )
+    return version
+
+
+def _stamped_version(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The schema version ``meta`` stamps, or None (no meta table, no stamp, not a number: _check_schema says)."""
+    try:
+        row = fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["schema_version"])
+    except duckdb.Error:  # no meta table, or one of other columns: _check_schema has refused those already
+        return None
+    text = str(row[0]).strip() if row else ""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _v1_to_v2(con: duckdb.DuckDBPyConnection) -> None:
+    """Version 2: the checks' tables, the label check's rows and settings taken from ``label_issues``."""
+    for stmt in SCHEMA:  # every table of version 2; those there already are left as they are
+        con.execute(stmt)
+    con.execute(f'INSERT INTO issues (run_id, "check", image_index, score, is_issue, suggestion, info) {_V1_ISSUES}')
+    con.execute(f'INSERT INTO checks (run_id, "check", params, summary) {_V1_CHECKS}')
+
+
+# Each step brings a workspace from the version it names to the next one, inside the caller's transaction.
+_MIGRATIONS = {1: _v1_to_v2}
+# Each older version's tables as today's schema shapes them, for a read-only connection (temporary views).
+_COMPAT_VIEWS = {1: {"issues": _V1_ISSUES, "checks": _V1_CHECKS}}
+
+
+def _migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Bring an older workspace to :data:`SCHEMA_VERSION` in one transaction (nothing is lost, or nothing changes)."""
+    # Refused first: another application's file, a damaged stamp, a newer version; table-less reads as 0.
+    version = _check_schema(con, path, complete=False)
+    if version == 0 or version >= SCHEMA_VERSION:
+        return
+    _check_schema(con, path, complete=True)  # an older audit workspace, whole, before it is changed
+    with transaction(con):
+        stamped = _stamped_version(con)  # another process may have migrated it meanwhile
+        version = SCHEMA_VERSION if stamped is None else stamped
+        while version < SCHEMA_VERSION:
+            _MIGRATIONS[version](con)
+            version += 1
+        con.execute("UPDATE meta SET value = ? WHERE key = ?", [str(SCHEMA_VERSION), "schema_version"])
+    _log.info("workspace %s migrated to schema version %d", path, SCHEMA_VERSION)
+
+
+def _compat_views(con: duckdb.DuckDBPyConnection, version: int) -> None:
+    """Temporary views (this connection only, nothing written) of the tables ``version`` lacks."""
+    for table, sql in _COMPAT_VIEWS.get(version, {}).items():
+        con.execute(f"CREATE TEMP VIEW {table} AS {sql}")
 
 
 def init_db(con: duckdb.DuckDBPyConnection) -> None:

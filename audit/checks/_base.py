@@ -44,7 +44,9 @@ class CheckInputs:
     # the heads' out-of-fold ones), float32 and possibly memory-mapped; NaN rows for invalid images.
     probs: Sequence[np.ndarray] | None = None
     logits: Sequence[np.ndarray] | None = None  # per model (N, C_m) raw logits of the zoo model (ImageNet: C_m=1000)
-    model_names: tuple[str, ...] = ()  # names of the models behind probs / logits / features
+    # Names of the models behind probs (for a custom space the heads; the zoo models for ImageNet's).
+    # logits and features may come from other models (heads have neither): see logit_models / feature_models.
+    model_names: tuple[str, ...] = ()
     features: Sequence[np.ndarray] | None = None  # per zoo model (N, D_m) penultimate features, float16 allowed
     # Per-image pixel statistics gathered inside the single decode pass (see audit.checks.pixels):
     # a mapping of column name to (N,) array (e.g. "width", "height", "dhash" ...); None when not gathered.
@@ -53,6 +55,8 @@ class CheckInputs:
     reference: Mapping[str, Any] | None = None
     image_ids: tuple[str, ...] = ()  # (N,) ids relative to the dataset root, for suggestions naming partners
     seed: int = 0  # for any randomised step, so a check is deterministic
+    logit_models: tuple[str, ...] = ()  # names of the models behind logits, in order (the scored models)
+    feature_models: tuple[str, ...] = ()  # names of the models behind features, in order (those that recorded them)
 
     def available(self) -> frozenset[str]:
         """The names in :data:`INPUTS` this run can feed."""
@@ -103,6 +107,9 @@ class Check(ABC):
     needs: ClassVar[frozenset[str]]  # subset of INPUTS; all must be available or the check is skipped
     default: ClassVar[bool] = True  # on in `audit run` when --checks is not given
     description: ClassVar[str] = ""  # one line for `audit checks`
+    # What ``CheckResult.suggestion`` holds, for readers that name it: "label" (a class index), "image"
+    # (a partner image index), or None (the check suggests nothing).
+    suggests: ClassVar[str | None] = None
 
     def __init__(self, **params: Any) -> None:
         # Options a user may set; each check validates its own in __init__ and says what it expected.
