@@ -292,9 +292,11 @@ def score_dataset(
     if needed:
         # Build only what still has work: a resumed run skips finished models.
         active = [s for s in run_specs if plans[s.name].todo]
-        t = time.perf_counter()
-        built = models if models is not None else load_models(active) if active else {}
-        st.build += time.perf_counter() - t
+        built: Mapping[str, Any] = {}
+        if active:  # none: the pass decodes for pixel statistics alone
+            t = time.perf_counter()
+            built = models if models is not None else load_models(active)
+            st.build += time.perf_counter() - t
         _score_shards(
             ds, active, built, dirs, plans, sorted(needed), stamps, shard_size, batch_size, workers, device,
             channels_last, backend, precision, threads, progress, st, features, pplan,
