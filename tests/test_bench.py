@@ -21,7 +21,7 @@ def tiny(tmp_path_factory):
     return d, make_imagefolder(d / "ds", per_class=2), make_checkpoint(d / "m.pth")
 
 
-@pytest.mark.parametrize("command", ["stages", "scoring", "features"])
+@pytest.mark.parametrize("command", ["stages", "scoring", "features", "pixels"])
 def test_scoring_benchmarks_write_their_reports(tiny, command):
     d, root, model = tiny
     out = d / command
@@ -37,7 +37,12 @@ def test_scoring_benchmarks_write_their_reports(tiny, command):
         assert out.with_suffix(suffix).stat().st_size > 0
     report = out.with_suffix(".md").read_text()
     assert "Machine:" in report
-    want = {"stages": "forward-only ceiling", "scoring": "argmax agreement", "features": "scoring slowdown"}
+    want = {
+        "stages": "forward-only ceiling",
+        "scoring": "argmax agreement",
+        "features": "scoring slowdown",
+        "pixels": "slowdown with pixel statistics on",
+    }
     assert want[command] in report
     json.loads(out.with_suffix(".json").read_text())
 

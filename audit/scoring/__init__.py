@@ -84,7 +84,6 @@ from audit.scoring.pixels import (
     empty_columns,
     load_pixel_stats,
     plan_pixels,
-    preload,
     write_pixel_shard,
 )
 from audit.scoring.predictions import _import_predictions, _read_predictions, check_predictions
@@ -357,8 +356,6 @@ def _score_shards(
     for b in batches:
         crops[b] = b[0] in for_models
         measure[b] = b[0] in for_pixels
-    if for_pixels:
-        preload()  # before the workers fork: each would otherwise import CleanVision (1.5 s) for itself
     on_gpu = device != "cpu"
     loader = torch.utils.data.DataLoader(
         _Frames(ds, pres, crops, measure),  # type: ignore[arg-type]
