@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _synth import make_checkpoint, make_imagefolder
+from _synth import make_checkpoint, make_imagefolder, make_predictions
 from PIL import Image
 
 import audit.scoring as scoring
@@ -145,6 +145,19 @@ def test_models_cached_and_pixels_missing_decodes_for_the_pixels_alone(tmp_path,
     st = ScoreStats()
     score_dataset(small, [spec], tmp_path / "arr", backend="torch", stats=st, **KW)
     assert st.images == 0, "all cached: nothing loaded"
+
+
+def test_a_run_on_prediction_files_reads_no_image_unless_pixels_are_asked_for(tmp_path, small, monkeypatch):
+    spec = resolve_model(f"preds:{make_predictions(tmp_path / 'p.npy', list(small.image_ids), small.labels)}")
+    calls = []
+    real = loader.decode_image
+    monkeypatch.setattr(loader, "decode_image", lambda p: calls.append(p) or real(p))
+    st = ScoreStats()
+    score_dataset(small, [spec], tmp_path / "arr", stats=st, **KW)
+    assert not calls and st.images == 0 and load_pixel_stats(small, tmp_path / "arr") is None
+    score_dataset(small, [spec], tmp_path / "arr", stats=st, pixels=True, **KW)
+    assert len(calls) == len(small) and st.pixel_images == len(small)
+    assert load_pixel_stats(small, tmp_path / "arr") is not None
 
 
 def test_workers_measure_the_same_values(tmp_path, small):

@@ -111,15 +111,19 @@ class PropertyCheck(Check):
         info: list[dict[str, Any] | None] = [None] * n
         threshold = self.effective.get("threshold")
         if len(idx):
-            raw = pd.DataFrame({c: self._raw(px, c, idx) for c in prop.score_columns}, index=idx)
+            cols = {c: self._raw(px, c, idx) for c in prop.score_columns}
+            raw = pd.DataFrame(cols, index=idx)
             scores = prop.get_scores(raw_scores=raw, issue_type=self.name, **self.effective)
             flags = prop.mark_issue(scores=scores, issue_type=self.name, threshold=threshold)
             # CleanVision's formulas keep scores in [0, 1] up to float rounding (brightness of white: 1 + 2e-16).
             score[idx] = np.clip(scores[get_score_colname(self.name)].to_numpy(dtype=np.float64), 0.0, 1.0)
             is_issue[idx] = flags[get_is_issue_colname(self.name)].to_numpy(dtype=bool)
             threshold = getattr(prop, "threshold", threshold)  # odd_size sets its own from the spread of sizes
-            for i in np.flatnonzero(is_issue).tolist():
-                info[i] = {c: _jsonable(v) for c, v in raw.loc[i].items()}
+            # The raw values behind each flag, for the reviewer (column-wise: 50,000 rows take milliseconds).
+            pos = np.flatnonzero(is_issue[idx])
+            values = {c: v[pos].tolist() for c, v in cols.items()}
+            for j, i in enumerate(idx[pos].tolist()):
+                info[i] = {c: values[c][j] for c in values}
         summary: dict[str, Any] = {
             "issues": int(is_issue.sum()),
             "assessed": len(idx),

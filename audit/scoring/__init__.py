@@ -198,7 +198,7 @@ def score_dataset(
     threads: int | None = None,
     stats: ScoreStats | None = None,
     features: bool = True,
-    pixels: bool = True,
+    pixels: bool | None = None,
 ) -> list[ModelArrays]:
     """Score every image with every model, reusing what is cached and still valid.
 
@@ -242,14 +242,17 @@ def score_dataset(
         float16 rounding moves a feature by under 1e-3 of its size). Off: no
         features, and ``ModelArrays.features`` is None. Shards scored with and
         without features are kept apart (switching rescores once).
-    pixels : bool
+    pixels : bool, optional
         Also measure each image's pixel statistics (CleanVision's image
         properties, exact and perceptual hashes) from the same decode, for the
         image checks; read them with :func:`load_pixel_stats`. Cached and
         resumed as the logits are, apart from any model: with every model
         cached (or ``specs`` empty) and statistics missing, the images are
-        decoded for them alone, never resized for a model. Off: nothing is
-        measured, and statistics cached earlier are left as they are.
+        decoded for them alone, never resized for a model. False: nothing is
+        measured, and statistics cached earlier are left as they are. None
+        (the default): True, except for a run whose every spec is an imported
+        prediction file: that run reads no image, and a decode pass over
+        every image for its statistics alone is asked for with True.
 
     Returns
     -------
@@ -273,6 +276,9 @@ def score_dataset(
     # Imported predictions are checked before any image is scored: a NaN found after hours of scoring helps no one.
     imported = {s.name: _read_predictions(ds, s) for s in specs if s.source == "predictions"}
     run_specs = [s for s in specs if s.source != "predictions"]
+    if pixels is None:
+        # Prediction files spare the user a read of every image (10 ms each); pixel statistics alone do not undo that.
+        pixels = bool(run_specs) or not specs
     fps = {s.name: _fingerprint(ds, s, shard_size, backend, precision, features) for s in run_specs}
     dirs = {s.name: _shard_dir(arrays, s, fps[s.name]) for s in run_specs}
     stamps = ds.file_stamps() if run_specs or pixels else np.empty((n, 2), dtype=np.int64)
