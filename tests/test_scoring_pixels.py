@@ -173,7 +173,7 @@ def test_an_interrupted_run_resumes_to_the_same_stats_measuring_nothing_twice(tm
     score_dataset(small, [], tmp_path / "ref", **KW)
     want = load_pixel_stats(small, tmp_path / "ref")
     written = []
-    real = scoring.write_pixel_shard
+    real = scoring._write_pixel_shard
 
     def die_after_two(*a, **k):
         if len(written) == 2:
@@ -181,7 +181,7 @@ def test_an_interrupted_run_resumes_to_the_same_stats_measuring_nothing_twice(tm
         written.append(a[2])
         return real(*a, **k)
 
-    monkeypatch.setattr(scoring, "write_pixel_shard", die_after_two)
+    monkeypatch.setattr(scoring, "_write_pixel_shard", die_after_two)
     with pytest.raises(KeyboardInterrupt):
         score_dataset(small, [], tmp_path / "arr", **{**KW, "shard_size": 4})
     monkeypatch.undo()
@@ -250,6 +250,25 @@ def test_an_unreadable_image_has_no_stats_and_the_rest_do(tmp_path, small):
     px = load_pixel_stats(ds, tmp_path / "arr")
     assert not px["ok"][3] and px["ok"].sum() == len(ds) - 1
     assert np.isnan(px["entropy"][3]) and px["md5"][3] == "" and px["width"][3] == -1
+
+
+def test_a_statistic_that_fails_costs_that_image_its_stats_with_one_line(tmp_path, small, monkeypatch, caplog):
+    import audit.scoring.pixels as pixels
+
+    real, calls = pixels.image_stats, []
+
+    def flaky(img):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("a property broke")
+        return real(img)
+
+    monkeypatch.setattr(pixels, "image_stats", flaky)
+    score_dataset(small, [], tmp_path / "arr", **KW)
+    px = load_pixel_stats(small, tmp_path / "arr")
+    assert not px["ok"][2] and px["ok"].sum() == len(small) - 1
+    (msg,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "could not be measured for 1 image(s)" in msg and small.image_ids[2] in msg and "a property broke" in msg
 
 
 def test_other_images_or_settings_never_reuse_the_stats(tmp_path, small):

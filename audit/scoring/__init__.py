@@ -29,11 +29,12 @@ Data flow for N images and M models:
    not grow with N. Their SHA-256 sums are taken while they are written and
    checked before they are reused (about 0.2 s per 200 MB matrix, i.e. 50,000
    x 1,000 float32); matrices that fail are rebuilt from the shards.
-5. **Pixels** (``pixels=True``, the default): the same decoded image is
-   measured in the loader for the image checks (CleanVision's properties and
-   the duplicate hashes, :mod:`audit.scoring.pixels`), stored per shard with
-   stamps and sums in ``<arrays>/pixels/`` apart from any model, and read back
-   by :func:`load_pixel_stats`. When every model is cached (or there are none)
+5. **Pixels** (``pixels=``; on unless every model is an imported prediction
+   file, which reads no image): the same decoded image is measured in the
+   loader for the image checks (CleanVision's properties and the duplicate
+   hashes, :mod:`audit.scoring.pixels`), stored per shard with stamps and sums
+   in ``<arrays>/pixels/`` apart from any model, and read back by
+   :func:`load_pixel_stats`. When every model is cached (or there are none)
    and pixel statistics are missing, the images are decoded for them alone.
 
 Backends (``backend=``):
@@ -78,13 +79,13 @@ from audit.datasets import AuditDataset
 from audit.errors import ModelError
 from audit.scoring.loader import _collate, _Frames, _shard_batches, resize_crop
 from audit.scoring.pixels import (
-    PendingPixels,
-    PixelPlan,
-    add_batch,
-    empty_columns,
+    _add_batch,
+    _empty_columns,
+    _PendingPixels,
+    _PixelPlan,
+    _plan_pixels,
+    _write_pixel_shard,
     load_pixel_stats,
-    plan_pixels,
-    write_pixel_shard,
 )
 from audit.scoring.predictions import _import_predictions, _read_predictions, check_predictions
 from audit.scoring.runners import (
@@ -287,7 +288,7 @@ def score_dataset(
         s.name: _plan(s, dirs[s.name], fps[s.name], stamps, shard_size, batch_size, arrays, changed, features)
         for s in run_specs
     }
-    pplan = plan_pixels(ds, arrays, stamps, shard_size, batch_size, changed) if pixels else None
+    pplan = _plan_pixels(ds, arrays, stamps, shard_size, batch_size, changed) if pixels else None
     if changed:
         first = ds.image_ids[min(changed)]
         _log.warning("%d image(s) changed since they were scored (e.g. %r); rescoring them", len(changed), first)
@@ -340,7 +341,7 @@ def _score_shards(
     progress: bool,
     st: ScoreStats,
     features: bool = True,
-    pplan: PixelPlan | None = None,
+    pplan: _PixelPlan | None = None,
 ) -> None:
     import torch
 
@@ -391,7 +392,8 @@ def _score_shards(
     ]
     st.prepare += time.perf_counter() - t
     pending: dict[int, _Shard] = {}
-    pending_px: dict[int, PendingPixels] = {}
+    pending_px: dict[int, _PendingPixels] = {}
+    failed: list[tuple[int, str]] = []  # images decoded whose pixel statistics could not be measured
     top: dict[int, float] = {}  # model position -> largest |feature| seen
     what = f"scoring {len(specs)} model(s)" if specs else "decoding for pixel statistics"
     bar = _progress(sum(len(b) for b in batches), what, progress)
@@ -435,8 +437,8 @@ def _score_shards(
             if pplan is not None and first in pplan.todo.get(k, ()):
                 px = pending_px.get(k)
                 if px is None:
-                    px = pending_px[k] = PendingPixels(empty_columns(shard.size), np.zeros(shard.size, dtype=bool))
-                add_batch(px, rows, batch["pixels"], first - start, count)
+                    px = pending_px[k] = _PendingPixels(_empty_columns(shard.size), np.zeros(shard.size, dtype=bool))
+                failed += [(start + r, why) for r, why in _add_batch(px, rows, batch["pixels"], first - start, count)]
                 px.bad.update(batch["bad"])
                 st.pixels += batch["pixel_seconds"]
                 st.pixel_images += count
@@ -449,13 +451,19 @@ def _score_shards(
                 t = time.perf_counter()
                 _write_shard(pending.pop(k), k, start, specs, dirs, plans, stamps, features)
                 if k in pending_px:
-                    write_pixel_shard(pplan, pending_px.pop(k), k, start, stamps)  # type: ignore[arg-type]
+                    _write_pixel_shard(pplan, pending_px.pop(k), k, start, stamps)  # type: ignore[arg-type]
                 st.write += time.perf_counter() - t
     finally:
         bar.close()
         del it
     if pending or pending_px:
         raise RuntimeError(f"scoring ended with unfinished shards {sorted({*pending, *pending_px})}")
+    if failed:
+        i, why = min(failed)
+        _log.warning(
+            "pixel statistics could not be measured for %d image(s) (e.g. %r: %s); the image checks skip them",
+            len(failed), ds.image_ids[i], why,
+        )  # fmt: skip
     for m, t in top.items():
         # float16 keeps 1e-3 relative precision from 6.1e-5 (its smallest normal) to 65504: features whose
         # largest value is under 6.1e-2 lose their small entries, over 65504 become inf. Trained models sit

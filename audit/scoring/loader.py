@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from audit.datasets import AuditDataset, decode_image
-from audit.scoring.pixels import timed_stats
+from audit.scoring.pixels import _timed_stats
 from audit.zoo import Preprocess
 
 __all__ = ["resize_crop"]
@@ -54,15 +54,15 @@ def resize_crop(img: Any, pre: Preprocess) -> np.ndarray:
 
 
 # One loaded image: index, one uint8 crop per model (empty: no model needs it) or None (unreadable),
-# the reason it is unreadable, its pixel statistics (None: not asked for, or they failed), seconds they took.
+# the reason it is unreadable, its pixel statistics (None: not asked for), the seconds they took.
 _Item = tuple[int, list[np.ndarray] | None, str, dict[str, Any] | None, float]
 
 
 class _Frames:
     """Map-style dataset: image index -> :data:`_Item`.
 
-    ``crops`` and ``pixels``, (N,) bool or None (every image): which images need
-    their crops for the models and which their pixel statistics.
+    ``crops`` and ``pixels``, (N,) bool: which images need their crops for the
+    models (None: every image) and which their pixel statistics (None: none).
     """
 
     def __init__(
@@ -87,7 +87,7 @@ class _Frames:
             crops = [resize_crop(img, p) for p in self.pres] if self.crops is None or self.crops[i] else []
         except Exception as e:  # any unreadable image is recorded, never fatal
             return i, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip(), None, 0.0
-        stats, secs = timed_stats(img) if self.pixels[i] else (None, 0.0)
+        stats, secs = _timed_stats(img) if self.pixels[i] else (None, 0.0)
         return i, crops, "", stats, secs
 
 

@@ -85,10 +85,10 @@ def _versions() -> dict[str, str]:
     return {"cleanvision": version("cleanvision"), "imagehash": version("ImageHash")}
 
 
-_loaded = False  # per process: preload() has run
+_loaded = False  # per process: _preload() has run
 
 
-def preload() -> None:
+def _preload() -> None:
     """Import what :func:`image_stats` uses (1 to 3 s: CleanVision loads matplotlib, imagehash scipy.fft).
 
     Called by each loader process at its first image, not by the main process
@@ -201,22 +201,23 @@ def image_stats(img: Any) -> dict[str, Any]:
     return {k: (float(v) if isinstance(v, np.floating) else v) for k, v in out.items() if k in COLUMNS}
 
 
-def timed_stats(img: Any) -> tuple[dict[str, Any] | None, float]:
-    """:func:`image_stats` and the seconds it took; None when it failed (the image keeps its model scores).
+def _timed_stats(img: Any) -> tuple[dict[str, Any], float]:
+    """:func:`image_stats` and the seconds it took (the one-off imports left out, :func:`_preload`).
 
-    The seconds leave out the one-off imports (:func:`preload`).
+    A failure gives ``{"_error": reason}``: a property that fails on a strange
+    image costs that image its statistics (said once on the log), never the run
+    nor the image's model scores.
     """
-    preload()
+    _preload()
     t = time.perf_counter()
     try:
         s = image_stats(img)
-    except Exception as e:  # a property that fails on a strange image costs that image's stats, never the run
-        _log.debug("pixel statistics failed: %s", _why(e))
-        s = None
+    except Exception as e:
+        s = {"_error": _why(e)}
     return s, time.perf_counter() - t
 
 
-def empty_columns(size: int) -> dict[str, np.ndarray]:
+def _empty_columns(size: int) -> dict[str, np.ndarray]:
     """``size`` rows of every column, each at its fill value (an image not measured)."""
     return {k: np.full(size, fill, dtype=dt) for k, (dt, fill) in COLUMNS.items()}
 
@@ -233,7 +234,7 @@ def _fingerprint(ds: AuditDataset, shard_size: int) -> str:
     return h.hexdigest()
 
 
-def pixel_dir(arrays: Path, fp: str, shard_size: int) -> Path:
+def _pixel_dir(arrays: Path, fp: str, shard_size: int) -> Path:
     """``<arrays>/pixels``, emptied of shards made for other images or by other code (one line on the log)."""
     d = arrays / PIXELS_DIR
     manifest = d / "manifest.json"
@@ -301,7 +302,7 @@ def _save(path: Path, cols: Mapping[str, np.ndarray], bad: Mapping[int, str], st
 
 
 @dataclass
-class PixelPlan:
+class _PixelPlan:
     """The pixel work of a run: batch starts to measure per shard, and the cached shards kept in part."""
 
     d: Path
@@ -309,13 +310,13 @@ class PixelPlan:
     partial: set[int] = field(default_factory=set)  # shards whose batches left alone keep their cached rows
 
 
-def plan_pixels(
+def _plan_pixels(
     ds: AuditDataset, arrays: Path, stamps: np.ndarray, shard_size: int, batch_size: int, changed: set[int]
-) -> PixelPlan:
+) -> _PixelPlan:
     """Which batches need their pixel statistics measured: missing or damaged shards, and changed images' batches."""
-    d = pixel_dir(arrays, _fingerprint(ds, shard_size), shard_size)
+    d = _pixel_dir(arrays, _fingerprint(ds, shard_size), shard_size)
     n = len(stamps)
-    plan = PixelPlan(d)
+    plan = _PixelPlan(d)
     damaged: list[tuple[int, str]] = []
     for k in range((n + shard_size - 1) // shard_size):
         lo, hi = _bounds(k, shard_size, n)
@@ -342,7 +343,7 @@ def plan_pixels(
 
 
 @dataclass
-class PendingPixels:
+class _PendingPixels:
     """One shard's pixel statistics while its batches come in."""
 
     columns: dict[str, np.ndarray]
@@ -350,17 +351,27 @@ class PendingPixels:
     bad: dict[int, str] = field(default_factory=dict)
 
 
-def add_batch(pend: PendingPixels, rows: np.ndarray, stats: list[dict[str, Any] | None], lo: int, count: int) -> None:
-    """Put one batch's statistics (``stats[j]`` for shard row ``rows[j]``) into the pending shard."""
+def _add_batch(
+    pend: _PendingPixels, rows: np.ndarray, stats: list[dict[str, Any] | None], lo: int, count: int
+) -> list[tuple[int, str]]:
+    """Put one batch's statistics (``stats[j]`` for shard row ``rows[j]``) into the pending shard.
+
+    Returns the shard rows whose statistics failed, with the reason (they keep ``ok`` False).
+    """
     pend.measured[lo : lo + count] = True
+    failed = []
     for r, s in zip(rows.tolist(), stats, strict=True):
         if s is None:
             continue
+        if "_error" in s:
+            failed.append((r, s["_error"]))
+            continue
         for key, v in s.items():
             pend.columns[key][r] = v
+    return failed
 
 
-def write_pixel_shard(plan: PixelPlan, pend: PendingPixels, k: int, start: int, stamps: np.ndarray) -> None:
+def _write_pixel_shard(plan: _PixelPlan, pend: _PendingPixels, k: int, start: int, stamps: np.ndarray) -> None:
     """Write shard ``k``: the rows measured now, and (a changed image's shard) the cached rows left alone."""
     size = len(pend.measured)
     cols, bad = pend.columns, dict(pend.bad)
@@ -408,7 +419,7 @@ def load_pixel_stats(ds: AuditDataset, arrays: str | Path) -> dict[str, np.ndarr
         return None
     n = len(ds)
     stamps = ds.file_stamps()
-    out = empty_columns(n)
+    out = _empty_columns(n)
     for k in range((n + shard_size - 1) // shard_size):
         lo, hi = _bounds(k, shard_size, n)
         got = _read(_shard_path(d, k), hi - lo)
