@@ -84,6 +84,7 @@ from audit.scoring.pixels import (
     _PendingPixels,
     _PixelPlan,
     _plan_pixels,
+    _preload,
     _write_pixel_shard,
     load_pixel_stats,
 )
@@ -363,6 +364,8 @@ def _score_shards(
     for b in batches:
         crops[b] = b[0] in for_models
         measure[b] = b[0] in for_pixels
+    if for_pixels:
+        _preload()  # before the workers fork: they inherit the modules instead of importing them each
     on_gpu = device != "cpu"
     loader = torch.utils.data.DataLoader(
         _Frames(ds, pres, crops, measure),  # type: ignore[arg-type]
