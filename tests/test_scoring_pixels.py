@@ -126,6 +126,8 @@ def test_models_and_pixels_share_one_decode_of_each_image(tmp_path, small, monke
         want = image_stats(decode_image(small.path(i)))
         assert {k: px[k][i].item() for k in COLUMNS} == want
     assert np.isfinite(np.load(a.logits)).all()
+    _equal(load_pixel_stats(small, [a]), px)  # the folder found from what score_dataset returned
+    assert load_pixel_stats(small, []) is None
 
 
 def test_models_cached_and_pixels_missing_decodes_for_the_pixels_alone(tmp_path, small, monkeypatch, checkpoint):

@@ -83,10 +83,10 @@ class PropertyCheck(Check):
         for k, v in params.items():
             if k not in allowed:
                 takes = ", ".join(sorted(allowed)) or "no options"
-                raise OptionError(f"check {self.name!r} has no option {k!r}; it takes {takes}")
+                raise OptionError(f"--check-option {self.name}: no option {k!r}; it takes {takes}")
             f = _number(v)
             if f is None or not math.isfinite(f):
-                raise OptionError(f"check {self.name!r}: option {k!r} must be a finite number, got {v!r}")
+                raise OptionError(f"--check-option {self.name}.{k}: must be a finite number, got {v!r}")
         super().__init__(**params)
         # CleanVision's get_scores checks that a threshold is a float: 1 is passed on as 1.0.
         self.effective = {**defaults, **{k: float(v) for k, v in params.items()}}
@@ -207,11 +207,12 @@ class ExactDuplicateCheck(Check):
     name = "exact_duplicate"
     needs: ClassVar[frozenset[str]] = frozenset({"pixels"})
     default: ClassVar[bool] = True
+    suggests: ClassVar[str | None] = "image"  # a partner's image index (the contract's Check.suggests)
     description = "identical images (md5 of the decoded pixels), within the set and against --reference"
 
     def __init__(self, **params: Any) -> None:
         if params:
-            raise OptionError(f"check {self.name!r} takes no options, got {', '.join(sorted(params))}")
+            raise OptionError(f"--check-option {self.name}: it takes no options, got {', '.join(sorted(params))}")
         super().__init__()
 
     def run(self, inputs: CheckInputs) -> CheckResult:

@@ -32,7 +32,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -389,15 +389,17 @@ def _write_pixel_shard(plan: _PixelPlan, pend: _PendingPixels, k: int, start: in
     _save(_shard_path(plan.d, k), cols, bad, stamps[start : start + size])
 
 
-def load_pixel_stats(ds: AuditDataset, arrays: str | Path) -> dict[str, np.ndarray] | None:
+def load_pixel_stats(ds: AuditDataset, arrays: str | Path | Sequence[Any]) -> dict[str, np.ndarray] | None:
     """The pixel statistics of every image of ``ds``, from the decode pass of :func:`audit.scoring.score_dataset`.
 
     Parameters
     ----------
     ds : AuditDataset
         N images, as scored.
-    arrays : path-like
-        The arrays folder ``score_dataset`` wrote (``<arrays>/pixels``).
+    arrays : path-like, or sequence of ModelArrays
+        The arrays folder ``score_dataset`` wrote into (``<arrays>/pixels``),
+        or what it returned (the folder holding their logits). Pass the folder
+        where there may be no model (a decode-only run returns none).
 
     Returns
     -------
@@ -408,7 +410,13 @@ def load_pixel_stats(ds: AuditDataset, arrays: str | Path) -> dict[str, np.ndarr
         next ``score_dataset`` with ``pixels=True`` measures what is missing.
         ``ok`` is False for images that could not be decoded.
     """
-    d = Path(arrays) / PIXELS_DIR
+    if isinstance(arrays, (str, Path)):
+        d = Path(arrays) / PIXELS_DIR
+    else:
+        folders = {Path(a.logits).parent for a in arrays}
+        if len(folders) != 1:  # none (no model), or models from several workspaces: no one folder to read
+            return None
+        d = folders.pop() / PIXELS_DIR
     try:
         manifest = json.loads((d / "manifest.json").read_text())
         shard_size, fp = int(manifest["shard_size"]), manifest["fingerprint"]
