@@ -42,6 +42,21 @@ def test_scoring_benchmarks_write_their_reports(tiny, command):
     json.loads(out.with_suffix(".json").read_text())
 
 
+def test_pixels_benchmark_renders_its_report_from_a_measured_run(tmp_path):
+    # Its arms are the features benchmark's (audit_arm, pixels off/on), run end to end above; rendering the
+    # committed measurement checks the report without two more scoring processes (90 s on 2 cores).
+    from audit.bench.common import REPORTS
+    from audit.bench.pixels import pixels
+
+    raw = REPORTS / "perf_pixels.json"
+    repeats = max(r["repeat"] for r in json.loads(raw.read_text())["runs"])
+    out = tmp_path / "pixels"
+    assert pixels(["--render", str(raw), "--repeats", str(repeats), "--limit", "200", "--out", str(out)]) == 0
+    report = out.with_suffix(".md").read_text()
+    assert "Machine:" in report and "slowdown with pixel statistics on" in report and "phash" in report
+    assert json.loads(out.with_suffix(".json").read_text())["summary"]["images"] == 200
+
+
 def test_heads_benchmark_writes_its_report_on_synthetic_and_given_features(tmp_path):
     import numpy as np
 

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from _synth import make_imagefolder
 
+from audit.datasets import load_dataset
+from audit.scoring import load_pixel_stats
 from audit.store import arrays_dir, connect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,3 +126,9 @@ def test_kill_9_mid_scoring_then_resume_is_byte_identical(setup):
     shapes = {p.name.split(".")[-2]: np.load(p).shape for p in got_npy}
     assert shapes == {"features": (N_IMAGES, 512), "logits": (N_IMAGES, 1000), "probs": (N_IMAGES, 1000)}
     assert _tables(db) == _tables(ref)
+    # Pixel statistics come from the same decode pass and resume with it: equal to the uninterrupted run's.
+    ds = load_dataset(root)
+    ref_px, got_px = load_pixel_stats(ds, arrays_dir(ref)), load_pixel_stats(ds, arrays_dir(db))
+    assert ref_px is not None and got_px is not None and ref_px.keys() == got_px.keys()
+    for k in ref_px:
+        np.testing.assert_array_equal(got_px[k], ref_px[k], err_msg=k)

@@ -6,6 +6,7 @@ Commands:
   path, side by side (images/s, ratio, peak memory, argmax agreement).
 * ``levers``: each speed lever measured on its own.
 * ``features``: scoring with features on vs off, side by side (the cost of features).
+* ``pixels``: scoring with pixel statistics (the image checks' inputs) off vs on, side by side.
 * ``stages``: where the time of a scoring run goes, and the forward-only ceiling.
 * ``gen-images`` / ``gen-preds``: synthetic ImageNet-sized data sets and prediction files.
 * ``scale``: 50,000 images end to end, and post-processing of 50,000 x 1,000 x 3 predictions.

@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
         "levers": ("audit.bench.levers", "levers"),
         "stages": ("audit.bench.stages", "stages"),
         "features": ("audit.bench.features", "features"),
+        "pixels": ("audit.bench.pixels", "pixels"),
         "gen-images": ("audit.bench.scale", "gen_images"),
         "gen-preds": ("audit.bench.scale", "gen_preds"),
         "scale": ("audit.bench.scale", "scale"),

@@ -115,13 +115,14 @@ def audit_arm(
     threads: int | None = None,
     save_probs: Path | None = None,
     features: bool = True,
+    pixels: bool = True,
 ) -> dict[str, Any]:
     """``audit run``'s scoring path: load the dataset, build the models, score into a fresh workspace."""
     from audit.datasets import load_dataset
     from audit.scoring import ScoreStats, load_models, score_dataset
     from audit.zoo import resolve_model
 
-    out: dict[str, Any] = {"arm": "audit", "models": {}, "features": features}
+    out: dict[str, Any] = {"arm": "audit", "models": {}, "features": features, "pixels": pixels}
     with tempfile.TemporaryDirectory() as tmp, TreeMemory() as mem:
         t0 = time.perf_counter()
         ds = load_dataset(dataset, limit=limit)
@@ -144,6 +145,7 @@ def audit_arm(
             threads=threads,
             stats=st,
             features=features,
+            pixels=pixels,
         )
         out["wall_s"] = time.perf_counter() - t0
         for name, a in zip(models, arrays, strict=True):
@@ -282,6 +284,7 @@ def arm(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int)
     p.add_argument("--save-probs", type=Path)
     p.add_argument("--no-features", action="store_true")
+    p.add_argument("--no-pixels", action="store_true")
     p.add_argument("--json", type=Path, required=True)
     a = p.parse_args(argv)
     models = [m for m in a.models.split(",") if m]
@@ -290,7 +293,7 @@ def arm(argv: list[str] | None = None) -> int:
     else:
         res = audit_arm(
             a.dataset, models, a.batch_size, a.workers, a.backend, a.precision, not a.no_channels_last, a.limit,
-            a.threads, a.save_probs, not a.no_features,
+            a.threads, a.save_probs, not a.no_features, not a.no_pixels,
         )  # fmt: skip
     res["loadavg_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
     write_json(a.json, res)

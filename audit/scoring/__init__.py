@@ -29,6 +29,13 @@ Data flow for N images and M models:
    not grow with N. Their SHA-256 sums are taken while they are written and
    checked before they are reused (about 0.2 s per 200 MB matrix, i.e. 50,000
    x 1,000 float32); matrices that fail are rebuilt from the shards.
+5. **Pixels** (``pixels=``; on unless every model is an imported prediction
+   file, which reads no image): the same decoded image is measured in the
+   loader for the image checks (CleanVision's properties and the duplicate
+   hashes, :mod:`audit.scoring.pixels`), stored per shard with stamps and sums
+   in ``<arrays>/pixels/`` apart from any model, and read back by
+   :func:`load_pixel_stats`. When every model is cached (or there are none)
+   and pixel statistics are missing, the images are decoded for them alone.
 
 Backends (``backend=``):
 
@@ -52,6 +59,7 @@ The package's modules, one concern each:
 * :mod:`audit.scoring.loader`: the one-decode loader and its batching.
 * :mod:`audit.scoring.shards`: the shard cache (format, stamps, checksums, assembly).
 * :mod:`audit.scoring.predictions`: imported ``preds:`` files and their validation.
+* :mod:`audit.scoring.pixels`: pixel statistics from the decode pass, their shards and :func:`load_pixel_stats`.
 """
 
 from __future__ import annotations
@@ -70,6 +78,16 @@ import numpy as np
 from audit.datasets import AuditDataset
 from audit.errors import ModelError
 from audit.scoring.loader import _collate, _Frames, _shard_batches, resize_crop
+from audit.scoring.pixels import (
+    _add_batch,
+    _empty_columns,
+    _PendingPixels,
+    _PixelPlan,
+    _plan_pixels,
+    _preload,
+    _write_pixel_shard,
+    load_pixel_stats,
+)
 from audit.scoring.predictions import _import_predictions, _read_predictions, check_predictions
 from audit.scoring.runners import (
     BACKENDS,
@@ -116,6 +134,7 @@ __all__ = [
     "export_onnx",
     "forward_batch",
     "load_models",
+    "load_pixel_stats",
     "make_runner",
     "model_key",
     "normalize",
@@ -155,6 +174,10 @@ class ScoreStats:
     write: float = 0.0  # shards to disk
     assemble: float = 0.0  # shards -> (N, C) logits, softmax -> probabilities
     total: float = 0.0
+    # CPU seconds the loader processes spent measuring pixel statistics (summed over workers: hidden
+    # behind the forward passes where cores are free), and the images measured.
+    pixels: float = 0.0
+    pixel_images: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
@@ -177,6 +200,7 @@ def score_dataset(
     threads: int | None = None,
     stats: ScoreStats | None = None,
     features: bool = True,
+    pixels: bool | None = None,
 ) -> list[ModelArrays]:
     """Score every image with every model, reusing what is cached and still valid.
 
@@ -220,6 +244,17 @@ def score_dataset(
         float16 rounding moves a feature by under 1e-3 of its size). Off: no
         features, and ``ModelArrays.features`` is None. Shards scored with and
         without features are kept apart (switching rescores once).
+    pixels : bool, optional
+        Also measure each image's pixel statistics (CleanVision's image
+        properties, exact and perceptual hashes) from the same decode, for the
+        image checks; read them with :func:`load_pixel_stats`. Cached and
+        resumed as the logits are, apart from any model: with every model
+        cached (or ``specs`` empty) and statistics missing, the images are
+        decoded for them alone, never resized for a model. False: nothing is
+        measured, and statistics cached earlier are left as they are. None
+        (the default): True, except for a run whose every spec is an imported
+        prediction file: that run reads no image, and a decode pass over
+        every image for its statistics alone is asked for with True.
 
     Returns
     -------
@@ -243,27 +278,35 @@ def score_dataset(
     # Imported predictions are checked before any image is scored: a NaN found after hours of scoring helps no one.
     imported = {s.name: _read_predictions(ds, s) for s in specs if s.source == "predictions"}
     run_specs = [s for s in specs if s.source != "predictions"]
+    if pixels is None:
+        # Prediction files spare the user a read of every image (10 ms each); pixel statistics alone do not undo that.
+        pixels = bool(run_specs) or not specs
     fps = {s.name: _fingerprint(ds, s, shard_size, backend, precision, features) for s in run_specs}
     dirs = {s.name: _shard_dir(arrays, s, fps[s.name]) for s in run_specs}
-    stamps = ds.file_stamps() if run_specs else np.empty((n, 2), dtype=np.int64)
+    stamps = ds.file_stamps() if run_specs or pixels else np.empty((n, 2), dtype=np.int64)
     changed: set[int] = set()
     plans = {
         s.name: _plan(s, dirs[s.name], fps[s.name], stamps, shard_size, batch_size, arrays, changed, features)
         for s in run_specs
     }
+    pplan = _plan_pixels(ds, arrays, stamps, shard_size, batch_size, changed) if pixels else None
     if changed:
         first = ds.image_ids[min(changed)]
         _log.warning("%d image(s) changed since they were scored (e.g. %r); rescoring them", len(changed), first)
-    needed = sorted({b for p in plans.values() for starts in p.todo.values() for b in starts})
+    needed = {b for p in plans.values() for starts in p.todo.values() for b in starts}
+    if pplan is not None:
+        needed |= {b for starts in pplan.todo.values() for b in starts}
     if needed:
         # Build only what still has work: a resumed run skips finished models.
         active = [s for s in run_specs if plans[s.name].todo]
-        t = time.perf_counter()
-        built = models if models is not None else load_models(active)
-        st.build += time.perf_counter() - t
+        built: Mapping[str, Any] = {}
+        if active:  # none: the pass decodes for pixel statistics alone
+            t = time.perf_counter()
+            built = models if models is not None else load_models(active)
+            st.build += time.perf_counter() - t
         _score_shards(
-            ds, active, built, dirs, plans, needed, stamps, shard_size, batch_size, workers, device, channels_last,
-            backend, precision, threads, progress, st, features,
+            ds, active, built, dirs, plans, sorted(needed), stamps, shard_size, batch_size, workers, device,
+            channels_last, backend, precision, threads, progress, st, features, pplan,
         )  # fmt: skip
     t = time.perf_counter()
     out = []
@@ -299,6 +342,7 @@ def _score_shards(
     progress: bool,
     st: ScoreStats,
     features: bool = True,
+    pplan: _PixelPlan | None = None,
 ) -> None:
     import torch
 
@@ -312,9 +356,19 @@ def _score_shards(
     per_shard: dict[int, int] = {}
     for b in batches:
         per_shard[b[0] // shard_size] = per_shard.get(b[0] // shard_size, 0) + 1
+    # Which images need crops for a model and which their pixels measured, decided per batch as the plans say:
+    # a batch loaded for its pixel statistics alone is decoded and measured, never resized for a model.
+    for_models = {b for s in specs for starts in plans[s.name].todo.values() for b in starts}
+    for_pixels = {b for starts in pplan.todo.values() for b in starts} if pplan is not None else set()
+    crops, measure = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    for b in batches:
+        crops[b] = b[0] in for_models
+        measure[b] = b[0] in for_pixels
+    if for_pixels:
+        _preload()  # before the workers fork: they inherit the modules instead of importing them each
     on_gpu = device != "cpu"
     loader = torch.utils.data.DataLoader(
-        _Frames(ds, pres),  # type: ignore[arg-type]
+        _Frames(ds, pres, crops, measure),  # type: ignore[arg-type]
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=_collate,
@@ -341,8 +395,11 @@ def _score_shards(
     ]
     st.prepare += time.perf_counter() - t
     pending: dict[int, _Shard] = {}
+    pending_px: dict[int, _PendingPixels] = {}
+    failed: list[tuple[int, str]] = []  # images decoded whose pixel statistics could not be measured
     top: dict[int, float] = {}  # model position -> largest |feature| seen
-    bar = _progress(sum(len(b) for b in batches), f"scoring {len(specs)} model(s)", progress)
+    what = f"scoring {len(specs)} model(s)" if specs else "decoding for pixel statistics"
+    bar = _progress(sum(len(b) for b in batches), what, progress)
     try:
         while True:
             t = time.perf_counter()
@@ -380,6 +437,14 @@ def _score_shards(
                 if mat is None:
                     mat = shard.mats[m] = np.full((shard.size, y.shape[1]), np.nan, dtype=np.float32)
                 mat[rows] = y.numpy()
+            if pplan is not None and first in pplan.todo.get(k, ()):
+                px = pending_px.get(k)
+                if px is None:
+                    px = pending_px[k] = _PendingPixels(_empty_columns(shard.size), np.zeros(shard.size, dtype=bool))
+                failed += [(start + r, why) for r, why in _add_batch(px, rows, batch["pixels"], first - start, count)]
+                px.bad.update(batch["bad"])
+                st.pixels += batch["pixel_seconds"]
+                st.pixel_images += count
             shard.bad.update(batch["bad"])
             shard.left -= 1
             st.images += count
@@ -388,12 +453,20 @@ def _score_shards(
             if shard.left == 0:
                 t = time.perf_counter()
                 _write_shard(pending.pop(k), k, start, specs, dirs, plans, stamps, features)
+                if k in pending_px:
+                    _write_pixel_shard(pplan, pending_px.pop(k), k, start, stamps)  # type: ignore[arg-type]
                 st.write += time.perf_counter() - t
     finally:
         bar.close()
         del it
-    if pending:
-        raise RuntimeError(f"scoring ended with unfinished shards {sorted(pending)}")
+    if pending or pending_px:
+        raise RuntimeError(f"scoring ended with unfinished shards {sorted({*pending, *pending_px})}")
+    if failed:
+        i, why = min(failed)
+        _log.warning(
+            "pixel statistics could not be measured for %d image(s) (e.g. %r: %s); the image checks skip them",
+            len(failed), ds.image_ids[i], why,
+        )  # fmt: skip
     for m, t in top.items():
         # float16 keeps 1e-3 relative precision from 6.1e-5 (its smallest normal) to 65504: features whose
         # largest value is under 6.1e-2 lose their small entries, over 65504 become inf. Trained models sit

@@ -7,6 +7,14 @@ centre-crops it *from the decoded image* for each model by that model's own
 ``(B, H, W, 3)`` tensors, a quarter of float32, and never straddle a shard
 (:func:`_shard_batches`), so a resumed run recomputes exactly the batches an
 uninterrupted one would.
+
+With pixel statistics on, the same decoded image is also measured for the
+image checks (:func:`audit.scoring.pixels.image_stats`: CleanVision's
+properties and the duplicate hashes), so no image is read twice. Which images
+need crops (some model still has to score their batch) and which need their
+pixels measured is known before the loader starts: a batch whose models are
+all cached is decoded for its pixel statistics only, and one whose pixel
+statistics are cached is not measured again.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from audit.datasets import AuditDataset, decode_image
+from audit.scoring.pixels import _timed_stats
 from audit.zoo import Preprocess
 
 __all__ = ["resize_crop"]
@@ -44,30 +53,49 @@ def resize_crop(img: Any, pre: Preprocess) -> np.ndarray:
     return np.array(img, dtype=np.uint8)  # writable: torch.from_numpy warns on read-only arrays
 
 
-class _Frames:
-    """Map-style dataset: image index -> (index, one uint8 crop per model or None, bad reason)."""
+# One loaded image: index, one uint8 crop per model (empty: no model needs it) or None (unreadable),
+# the reason it is unreadable, its pixel statistics (None: not asked for), the seconds they took.
+_Item = tuple[int, list[np.ndarray] | None, str, dict[str, Any] | None, float]
 
-    def __init__(self, ds: AuditDataset, pres: Sequence[Preprocess]):
+
+class _Frames:
+    """Map-style dataset: image index -> :data:`_Item`.
+
+    ``crops`` and ``pixels``, (N,) bool: which images need their crops for the
+    models (None: every image) and which their pixel statistics (None: none).
+    """
+
+    def __init__(
+        self,
+        ds: AuditDataset,
+        pres: Sequence[Preprocess],
+        crops: np.ndarray | None = None,
+        pixels: np.ndarray | None = None,
+    ):
         self.root = ds.root
         self.ids = ds.image_ids
         self.pres = list(pres)
+        self.crops = crops
+        self.pixels = pixels if pixels is not None else np.zeros(len(self.ids), dtype=bool)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, i: int) -> tuple[int, list[np.ndarray] | None, str]:
+    def __getitem__(self, i: int) -> _Item:
         try:
             img = decode_image(self.root / self.ids[i])
-            return i, [resize_crop(img, p) for p in self.pres], ""
+            crops = [resize_crop(img, p) for p in self.pres] if self.crops is None or self.crops[i] else []
         except Exception as e:  # any unreadable image is recorded, never fatal
-            return i, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+            return i, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip(), None, 0.0
+        stats, secs = _timed_stats(img) if self.pixels[i] else (None, 0.0)
+        return i, crops, "", stats, secs
 
 
-def _collate(items: list[tuple[int, list[np.ndarray] | None, str]]) -> dict[str, Any]:
+def _collate(items: list[_Item]) -> dict[str, Any]:
     import torch
 
-    good = [(i, t) for i, t, _ in items if t is not None]
-    bad = [(i, r) for i, t, r in items if t is None]
+    good = [(i, t) for i, t, *_ in items if t is not None]
+    bad = [(i, r) for i, t, r, *_ in items if t is None]
     inputs = []
     if good:
         for m in range(len(good[0][1])):
@@ -77,6 +105,9 @@ def _collate(items: list[tuple[int, list[np.ndarray] | None, str]]) -> dict[str,
         "index": np.array([i for i, _ in good], dtype=np.int64),
         "inputs": inputs,
         "bad": bad,
+        # Per good image, in "index" order: its pixel statistics (None where not measured) and their seconds.
+        "pixels": [s for _, t, _, s, _ in items if t is not None],
+        "pixel_seconds": sum(x for *_, x in items),
     }
 
 
