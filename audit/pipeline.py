@@ -525,7 +525,7 @@ def _run_audit(
         del mean  # an (N, C) matrix: freed before the ensemble's sigmoid scores take its place
         ens_logits = [np.load(a.logits, mmap_mode="r") for a in evaluable]
         metric_rows += _evaluate(ENSEMBLE, cls, ens_logits, ds, valid, sigmoid_threshold)
-    results, skipped = run_checks(_check_inputs(ds, scored, evaluable, valid, feats), selected)
+    results, skipped = run_checks(_check_inputs(ds, db, scored, evaluable, valid, feats), selected)
     label = next((r for r in results if r.check == "label"), None)
     if label is not None and ds.truth is not None:
         metric_rows += [(ENSEMBLE, m) for m in flag_metrics(label.score, label.is_issue, ds.labels, ds.truth, valid)]
@@ -560,6 +560,7 @@ def _run_audit(
 
 def _check_inputs(
     ds: AuditDataset,
+    db: Path,
     scored: Sequence[ModelArrays],
     evaluable: Sequence[ModelArrays],
     valid: np.ndarray,
@@ -579,19 +580,18 @@ def _check_inputs(
         logits=[np.load(a.logits, mmap_mode="r") for a in scored] or None,
         model_names=tuple(a.spec.name for a in evaluable),
         features=[f for _, f in feats] or None,
-        pixels=_pixel_stats(ds, scored),
+        pixels=_pixel_stats(ds, arrays_dir(db)),
         image_ids=tuple(ds.image_ids),
         logit_models=tuple(a.spec.name for a in scored),
         feature_models=tuple(name for name, _ in feats),
     )
 
 
-def _pixel_stats(ds: AuditDataset, scored: Sequence[ModelArrays]) -> Mapping[str, np.ndarray] | None:
-    """The per-image pixel statistics scoring gathered in its decode pass, or None where it gathers none."""
-    from audit import scoring
+def _pixel_stats(ds: AuditDataset, arrays: Path) -> Mapping[str, np.ndarray] | None:
+    """The per-image pixel statistics scoring gathered in its decode pass, or None where it gathered none."""
+    from audit.scoring import load_pixel_stats
 
-    load = getattr(scoring, "load_pixel_stats", None)  # absent in a scoring that gathers no pixel statistics
-    return load(ds, scored) if load is not None else None
+    return load_pixel_stats(ds, arrays)
 
 
 def _json_safe(obj: Any) -> Any:

@@ -183,7 +183,7 @@ def workspace(tmp_path_factory):
     b = make_predictions(base / "b.npy", ids, ds.labels, flip=FLIP, seed=2, probs=True)
     db = base / "w.duckdb"
     specs = [resolve_model(f"preds:{a}"), resolve_model(f"preds:{b}")]
-    res = run_audit(ds, specs, db, progress=False)
+    res = run_audit(ds, specs, db, progress=False, checks="label")
     return ds, db, res, specs, f"preds:{a},preds:{b}"
 
 
@@ -222,7 +222,7 @@ def test_a_check_without_its_inputs_is_skipped_and_the_workspace_says_why(tmp_pa
     ds = load_dataset(make_imagefolder(tmp_path / "custom", per_class=3, wnids=("cat", "dog")))
     preds = make_predictions(tmp_path / "p.npy", list(ds.image_ids), ds.labels)  # ImageNet's 1,000 classes
     db = tmp_path / "w.duckdb"
-    res = run_audit(ds, [resolve_model(f"preds:{preds}")], db, progress=False, heads=False)
+    res = run_audit(ds, [resolve_model(f"preds:{preds}")], db, progress=False, heads=False, checks="label")
     (outcome,) = res.checks
     assert outcome.n_issues is None and "needs probs" in outcome.skipped
     assert outcome.line() == (
@@ -244,7 +244,7 @@ def test_a_rerun_replaces_the_checks_of_the_last_run(workspace, tmp_path):
     ds, db0, _, specs, _ = workspace
     db = tmp_path / "copy.duckdb"
     shutil.copyfile(db0, db)
-    res = run_audit(ds, specs, db, progress=False, check_options={"label": {"frac_flagged": 0.25}})
+    res = run_audit(ds, specs, db, progress=False, checks="label", check_options={"label": {"frac_flagged": 0.25}})
     with connect(db, read_only=True) as con:
         rows = con.execute('SELECT DISTINCT run_id, "check" FROM issues').fetchall()
         n = con.execute("SELECT count(*) FILTER (WHERE is_issue) FROM issues").fetchall()[0][0]
@@ -365,7 +365,7 @@ def test_the_issues_of_another_check_come_from_the_issues_table(workspace, tmp_p
     ds, db0, _, specs, _ = workspace
     db = tmp_path / "w.duckdb"
     shutil.copyfile(db0, db)
-    run_audit(load_dataset(ds.root), specs, db, progress=False)
+    run_audit(load_dataset(ds.root), specs, db, progress=False, checks="label,partner")
     df = check_issues(db, "partner")
     ids = list(ds.image_ids)
     assert df["image_index"].tolist() == [2, 3] and df["suggested"].tolist() == [ids[3], ids[2]]

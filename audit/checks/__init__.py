@@ -14,6 +14,16 @@ from audit.checks._runner import check_name, default_names, make_checks, resolve
 
 # One import and one class per line, so that adding a check is a one-line change here.
 from audit.checks.label import LabelCheck
+from audit.checks.pixels import (
+    BlurryCheck,
+    DarkCheck,
+    ExactDuplicateCheck,
+    GrayscaleCheck,
+    LightCheck,
+    LowInformationCheck,
+    OddAspectRatioCheck,
+    OddSizeCheck,
+)
 
 __all__ = [
     "INPUTS",
@@ -34,6 +44,14 @@ __all__ = [
 # Registered in this order; one class per line.
 _CHECKS: tuple[type[Check], ...] = (
     LabelCheck,
+    ExactDuplicateCheck,
+    DarkCheck,
+    LightCheck,
+    BlurryCheck,
+    LowInformationCheck,
+    OddAspectRatioCheck,
+    OddSizeCheck,
+    GrayscaleCheck,
 )
 
 

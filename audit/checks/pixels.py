@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from audit.checks._base import Check, CheckInputs, CheckResult
-from audit.errors import OptionError
+from audit.errors import CheckError
 
 __all__ = [
     "PIXEL_CHECKS",
@@ -83,10 +83,10 @@ class PropertyCheck(Check):
         for k, v in params.items():
             if k not in allowed:
                 takes = ", ".join(sorted(allowed)) or "no options"
-                raise OptionError(f"--check-option {self.name}: no option {k!r}; it takes {takes}")
+                raise CheckError(f"--check-option {self.name}: no option {k!r}; it takes {takes}")
             f = _number(v)
             if f is None or not math.isfinite(f):
-                raise OptionError(f"--check-option {self.name}.{k}: must be a finite number, got {v!r}")
+                raise CheckError(f"--check-option {self.name}.{k}: must be a finite number, got {v!r}")
         super().__init__(**params)
         # CleanVision's get_scores checks that a threshold is a float: 1 is passed on as 1.0.
         self.effective = {**defaults, **{k: float(v) for k, v in params.items()}}
@@ -212,7 +212,7 @@ class ExactDuplicateCheck(Check):
 
     def __init__(self, **params: Any) -> None:
         if params:
-            raise OptionError(f"--check-option {self.name}: it takes no options, got {', '.join(sorted(params))}")
+            raise CheckError(f"--check-option {self.name}: it takes no options, got {', '.join(sorted(params))}")
         super().__init__()
 
     def run(self, inputs: CheckInputs) -> CheckResult:
