@@ -508,15 +508,22 @@ def _findings(
     return out
 
 
-def finding_line(finding: Mapping[str, Any]) -> str:
+def finding_line(finding: Mapping[str, Any], *, short: bool = False) -> str:
     """One plain-text line for a finding of :func:`image_detail` / :func:`gallery`.
 
-    e.g. ``near_duplicate: score 0.120 · issue · near duplicate of n01/x.jpg (#12) · group 3``.
+    e.g. ``near_duplicate: score 0.120 · issue · near duplicate of n01/x.jpg (#12) · {"group": 3}``;
+    ``short`` (a gallery card): ``near_duplicate 0.120 (of n01/x.jpg)``, ``knn_label 0.300 (→ cat)``.
     Pure; the names in it are data (show it with ``st.text``).
     """
     import json
 
     f = finding
+    if short:
+        score = "–" if f["score"] is None else f"{f['score']:.3f}"
+        tail = ""
+        if f["suggested"] is not None:
+            tail = f" (→ {f['suggested']})" if f["suggests"] == "label" else f" (of {f['suggested']})"
+        return f"{f['check']} {score}{tail}"
     bits = [f"{f['check']}: " + ("not assessed" if f["score"] is None else f"score {f['score']:.3f}")]
     bits.append("issue" if f["is_issue"] else "no issue")
     if f["suggested"] is not None:

@@ -32,6 +32,7 @@ class FakeDuplicate(Check):
     """Stands for near_duplicate (another helper's): suggests a partner image, groups in info."""
 
     name = "fake_duplicate"
+    default = False  # a run while the fakes are registered runs the real checks only
     needs = frozenset()
     suggests = "image"
     description = "test double of a duplicate check"
@@ -44,6 +45,7 @@ class FakeKnn(Check):
     """Stands for knn_label: suggests a label."""
 
     name = "fake_knn"
+    default = False  # a run while the fakes are registered runs the real checks only
     needs = frozenset()
     suggests = "label"
     description = "test double of a label-suggesting check"
@@ -56,6 +58,7 @@ class FakeSkipped(Check):
     """A check the run selected but could not feed."""
 
     name = "fake_skipped"
+    default = False  # a run while the fakes are registered runs the real checks only
     needs = frozenset({"features"})
     description = "test double of a skipped check"
 
