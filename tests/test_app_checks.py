@@ -6,16 +6,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 from _workspaces import MARK
 from streamlit.testing.v1 import AppTest
 from test_app import _copy, built, goto, markdown_leaks, metrics, ok, rendered, start, texts  # noqa: F401
 from test_queries import FLIP, base_workspace, ws  # noqa: F401
 from test_queries_checks import SKIP_NOTE, add_checks, add_fakes, dup_result, fake_checks  # noqa: F401
+from test_store_v1 import _copy as v1_copy
+from test_store_v1 import v1  # noqa: F401
 
 from audit import queries as q
-from audit.checks import CheckResult
 from audit.dashboard.ui import shown
 from audit.store import connect
 
@@ -168,6 +168,22 @@ def test_no_check_ran_at_all(ws, monkeypatch):  # noqa: F811 - the ws fixture
     assert metrics(at)["matching images"] == "0"
     goto(at, "Review")
     goto(at, "Overview")
-    assert not at.exception
-    assert np.isfinite(len(q.check_runs(ws))) and q.check_runs(ws).empty
-    assert CheckResult  # the contract type the writer takes (imported for the fake rows' helpers)
+    assert not at.exception and q.check_runs(ws).empty
+
+
+def test_a_version_1_workspace_reads_and_renders_as_before(v1, monkeypatch):  # noqa: F811 - the v1 fixture
+    """An unmigrated version-1 workspace (made by the old code), opened read-only: the label check's rows come
+    through the compatibility views; the check UI stays hidden and the pages show today's flags."""
+    db = v1_copy(v1, "dash")
+    flagged = {r[0] for r in v1["tables"]["label_issues"] if r[2]}
+    runs = q.check_runs(db)
+    assert runs.check.tolist() == ["label"] and runs.n_issues.tolist() == [len(flagged)]
+    total, df = q.gallery(db, q.Filters(reviewed="all"), 0, 100)
+    assert set(df.image_index) == flagged and [[x["check"] for x in f] for f in df.findings] == [["label"]] * total
+    monkeypatch.setenv("AUDIT_DB", str(db))
+    at = start(page="disagreements")
+    assert not [m for m in at.multiselect if m.key == "f_checks"] and "flagged by:" not in texts(at)
+    goto(at, "Review")
+    assert "checks:" not in texts(at)
+    goto(at, "Overview")
+    assert "checks of the last run" not in texts(at)
