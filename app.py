@@ -265,6 +265,24 @@ def checks_lines() -> None:
         else:
             lines.append(f"{shown(r.check)}: {shown(r.note)}")
     st.text("checks of the last run:\n" + "\n".join(lines))
+    ran = ran_checks()
+    if ran:
+        pick, go = st.columns([3, 2], vertical_alignment="bottom")
+        pick.selectbox("Check", ran, format_func=shown, key="o_check")
+        go.button("Review this check's issues", on_click=review_check)
+
+
+def review_check() -> None:
+    """Overview callback: the gallery and the review queue become one check's unreviewed issues, worst first."""
+    ss = st.session_state
+    check = ss.get("o_check")
+    if check is None:
+        return
+    ss["f_checks"], ss["f_kinds"], ss["f_sort"], ss["f_reviewed"] = [check], ["flagged"], "score", "unreviewed"
+    ss["f_issue"], ss["f_model"], ss["f_class"], ss["f_pair"], ss["f_quality"] = [], None, None, None, (0.0, 1.0)
+    ss["_to_gallery"] = True
+    reset_page()
+    goto("Disagreements")
 
 
 def page_overview() -> None:

@@ -11,7 +11,7 @@ from _workspaces import MARK
 from streamlit.testing.v1 import AppTest
 from test_app import _copy, built, goto, markdown_leaks, metrics, ok, rendered, start, texts  # noqa: F401
 from test_queries import FLIP, base_workspace, ws  # noqa: F401
-from test_queries_checks import SKIP_NOTE, add_checks, add_fakes, dup_result, fake_checks  # noqa: F401
+from test_queries_checks import KNN, SKIP_NOTE, add_checks, add_fakes, dup_result, fake_checks  # noqa: F401
 from test_store_v1 import _copy as v1_copy
 from test_store_v1 import v1  # noqa: F401
 
@@ -71,7 +71,15 @@ def test_check_filter_shows_a_checks_issues_sorted_by_its_score(ws, fake_checks,
     assert "checks of the last run:" in texts(at)
     assert "fake_duplicate: 4 issue(s) of 24 images assessed" in texts(at)
     assert f"fake_skipped: {SKIP_NOTE}" in texts(at) and f"label: {len(FLIP)} issue(s)" in texts(at)
-    goto(at, "Disagreements")
+    # From the overview, one check's issues in the gallery (and so the review queue).
+    at.selectbox(key="o_check").set_value("fake_knn")
+    next(b for b in at.button if b.label == "Review this check's issues").click()
+    ok(at)
+    assert at.session_state["page"] == "Disagreements" and at.session_state["f_checks"] == ["fake_knn"]
+    assert metrics(at)["matching images"] == "2" and _cards(at) == set(KNN)
+    at.multiselect(key="f_checks").set_value(["label"])
+    at.selectbox(key="f_sort").set_value("quality")
+    ok(at)
     checks = at.multiselect(key="f_checks")
     assert list(checks.options) == ["label", "fake_duplicate", "fake_knn"]  # what ran; the skipped one cannot
     assert checks.value == ["label"] and _cards(at) == set(FLIP)  # the default: today's label flags
