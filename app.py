@@ -53,6 +53,7 @@ st.set_page_config(page_title="audit", layout="wide")
 
 PAGES = ("Overview", "Disagreements", "Review", "Impact", "Export")
 PAGE_SIZE = 24
+PARTNERS = 6  # partner images (duplicates) shown on the review page
 THUMB = 192
 LARGE = 512
 # Seconds a page waits for another process's write before showing its last data.
@@ -68,6 +69,7 @@ EVAL_NAMES = {
 }
 DEFAULTS: dict[str, Any] = {
     "f_kinds": ["flagged"],
+    "f_checks": ["label"],
     "f_issue": [],
     "f_model": None,
     "f_class": None,
@@ -177,10 +179,29 @@ def init_state() -> None:
             ss[k] = ss[k]
 
 
+def ran_checks() -> list[str]:
+    """The checks of the newest run that ran (not skipped), the label check first."""
+    runs = load("check_runs")
+    return [c for c, ran in zip(runs["check"].tolist(), runs["ran"].tolist(), strict=True) if ran]
+
+
+def other_checks() -> bool:
+    """Whether a check besides ``label`` ran: only then do the check filter, the findings and the score sort show,
+    so a workspace with the label check alone looks as it did before checks were plug-ins."""
+    return any(c != "label" for c in ran_checks())
+
+
+def selected_checks() -> tuple[str, ...]:
+    """The checks the filter selects, among those that ran (empty: any check)."""
+    ran = set(ran_checks())
+    return tuple(c for c in st.session_state["f_checks"] if c in ran)
+
+
 def filters() -> q.Filters:
     ss = st.session_state
     return q.Filters(
         kinds=tuple(ss["f_kinds"]),
+        checks=selected_checks(),
         issue_kinds=tuple(ss["f_issue"]),
         model=ss["f_model"],
         class_index=ss["f_class"],
@@ -231,6 +252,39 @@ def _runs(n: int) -> None:
         st.dataframe(plain_frame(load("runs_table")), hide_index=True, width="stretch")
 
 
+def checks_lines() -> None:
+    """One line per check the newest run selected (issues found, or why it was skipped), where any but label was."""
+    runs = load("check_runs")
+    if not (runs["check"] != "label").any():
+        return  # the label check alone: its count is the "flagged" figure above
+    lines = []
+    for r in runs.itertuples(index=False):
+        if r.ran:
+            of = "" if r.n_assessed is None else f" of {r.n_assessed:,} images assessed"
+            lines.append(f"{shown(r.check)}: {r.n_issues if r.n_issues is not None else '?'} issue(s){of}")
+        else:
+            lines.append(f"{shown(r.check)}: {shown(r.note)}")
+    st.text("checks of the last run:\n" + "\n".join(lines))
+    ran = ran_checks()
+    if ran:
+        pick, go = st.columns([3, 2], vertical_alignment="bottom")
+        pick.selectbox("Check", ran, format_func=shown, key="o_check")
+        go.button("Review this check's issues", on_click=review_check)
+
+
+def review_check() -> None:
+    """Overview callback: the gallery and the review queue become one check's unreviewed issues, worst first."""
+    ss = st.session_state
+    check = ss.get("o_check")
+    if check is None:
+        return
+    ss["f_checks"], ss["f_kinds"], ss["f_sort"], ss["f_reviewed"] = [check], ["flagged"], "score", "unreviewed"
+    ss["f_issue"], ss["f_model"], ss["f_class"], ss["f_pair"], ss["f_quality"] = [], None, None, None, (0.0, 1.0)
+    ss["_to_gallery"] = True
+    reset_page()
+    goto("Disagreements")
+
+
 def page_overview() -> None:
     s = load("run_summary")
     m = plain_frame(load("metrics_table"))
@@ -255,6 +309,7 @@ def page_overview() -> None:
             else "no run yet"
         )
     )
+    checks_lines()
     if m.empty:
         st.info("No metrics yet: the run stored no evaluation.")
         _runs(s["runs"])
@@ -333,13 +388,42 @@ def page_overview() -> None:
     _runs(s["runs"])
 
 
+def kind_name(kind: str) -> str:
+    """A disagreement kind's fixed text; "flagged" names the check filter where other checks ran."""
+    if kind == "flagged" and other_checks():
+        return "an issue of the checks selected"
+    return q.DISAGREEMENTS[kind]
+
+
+def checks_changed() -> None:
+    """The check filter changed: back to page 1, and sorted by the selected checks' score unless sorted otherwise."""
+    ss = st.session_state
+    reset_page()
+    if ss["f_sort"] == "quality" and any(c != "label" for c in ss["f_checks"]):
+        ss["f_sort"] = "score"
+
+
 def filter_bar(models: list[str], labels: list[str]) -> None:
     ss = st.session_state
+    extra = other_checks()
+    if extra:
+        ran = ran_checks()
+        ss["f_checks"] = [c for c in ss["f_checks"] if c in ran]  # a new run may have dropped one
+        st.multiselect(
+            "Checks whose issues to show (with 'an issue of the checks selected')",
+            ran,
+            format_func=shown,  # check names come from the workspace: options render as text
+            key="f_checks",
+            on_change=checks_changed,
+            help="an image is kept when any selected check flagged it; empty = any check",
+        )
+    elif ss["f_sort"] == "score":
+        ss["f_sort"] = "quality"
     a, b, c, d = st.columns([3, 2, 2, 3])
     a.multiselect(
         "Show images where",
         list(q.DISAGREEMENTS),
-        format_func=q.DISAGREEMENTS.get,
+        format_func=kind_name,
         key="f_kinds",
         on_change=reset_page,
         help="any of the selected; empty = every image",
@@ -362,7 +446,8 @@ def filter_bar(models: list[str], labels: list[str]) -> None:
     e, f, g = st.columns([3, 2, 2])
     e.slider("Label quality", 0.0, 1.0, step=0.01, key="f_quality", on_change=reset_page)
     f.radio("Reviewed", ["unreviewed", "reviewed", "all"], key="f_reviewed", horizontal=True, on_change=reset_page)
-    g.selectbox("Sort", list(q.SORTS), format_func=lambda k: q.SORTS[k][0], key="f_sort", on_change=reset_page)
+    sorts = [k for k in q.SORTS if extra or k != "score"]
+    g.selectbox("Sort", sorts, format_func=lambda k: q.SORTS[k][0], key="f_sort", on_change=reset_page)
     if ss["f_pair"]:
         pa, pb = ss["f_pair"]
         st.info("Only the images of one class pair (given label and a model's top-1, either way):")
@@ -370,7 +455,7 @@ def filter_bar(models: list[str], labels: list[str]) -> None:
         st.button("Clear class pair", on_click=lambda: (ss.__setitem__("f_pair", None), reset_page()))
 
 
-def card(row: pd.Series) -> None:
+def card(row: pd.Series, extra: bool = False) -> None:
     with st.container(border=True):
         show_image(row.image_id, THUMB)
         sugg = f" → {shown(row.suggested)} ({row.suggested_confidence:.0%})" if row.is_label_issue else ""
@@ -385,6 +470,10 @@ def card(row: pd.Series) -> None:
         if row.real is not None:
             lines.append(f"ReaL: {shown(row.real) or '(none fits)'}")
         lines += [f"{shown(m)}: " + ", ".join(f"{shown(n)} {p:.0%}" for _, n, p in top) for m, top in row.top3]
+        if extra:  # which checks flagged it, each with its score and what it suggests
+            lines.append(
+                "flagged by: " + ("; ".join(shown(q.finding_line(x, short=True)) for x in row.findings) or "no check")
+            )
         # One plain-text element per card: names are data, never Markdown (audit.dashboard.ui).
         st.text("\n".join(lines))
         st.button("Review", key=f"rev_{row.image_index}", on_click=goto, args=("Review", int(row.image_index)))
@@ -417,9 +506,10 @@ def gallery_view(models: list[str]) -> None:
     if rows.empty:
         st.info("No image matches these filters.")
     cols = st.columns(4)
+    extra = other_checks()
     for k, row in enumerate(rows.itertuples(index=False)):
         with cols[k % 4]:
-            card(row)
+            card(row, extra)
 
 
 def pairs_view(models: list[str]) -> None:
@@ -546,6 +636,31 @@ def act(action: str, image: int, next_image: int | None, labels: tuple[int, ...]
         ss["image"] = next_image
 
 
+def findings_view(findings: list[dict[str, Any]]) -> None:
+    """What every check found on the image under review, and its partner images (duplicates) to open."""
+    st.text(
+        "checks:\n" + "\n".join(shown(q.finding_line(x)) for x in findings)
+        if findings
+        else "checks: no check of the last run assessed this image"
+    )
+    partners: dict[int, tuple[str, str]] = {}
+    for x in findings:
+        for idx, image_id in x["partners"]:
+            partners.setdefault(int(idx), (x["check"], image_id))
+    if not partners:
+        return
+    shown_partners = list(partners.items())[:PARTNERS]
+    cols = st.columns(len(shown_partners))
+    for col, (idx, (check, image_id)) in zip(cols, shown_partners, strict=True):
+        with col:
+            show_image(image_id, 112)
+            st.text(f"{shown(check)}: {shown(image_id)} · #{idx}")
+            # The names are the text above: button labels render Markdown.
+            st.button("Open", key=f"open_{idx}", on_click=goto, args=("Review", idx))
+    if len(partners) > PARTNERS:
+        st.text(f"and {len(partners) - PARTNERS:,} more partner images")
+
+
 def page_review() -> None:
     ss = st.session_state
     st.header("Review")
@@ -569,9 +684,11 @@ def page_review() -> None:
     prev_image = before[-1] if before else None
     where = f"{pos + 1:,} of {total:,}" if pos is not None else f"not in the queue ({total:,} images)"
     st.caption(
-        f"Queue: {', '.join(q.DISAGREEMENTS[k] for k in f.kinds) or 'all images'} · {f.reviewed} · "
+        f"Queue: {', '.join(kind_name(k) for k in f.kinds) or 'all images'} · {f.reviewed} · "
         f"sorted by {q.SORTS[f.sort][0]} — image {where}. Change it on the Disagreements page."
     )
+    if other_checks():
+        st.text(f"checks selected: {', '.join(shown(c) for c in f.checks) or 'any check'}")
     if write_refusal():
         st.info("Decisions are disabled in this session: see the sidebar.")
     nav = st.columns([1, 1, 4])
@@ -601,6 +718,8 @@ def page_review() -> None:
         st.text("\n".join(facts))
         if d["bad_reason"]:
             alert("error", "Bad image: it could not be read, and is left out of every metric.", d["bad_reason"])
+        if other_checks():
+            findings_view(d["findings"])
         preds = pd.DataFrame(
             [
                 {"model": m, **{f"top-{k + 1}": f"{n} {p:.0%}" for k, (_, n, p) in enumerate(top)}}

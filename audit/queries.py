@@ -57,12 +57,14 @@ __all__ = [
     "Reader",
     "check_issues",
     "check_note",
+    "check_runs",
     "classes",
     "confused_pairs",
     "data_version",
     "decision_counts",
     "export_files",
     "export_summary",
+    "finding_line",
     "flagged_issues",
     "flags_vs_truth",
     "gallery",
@@ -111,6 +113,8 @@ SORTS = {
     "disagree": ("most models disagreeing", "f.n_wrong DESC, f.label_quality ASC NULLS LAST, f.image_index"),
     "confidence": ("suggestion confidence", "f.suggested_confidence DESC NULLS LAST, f.image_index"),
     "image": ("image id", "f.image_id"),
+    # The lowest score among the checks the filter selects (Filters.checks); for ("label",) the label quality.
+    "score": ("score of the selected checks, worst first", "f.check_score ASC NULLS LAST, f.image_index"),
 }
 
 DB_LOCK = threading.RLock()
@@ -368,6 +372,176 @@ def check_note(db: str | Path | Reader, check: str) -> str | None:
 
     skipped = json.loads(row[0] or "{}").get("skipped")
     return f"check {check!r} was {skipped}" if skipped else None
+
+
+def _registered(name: str) -> Any:
+    """The registered check class of ``name``, or None (a workspace may hold a check this audit does not ship)."""
+    from audit.checks import default_checks
+
+    reg = default_checks()
+    return reg.get(name) if name in reg else None
+
+
+def check_runs(db: str | Path | Reader) -> pd.DataFrame:
+    """The checks the newest run selected, one row each, the label check first, then by name.
+
+    Columns: check, ran (False: skipped), n_issues and n_assessed (from the check's
+    stored summary; None when skipped), note (why it was skipped, None when it ran),
+    suggests ("label", "image" or None, from the registry; None for a check this
+    audit does not know) and description.
+    """
+    with _open(db) as con:
+        rows = con.execute(
+            """
+            SELECT "check", json_extract_string(summary, ?), TRY_CAST(json_extract(summary, ?) AS BIGINT),
+                   TRY_CAST(json_extract(summary, ?) AS BIGINT)
+            FROM checks ORDER BY "check" <> ?, "check"
+            """,
+            ["$.skipped", "$.n_issues", "$.n_assessed", "label"],
+        ).fetchall()
+    out = []
+    for name, skipped, n_issues, n_assessed in rows:
+        cls = _registered(name)
+        out.append(
+            {
+                "check": name,
+                "ran": not skipped,
+                "n_issues": None if skipped or n_issues is None else int(n_issues),
+                "n_assessed": None if skipped or n_assessed is None else int(n_assessed),
+                "note": skipped or None,
+                "suggests": getattr(cls, "suggests", None),
+                "description": getattr(cls, "description", "") or "",
+            }
+        )
+    cols = ["check", "ran", "n_issues", "n_assessed", "note", "suggests", "description"]
+    # Object columns: a skipped check's counts and a ran check's note stay None (not NaN), as callers test them.
+    return pd.DataFrame(out, columns=cols, dtype=object).astype({"ran": bool})
+
+
+def _image_ids(con: duckdb.DuckDBPyConnection, ids: set[int]) -> dict[int, str]:
+    if not ids:
+        return {}
+    rows = con.execute(
+        "SELECT image_index, image_id FROM images WHERE list_contains(?, image_index)", [sorted(ids)]
+    ).fetchall()
+    return {int(r[0]): str(r[1]) for r in rows}
+
+
+def _partner_list(info: Mapping[str, Any], own: int) -> list[int]:
+    """Image indices in a finding's ``info["partners"]`` (duplicate checks), itself left out; [] when none."""
+    raw = info.get("partners")
+    if not isinstance(raw, list):
+        return []
+    out: list[int] = []
+    for x in raw:
+        if isinstance(x, int) and not isinstance(x, bool) and x >= 0 and x != own and x not in out:
+            out.append(x)
+    return out
+
+
+def _findings(
+    con: duckdb.DuckDBPyConnection, images: Sequence[int], *, issues_only: bool = False
+) -> dict[int, list[dict[str, Any]]]:
+    """Per image of ``images``: what every check found (its issues only, with ``issues_only``), label check first.
+
+    Each finding is a dict: check, score (None: not assessed), is_issue, suggests ("label",
+    "image" or None), suggestion (a class or image index, None: none), suggested (the class
+    name or partner image id it names; :data:`NO_FIT_SUGGESTED` for a label flag whose
+    suggestion is that no class fits), partners ([(image index, image id), ...]: the
+    suggested image first, then the info's ``partners``) and info (the JSON details).
+    """
+    import json
+
+    idx = [int(i) for i in images]
+    out: dict[int, list[dict[str, Any]]] = {i: [] for i in idx}
+    if not idx:
+        return out
+    rows = con.execute(
+        """
+        SELECT image_index, "check", score, is_issue, suggestion, CAST(info AS VARCHAR)
+        FROM issues
+        WHERE list_contains(?, image_index) AND (is_issue OR NOT ?)
+        ORDER BY image_index, "check" <> ?, "check"
+        """,
+        [idx, bool(issues_only), "label"],
+    ).fetchall()
+    found = []
+    classes, pictures = set(), set()
+    for image, check, score, is_issue, sug, info_text in rows:
+        try:
+            info = json.loads(info_text) if info_text else {}
+        except ValueError:  # a foreign writer's text: shown as it is, never parsed further
+            info = {"info": info_text}
+        info = info if isinstance(info, dict) else {"info": info}
+        suggests = getattr(_registered(check), "suggests", None)
+        sug = None if sug is None or int(sug) < 0 else int(sug)
+        partners = _partner_list(info, int(image))
+        if suggests == "image" and sug is not None and sug != int(image):
+            partners = [sug, *[p for p in partners if p != sug]]
+        if suggests == "label" and sug is not None:
+            classes.add(sug)
+        pictures.update(partners)
+        found.append((int(image), check, score, bool(is_issue), suggests, sug, partners, info))
+    names, ids = _names(con, classes), _image_ids(con, pictures)
+    for image, check, score, is_issue, suggests, sug, partners, info in found:
+        if suggests == "label" and sug is not None:
+            suggested = names.get(sug, str(sug))
+        elif suggests == "label":
+            # The label check stores -1 for "no class fits" on a no_fit flag (as label_issues does).
+            suggested = NO_FIT_SUGGESTED if is_issue and info.get("issue_kind") == "no_fit" else None
+        elif suggests == "image":
+            suggested = None if sug is None else ids.get(sug, f"#{sug}")
+        else:
+            suggested = None
+        out[image].append(
+            {
+                "check": check,
+                "score": None if score is None or not math.isfinite(score) else float(score),
+                "is_issue": is_issue,
+                "suggests": suggests,
+                "suggestion": sug,
+                "suggested": suggested,
+                "partners": [(p, ids.get(p, f"#{p}")) for p in partners],
+                "info": info,
+            }
+        )
+    return out
+
+
+def finding_line(finding: Mapping[str, Any], *, short: bool = False) -> str:
+    """One plain-text line for a finding of :func:`image_detail` / :func:`gallery`.
+
+    e.g. ``near_duplicate: score 0.120 · issue · near duplicate of n01/x.jpg (#12) · {"group": 3}``;
+    ``short`` (a gallery card): ``near_duplicate 0.120 (of n01/x.jpg)``, ``knn_label 0.300 (→ cat)``.
+    Pure; the names in it are data (show it with ``st.text``).
+    """
+    import json
+
+    f = finding
+    if short:
+        score = "–" if f["score"] is None else f"{f['score']:.3f}"
+        tail = ""
+        if f["suggested"] is not None:
+            tail = f" (→ {f['suggested']})" if f["suggests"] == "label" else f" (of {f['suggested']})"
+        return f"{f['check']} {score}{tail}"
+    bits = [f"{f['check']}: " + ("not assessed" if f["score"] is None else f"score {f['score']:.3f}")]
+    bits.append("issue" if f["is_issue"] else "no issue")
+    if f["suggested"] is not None:
+        if f["suggests"] == "label":
+            bits.append(f"suggests {f['suggested']}")
+        else:
+            what = f["check"].replace("_", " ") if str(f["check"]).endswith("duplicate") else "partner image"
+            bits.append(f"{what} of {f['suggested']} (#{f['suggestion']})")
+    others = [(i, n) for i, n in f["partners"] if i != f["suggestion"]]
+    if others:
+        more = ", ".join(str(n) for _, n in others[:3]) + (", ..." if len(others) > 3 else "")
+        bits.append(f"{len(others)} more in its group: {more}")
+    if f["check"] != "label":  # the label check's details have their own line (kind, confidence)
+        rest = {k: v for k, v in f["info"].items() if k != "partners"}
+        if rest:
+            text = json.dumps(rest, sort_keys=True, ensure_ascii=False, default=str)
+            bits.append(text if len(text) <= 160 else text[:157] + "...")
+    return " · ".join(bits)
 
 
 def resolve_label(db: str | Path | Reader, token: str) -> int:
@@ -649,6 +823,9 @@ class Filters:
     Attributes
     ----------
     kinds : keys of :data:`DISAGREEMENTS`; an image is kept when it shows any of them (empty = every image).
+        ``"flagged"`` means an issue for any of ``checks``.
+    checks : the checks whose issues ``"flagged"`` keeps and whose lowest score the ``"score"`` sort orders by
+        (empty = every check in the workspace); the default, ``("label",)``, is the label check alone.
     issue_kinds : cleanlab issue kinds to keep (empty = any, flagged or not).
     model : the model whose disagreements count (None = any model; ``"ensemble"`` allowed).
     class_index : keep images whose given label, suggestion or some model's top-1 is this class.
@@ -659,6 +836,7 @@ class Filters:
     """
 
     kinds: tuple[str, ...] = ("flagged",)
+    checks: tuple[str, ...] = ("label",)
     issue_kinds: tuple[str, ...] = ()
     model: str | None = None
     class_index: int | None = None
@@ -671,6 +849,8 @@ class Filters:
         bad = [k for k in self.kinds if k not in DISAGREEMENTS]
         if bad:
             raise ValueError(f"unknown disagreement kind(s) {bad}; use {list(DISAGREEMENTS)}")
+        if isinstance(self.checks, str) or not all(isinstance(c, str) and c for c in self.checks):
+            raise ValueError(f"checks must be a tuple of check names, not {self.checks!r}")
         if self.reviewed not in ("all", "unreviewed", "reviewed"):
             raise ValueError(f"reviewed must be all, unreviewed or reviewed, not {self.reviewed!r}")
         if self.sort not in SORTS:
@@ -678,11 +858,11 @@ class Filters:
 
 
 def _selection(run: _Run, f: Filters) -> tuple[str, list[Any]]:
-    """``WITH last, f, sel``: the facts of valid images with their review state, filtered; and its parameters.
+    """``WITH last, ci, f, sel``: the facts of valid images with their review state, filtered; and its parameters.
 
-    Needs ``facts`` registered on the connection (:func:`_with_facts`).
+    Needs ``facts`` registered on the connection (:func:`_with_facts`). ``f`` adds ``check_issue`` and
+    ``check_score`` (any issue, lowest score) over the checks the filter selects.
     """
-    params: list[Any] = []
     if f.model is None:
         dis_label, dis_real = "f.dis_label", "f.dis_real"
     elif f.model in run.models:
@@ -692,7 +872,10 @@ def _selection(run: _Run, f: Filters) -> tuple[str, list[Any]]:
         params_label, params_real = [k], [k]
     else:
         raise UserError(f"model {f.model!r} has no predictions in this workspace; pick one of {list(run.models)}")
-    kinds = {"flagged": "f.is_label_issue", "label": dis_label, "models": "f.dis_models", "real": dis_real}
+    kinds = {"flagged": "f.check_issue", "label": dis_label, "models": "f.dis_models", "real": dis_real}
+    # The selected checks' rows of the issues table, one per image: any issue, lowest score (the "score" sort).
+    # ([""]: never a check's name, and a typed list where no check is named.)
+    params: list[Any] = [not f.checks, list(f.checks) or [""]]
     where: list[str] = []
     if f.kinds:
         parts = []
@@ -723,10 +906,13 @@ def _selection(run: _Run, f: Filters) -> tuple[str, list[Any]]:
         where.append("f.reviewed")
     sql = f"""
     WITH {_LAST},
+    ci AS (
+        SELECT image_index, bool_or(is_issue) AS check_issue, min(score) AS check_score
+        FROM issues WHERE ? OR list_contains(?, "check") GROUP BY image_index),
     f AS (
-        SELECT i.*, coalesce({_REVIEWED}, false) AS reviewed, {_CURRENT} AS current_labels,
-               l.action AS last_action
-        FROM facts i LEFT JOIN last l USING (image_index)),
+        SELECT i.*, coalesce(ci.check_issue, false) AS check_issue, ci.check_score,
+               coalesce({_REVIEWED}, false) AS reviewed, {_CURRENT} AS current_labels, l.action AS last_action
+        FROM facts i LEFT JOIN last l USING (image_index) LEFT JOIN ci USING (image_index)),
     sel AS (SELECT * FROM f {"WHERE " + " AND ".join(where) if where else ""})
     """
     return sql, params
@@ -740,8 +926,10 @@ def gallery(db: str | Path | Reader, filters: Filters, page: int = 0, page_size:
     label_quality, is_label_issue, issue_kind, suggested_label (a class index, or None where no
     class is suggested), suggested (its name; :data:`NO_FIT_SUGGESTED` where a flag suggests that
     no class fits), suggested_confidence, reviewed, current_labels, current (names),
-    dis_label, dis_models, dis_real, n_wrong, and ``top3``: a list of
-    (model, [(class, name, probability), ...]) for every model, the ensemble last.
+    dis_label, dis_models, dis_real, n_wrong, check_issue and check_score (an issue for / the lowest
+    score of the checks ``filters.checks`` selects), ``top3``: a list of
+    (model, [(class, name, probability), ...]) for every model, the ensemble last, and ``findings``:
+    the checks that flagged the image, as :func:`image_detail` gives them (its issues only).
     """
     order = SORTS[filters.sort][1]
     page, page_size = max(int(page), 0), max(int(page_size), 1)
@@ -758,6 +946,8 @@ def gallery(db: str | Path | Reader, filters: Filters, page: int = 0, page_size:
         df = df.drop(columns=["total", "top1s"])
         _add_names(con, df)
         df["top3"] = _top_predictions(con, run, df["image_index"].tolist(), k=3)
+        found = _findings(con, df["image_index"].tolist(), issues_only=True)
+        df["findings"] = pd.Series([found[int(i)] for i in df["image_index"]], index=df.index, dtype=object)
     return total, df
 
 
@@ -918,7 +1108,10 @@ def image_detail(db: str | Path | Reader, image_index: int) -> dict[str, Any] | 
     reviewed (a decision is in effect), predictions (each model's top 5 with names and
     probabilities), history (every decision on it, oldest first) and imagenet (for a custom
     label space: each ImageNet model's top 3 as ``(model, [(ImageNet name, prob), ...])``,
-    the context its stored, unevaluated ImageNet predictions give; empty otherwise).
+    the context its stored, unevaluated ImageNet predictions give; empty otherwise) and findings
+    (what every check of the newest run found on it, the label check first: check, score,
+    is_issue, suggests, suggestion, suggested (the class name or partner image id it names),
+    partners ([(image index, image id), ...]) and info; see :func:`finding_line`).
     """
     idx = int(image_index)
     with _open(db) as con:
@@ -950,12 +1143,14 @@ def image_detail(db: str | Path | Reader, image_index: int) -> dict[str, Any] | 
         ).df()
         names = _names(con, {x for col in ("old_labels", "new_labels") for v in hist[col] for x in _int_list(v) or []})
         imagenet = _imagenet_top(con, idx)
+        findings = _findings(con, [idx])[idx]
     for col in ("old_labels", "new_labels"):
         hist[col.replace("_labels", "")] = [_joined(names, v, "(no class fits)") for v in hist[col]]
     row = {k: _plain(v) for k, v in df.iloc[0].items()}
     row["predictions"] = top
     row["history"] = hist
     row["imagenet"] = imagenet
+    row["findings"] = findings
     return row
 
 
