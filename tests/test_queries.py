@@ -39,7 +39,7 @@ def make_workspace(base: Path) -> tuple[Path, Path]:
         make_predictions(base / "c.npy", ids, labels, flip=np.array(FLIP + ODD), seed=3),
     ]
     db = base / "w.duckdb"
-    run_audit(ds, [resolve_model(f"preds:{p}") for p in specs], db, progress=False)
+    run_audit(ds, [resolve_model(f"preds:{p}") for p in specs], db, progress=False, checks="label")
     return db, ds.root
 
 
