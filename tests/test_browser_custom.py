@@ -118,7 +118,9 @@ def test_custom_space_workspace_reviewed_end_to_end_in_chromium(custom_ws, brows
 
         # Review: a flagged image, the custom classes as choices, what the zoo's ImageNet logits see.
         body = visit("page=review", "Review")
-        page.get_by_text(re.compile(r"^Queue: flagged by cleanlab")).wait_for()
+        # The image checks ran too (real pixels), so the queue names the check filter: the label check's issues.
+        page.get_by_text(re.compile(r"^Queue: an issue of the checks selected")).wait_for()
+        assert "checks selected: label" in sound()
         first = int(re.search(r"image #(\d+)", page.get_by_text(re.compile(r"· image #\d+")).inner_text()).group(1))
         d = q.image_detail(db, first)
         assert d["is_label_issue"] and f"given label: {d['given']} · {d['label']}" in body
