@@ -51,6 +51,7 @@ METHODS = ("self_confidence", "normalized_margin")
 WEIGHTS = ("similarity", "uniform")
 COMBINATIONS = ("mean", "min", "product")
 _INFO_NEIGHBOURS = 5  # nearest neighbours named in an issue's info (the reviewer's evidence)
+_DENSE_ROWS = 4096  # rows of votes made dense at once (float64 temporaries of 4096 x C)
 
 
 def _option(ok: bool, msg: str) -> None:
@@ -90,50 +91,81 @@ def knn_label_probs(
     *,
     weights: str = "similarity",
     alpha: float = 1.0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, Any]:
     """Out-of-sample neighbour class probabilities of every labelled row of ``nb.space``.
 
     Returns ``(rows, probs, votes)``: the image indices scored (labelled rows of the space
-    with at least one labelled neighbour or copy), ``(n, C)`` float64 probabilities
-    ``(votes + alpha * prior) / (sum(votes) + alpha)``, and the raw weighted votes ``(n, C)``.
+    with at least one labelled neighbour or copy), ``(n, C)`` float32 probabilities
+    ``(votes + alpha * prior) / (sum(votes) + alpha)``, and the weighted votes as a
+    ``scipy.sparse`` CSR ``(n, C)`` matrix (at most k + 1 classes per row, so the votes of
+    50,000 images over 1,000 classes stay small; only the probabilities are dense).
     """
+    from scipy import sparse
+
     sp = nb.space
     lab = labels[sp.rows]
     labelled = lab >= 0
-    u, k, c = sp.n_groups, nb.k, n_classes
+    r_, u, k, c = len(sp.rows), sp.n_groups, nb.k, n_classes
+    g = sp.group
     # Label mix of each group (its labelled members), one vote's worth: rows sum to 1 (or 0).
-    counts = np.zeros((u, c), dtype=np.float64)
-    np.add.at(counts, (sp.group[labelled], lab[labelled]), 1.0)
-    size = counts.sum(1, keepdims=True)
-    mix = np.divide(counts, size, out=np.zeros_like(counts), where=size > 0)
+    counts = sparse.csr_matrix((np.ones(int(labelled.sum())), (g[labelled], lab[labelled])), shape=(u, c))
+    size = np.asarray(counts.sum(1)).ravel()
+    mix = sparse.diags(np.divide(1.0, size, out=np.zeros(u), where=size > 0)) @ counts
 
     w = np.nan_to_num(nb.sim.astype(np.float64), nan=0.0)
     w = np.clip(w, 0.0, None) if weights == "similarity" else np.ones_like(w)
-    w[(nb.idx < 0) | (size[np.maximum(nb.idx, 0), 0] == 0)] = 0.0  # padding and unlabelled groups do not vote
+    w[(nb.idx < 0) | (size[np.maximum(nb.idx, 0)] == 0)] = 0.0  # padding and unlabelled groups do not vote
     gi = np.maximum(nb.idx, 0)
-    # Votes of the k nearest groups and of the k-1 nearest (used by rows that have copies,
-    # whose copies take the k-th place), accumulated without an (U, k, C) temporary.
-    votes_k = np.zeros((u, c), dtype=np.float64)
-    for j in range(k):
-        votes_k += w[:, j : j + 1] * mix[gi[:, j]]
-    last = w[:, k - 1 : k] * mix[gi[:, k - 1]]
 
-    # Per row: its group's neighbour votes, plus its own copies' labels (without itself) as one vote.
-    g = sp.group
-    own = counts[g].copy()
-    own[np.flatnonzero(labelled), lab[labelled]] -= 1.0
-    own_n = own.sum(1, keepdims=True)
-    has_copies = own_n[:, 0] > 0
-    votes = votes_k[g]
-    votes[has_copies] = votes_k[g[has_copies]] - last[g[has_copies]] + own[has_copies] / own_n[has_copies]
+    def graph(cols: int) -> Any:
+        return sparse.csr_matrix(
+            (w[:, :cols].ravel(), gi[:, :cols].ravel(), np.arange(0, u * cols + 1, cols)), shape=(u, u)
+        )
 
-    total = votes.sum(1)
+    # Votes of the k nearest groups, and of the k-1 nearest for rows that have copies (their
+    # copies take the k-th place as one vote at similarity 1).
+    votes_k = (graph(k) @ mix).tocsr()
+    # Own copies: the group's labels without the row's own (only rows whose group has others).
+    multi = size[g] > 1
+    mine = np.flatnonzero(labelled & multi)
+    own = sparse.diags(multi.astype(np.float64)) @ counts[g] - sparse.csr_matrix(
+        (np.ones(len(mine)), (mine, lab[mine])), shape=(r_, c)
+    )
+    own = own.tocsr()
+    own.eliminate_zeros()
+    own_n = np.asarray(own.sum(1)).ravel()
+    has = own_n > 0
+    votes = sparse.diags((~has).astype(np.float64)) @ votes_k[g]
+    if has.any():
+        votes_km1 = (graph(k - 1) @ mix).tocsr() if k > 1 else sparse.csr_matrix((u, c))
+        extra = votes_km1[g] + sparse.diags(np.divide(1.0, own_n, out=np.zeros(r_), where=has)) @ own
+        votes = votes + sparse.diags(has.astype(np.float64)) @ extra
+    votes = votes.tocsr()
+
+    total = np.asarray(votes.sum(1)).ravel()
     scored = labelled & (total > 0)
     prior = np.bincount(lab[labelled], minlength=c).astype(np.float64)
     prior /= max(prior.sum(), 1.0)
-    v = votes[scored]
-    probs = (v + alpha * prior) / (v.sum(1, keepdims=True) + alpha)
+    v = votes[np.flatnonzero(scored)]
+    probs = np.empty((v.shape[0], c), dtype=np.float32)
+    denom = total[scored] + alpha
+    for s in range(0, v.shape[0], _DENSE_ROWS):
+        block = v[s : s + _DENSE_ROWS].toarray() + alpha * prior
+        probs[s : s + _DENSE_ROWS] = block / denom[s : s + _DENSE_ROWS, None]
     return sp.rows[scored], probs, v
+
+
+def _suggest(given: np.ndarray, probs: np.ndarray, votes: Any) -> np.ndarray:
+    """The neighbours' weighted majority where it is not the given label, else the best other class voted for."""
+    rows = np.arange(len(given))
+    best = np.asarray(votes.argmax(axis=1)).ravel()
+    alt = np.empty(len(given), dtype=np.int64)
+    for s in range(0, len(given), _DENSE_ROWS):  # a masked copy of a block at a time, not of all (n, C)
+        block = probs[s : s + _DENSE_ROWS].copy()
+        block[np.arange(len(block)), given[s : s + _DENSE_ROWS]] = -1.0
+        alt[s : s + _DENSE_ROWS] = block.argmax(1)
+    alt_voted = np.asarray(votes[rows, alt]).ravel() > 0
+    return np.where(best != given, best, np.where(alt_voted, alt, -1)).astype(np.int64)
 
 
 def _quality(labels: np.ndarray, probs: np.ndarray, method: str) -> np.ndarray:
@@ -154,8 +186,9 @@ def _issue_count(labels: np.ndarray, probs: np.ndarray) -> int:
     # Only classes someone was labelled with: cleanlab gives an absent class the threshold 2
     # (never confidently predicted), so its column only adds work; the probabilities of the
     # present classes are renormalised.
-    col = {c: i for i, c in enumerate(present)}
-    lab = np.array([col[c] for c in labels], dtype=np.int64)
+    if len(present) == probs.shape[1]:
+        return int(num_label_issues(labels, probs, estimation_method="off_diagonal"))
+    lab = np.searchsorted(present, labels)
     p = probs[:, present]
     p = p / np.clip(p.sum(1, keepdims=True), 1e-12, None)
     return int(num_label_issues(lab, p, estimation_method="off_diagonal"))
@@ -234,26 +267,19 @@ class KnnLabelCheck(Check):
 
         suggestion = np.full(n, -1, dtype=np.int64)
         if len(rows):
-            given = labels[rows]
-            best = votes.argmax(1)
-            other = votes.copy()
-            other[np.arange(len(rows)), given] = -1.0
-            alt = other.argmax(1)
-            alt_ok = other[np.arange(len(rows)), alt] > 0
-            suggestion[rows] = np.where(best != given, best, np.where(alt_ok, alt, -1))
+            suggestion[rows] = _suggest(labels[rows], probs, votes)
 
         info: list[dict[str, Any] | None] = [None] * n
         pos = {int(r): i for i, r in enumerate(rows)}
         sp = nb.space
-        _sim, nbr = nb.row_neighbors()
+        _, nbr = nb.row_neighbors(min(nb.k, _INFO_NEIGHBOURS))
         row_of = {int(img): i for i, img in enumerate(sp.rows)}
         for img in np.flatnonzero(is_issue):
             i, r = pos[int(img)], row_of[int(img)]
-            given = int(labels[img])
-            near = [int(sp.rows[j]) for j in nbr[r, :_INFO_NEIGHBOURS] if j >= 0]
+            v = votes[i]
             info[img] = {
-                "neighbours": near,
-                "agree": round(float(votes[i, given] / max(votes[i].sum(), 1e-12)), 4),
+                "neighbours": [int(sp.rows[j]) for j in nbr[r] if j >= 0],
+                "agree": round(float(v[0, int(labels[img])] / max(v.sum(), 1e-12)), 4),
             }
         summary = {
             "assessed": len(rows),
@@ -330,7 +356,7 @@ class LabelKnnCheck(Check):
             inputs, ("label_frame_defaults",), lambda: find_label_issues(list(inputs.probs or ()), labels, valid=valid)
         )
         label = frame["label_quality"].to_numpy(dtype=np.float64)
-        knn, rows, _, _, votes = self._knn.scores(inputs)
+        knn, rows, probs, _, votes = self._knn.scores(inputs)
         score = combine_label_scores(label, knn, how=self.params["how"], weight=self.params["weight"])
         flagged = frame["is_label_issue"].to_numpy(dtype=bool)
         assessed = np.flatnonzero(np.isfinite(score))
@@ -341,8 +367,7 @@ class LabelKnnCheck(Check):
             suggestion[:] = frame["suggested_label"].to_numpy(dtype=np.int64)
         if len(rows):
             empty = suggestion[rows] < 0
-            best = votes.argmax(1)
-            suggestion[rows[empty]] = np.where(best[empty] != labels[rows[empty]], best[empty], -1)
+            suggestion[rows[empty]] = _suggest(labels[rows], probs, votes)[empty]
         summary = {
             "assessed": len(assessed),
             "issues": int(is_issue.sum()),
