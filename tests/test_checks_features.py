@@ -251,6 +251,27 @@ def test_label_knn_combines_and_keeps_the_label_checks_count() -> None:
         LabelKnnCheck(weight=2)
 
 
+def test_label_knn_uses_the_label_checks_result_of_the_run() -> None:
+    from audit.checks import CheckResult, _memo
+    from audit.checks.knn import result_key
+
+    pl = _planted()
+    inp = _with(pl.inputs, probs=_probs_for(pl), model_names=("m1", "m2"))
+    n = inp.n
+    fake = CheckResult(
+        check="label",
+        score=np.linspace(0, 1, n),
+        is_issue=np.arange(n) < 7,
+        suggestion=np.full(n, 2, dtype=np.int64),
+    )
+    _memo.store(inp, result_key("label"), fake)
+    res = LabelKnnCheck(weight=0.0).run(inp)  # weight 0: the label score alone
+    assert res.summary["label_scores_from"] == "label check"
+    np.testing.assert_allclose(res.score, fake.score)
+    np.testing.assert_array_equal(np.flatnonzero(res.is_issue), np.arange(7))
+    assert (res.suggestion == 2).all()
+
+
 def test_combine_label_scores() -> None:
     a = np.array([0.2, 0.8, np.nan, np.nan])
     b = np.array([0.6, 0.4, 0.3, np.nan])

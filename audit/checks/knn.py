@@ -45,6 +45,7 @@ __all__ = [
     "LabelKnnCheck",
     "combine_label_scores",
     "knn_label_probs",
+    "result_key",
 ]
 
 METHODS = ("self_confidence", "normalized_margin")
@@ -322,11 +323,20 @@ def combine_label_scores(label: np.ndarray, knn: np.ndarray, *, how: str = "mean
     return np.clip(out, 0.0, 1.0)
 
 
+# Where a runner leaves each check's result for the checks after it (audit.checks._memo):
+# ``_memo.store(inputs, result_key(name), result)``. label_knn reads the label check's there, so it
+# combines the very scores the run's label check produced (its options, its model weights).
+def result_key(name: str) -> tuple[str, str]:
+    """The memo key of check ``name``'s :class:`CheckResult` within a run."""
+    return ("result", name)
+
+
 class LabelKnnCheck(Check):
     """``label_knn``: the label check's score combined with ``knn_label``'s (:func:`combine_label_scores`).
 
-    The label score is :func:`audit.flag.find_label_issues`'s ``label_quality`` on the run's
-    probabilities (its defaults, today's flagging); the number flagged is the label check's
+    The label score is the run's label check's, read from where the runner leaves results
+    (:func:`result_key`), or, when the label check has not run, :func:`audit.flag.find_label_issues`'s
+    ``label_quality`` on the run's probabilities (its defaults); the number flagged is the label check's
     (cleanlab's estimate of how many labels are wrong, a property of the set), and the
     combined score chooses which images: it only re-orders the ranking.
     """
@@ -347,31 +357,42 @@ class LabelKnnCheck(Check):
         self._knn = KnnLabelCheck(**params)
         super().__init__(how=how, weight=float(weight), knn=dict(self._knn.params))
 
-    def run(self, inputs: CheckInputs) -> CheckResult:
+    def _label(self, inputs: CheckInputs, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+        """The label check's ``(score, is_issue, suggestion, source)``: its result in this run, else recomputed."""
+        done = _memo.peek(inputs, result_key("label"))
+        if isinstance(done, CheckResult):
+            sug = np.full(inputs.n, -1, dtype=np.int64) if done.suggestion is None else np.asarray(done.suggestion)
+            return np.asarray(done.score, dtype=np.float64), np.asarray(done.is_issue, dtype=bool), sug, "label check"
         from audit.flag import find_label_issues
 
-        labels = _labels_of(inputs)
         valid = None if inputs.valid is None else np.asarray(inputs.valid, dtype=bool)
         frame = _memo.memo(
             inputs, ("label_frame_defaults",), lambda: find_label_issues(list(inputs.probs or ()), labels, valid=valid)
         )
-        label = frame["label_quality"].to_numpy(dtype=np.float64)
+        return (
+            frame["label_quality"].to_numpy(dtype=np.float64),
+            frame["is_label_issue"].to_numpy(dtype=bool),
+            frame["suggested_label"].to_numpy(dtype=np.int64),
+            "audit.flag.find_label_issues (defaults)",
+        )
+
+    def run(self, inputs: CheckInputs) -> CheckResult:
+        labels = _labels_of(inputs)
+        label, flagged, label_sug, source = self._label(inputs, labels)
         knn, rows, probs, _, votes = self._knn.scores(inputs)
         score = combine_label_scores(label, knn, how=self.params["how"], weight=self.params["weight"])
-        flagged = frame["is_label_issue"].to_numpy(dtype=bool)
         assessed = np.flatnonzero(np.isfinite(score))
         is_issue = _lowest(score, assessed, int(flagged.sum()), inputs.n)
         # Suggestion: the label check's where it flags (its models saw the image), else the neighbours'.
-        suggestion = np.full(inputs.n, -1, dtype=np.int64)
-        if "suggested_label" in frame:
-            suggestion[:] = frame["suggested_label"].to_numpy(dtype=np.int64)
+        suggestion = label_sug.copy()
         if len(rows):
             empty = suggestion[rows] < 0
             suggestion[rows[empty]] = _suggest(labels[rows], probs, votes)[empty]
         summary = {
             "assessed": len(assessed),
             "issues": int(is_issue.sum()),
-            "issue_count_source": "the label check's count (audit.flag.find_label_issues)",
+            "issue_count_source": "the label check's count",
+            "label_scores_from": source,
             "label_issues": int(flagged.sum()),
             "changed_vs_label": int((is_issue != flagged).sum() // 2),
         }
