@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from audit.checks import CheckInputs, CheckRegistry
 from audit.checks import _neighbors as nbmod
 from audit.checks.duplicates import NearDuplicateCheck, duplicate_groups
-from audit.checks.knn import KnnLabelCheck, LabelKnnCheck, combine_label_scores, knn_label_probs
+from audit.checks.knn import WEIGHT_DEFAULT, KnnLabelCheck, LabelKnnCheck, combine_label_scores, knn_label_probs
 from audit.checks.outlier import OutlierCheck
 from audit.errors import OptionError
 
@@ -213,9 +213,10 @@ def test_the_graph_is_built_once_per_run(monkeypatch: pytest.MonkeyPatch) -> Non
     KnnLabelCheck().run(inp)
     NearDuplicateCheck().run(inp)
     OutlierCheck(k=5).run(inp)
-    assert calls == [10]
-    KnnLabelCheck(k=15).run(inp)  # a larger k rebuilds once
-    assert calls == [10, 15]
+    assert calls == [nbmod.GRAPH_K]  # one search, at least GRAPH_K deep, serves k = 20, 10 and 5
+    KnnLabelCheck(k=30).run(inp)  # a larger k rebuilds once
+    KnnLabelCheck(k=25).run(inp)
+    assert calls == [nbmod.GRAPH_K, 30]
 
 
 # --------------------------------------------------------------------------- label_knn
@@ -243,7 +244,8 @@ def test_label_knn_combines_and_keeps_the_label_checks_count() -> None:
     frame = find_label_issues(probs, inp.labels, valid=inp.valid)
     assert res.is_issue.sum() == frame["is_label_issue"].sum()
     knn = KnnLabelCheck().run(inp).score
-    np.testing.assert_allclose(res.score, (frame["label_quality"].to_numpy() + knn) / 2)
+    w = WEIGHT_DEFAULT
+    np.testing.assert_allclose(res.score, (1 - w) * frame["label_quality"].to_numpy() + w * knn)
     assert res.is_issue[pl.mislabelled].all()
     with pytest.raises(OptionError):
         LabelKnnCheck(how="nope")
@@ -275,7 +277,8 @@ def test_label_knn_uses_the_label_checks_result_of_the_run() -> None:
 def test_combine_label_scores() -> None:
     a = np.array([0.2, 0.8, np.nan, np.nan])
     b = np.array([0.6, 0.4, 0.3, np.nan])
-    np.testing.assert_allclose(combine_label_scores(a, b)[:3], [0.4, 0.6, 0.3])
+    np.testing.assert_allclose(combine_label_scores(a, b, weight=0.5)[:3], [0.4, 0.6, 0.3])
+    np.testing.assert_allclose(combine_label_scores(a, b, weight=0.25)[:2], [0.3, 0.7])
     assert np.isnan(combine_label_scores(a, b)[3])
     np.testing.assert_allclose(combine_label_scores(a, b, how="min")[:3], [0.2, 0.4, 0.3])
     np.testing.assert_allclose(combine_label_scores(a, b, how="product", weight=0.5)[:2], np.sqrt([0.12, 0.32]))

@@ -46,6 +46,7 @@ from audit.checks._base import CheckInputs
 
 __all__ = [
     "BACKENDS",
+    "GRAPH_K",
     "FeatureSpace",
     "Neighbors",
     "feature_space",
@@ -59,7 +60,13 @@ __all__ = [
 BACKENDS = ("auto", "faiss", "sklearn")
 # Project to this many dimensions first when the exact search would cost more than _EXACT_FLOPS.
 DEFAULT_REDUCE_TO = 256
-_EXACT_FLOPS = 2e11  # ~3 s on the 2-core machine (58 GFLOP/s measured matmul, loaded); below it, search exactly
+# Exact search below this many flops (2 Q N D): the projection's randomized SVD costs about as much as
+# 5e11 flops of search (measured on 10,000 x 1,792 CIFAR-10N features: exact search 7.8 s, projected
+# 30 s), so it pays only for sets several times larger (50,000 x 3,840: 1.9e13).
+_EXACT_FLOPS = 2e12
+# Neighbours the shared graph holds at least: knn_label's default (20); near_duplicate and outlier
+# (10, Datalab's) read its first 10, so one search serves all three.
+GRAPH_K = 20
 _SVD_FIT_ROWS = 10_000  # rows the projection is fitted on (seeded sample); the projection of the rest is a matmul
 # Power iterations of the randomized SVD: the projection only has to rank 2k candidates (they are
 # re-ranked exactly), so 2 iterations (scikit-learn's default is 5) are enough (recall in reports/knn_speed.md).
@@ -230,20 +237,20 @@ def neighbors(
 ) -> Neighbors:
     """The k-NN graph over the unique feature rows of ``inputs``; built once per run and option set.
 
-    A later call asking for fewer neighbours gets the stored graph cut to ``k``; one asking
-    for more rebuilds it and stores the larger graph.
+    Built with at least :data:`GRAPH_K` neighbours; a call asking for fewer gets the stored graph
+    cut to ``k``, one asking for more rebuilds it and stores the larger graph.
     """
     be = resolve_backend(backend)
     key = ("neighbors", model, be, reduce_to)
     have = _memo.peek(inputs, key)
-    if have is not None and have.k >= k:
-        return have.first(k) if have.k > k else have
-    space = feature_space(inputs, model)
-    x = space.x[space.reps]
-    sim, idx, params = knn_search(x, None, k, backend=be, reduce_to=reduce_to, seed=inputs.seed)
-    nb = Neighbors(space, k, sim, idx, {**params, "k": k, "models": list(space.models)})
-    _memo.store(inputs, key, nb)
-    return nb
+    if have is None or have.k < k:
+        space = feature_space(inputs, model)
+        x = space.x[space.reps]
+        kb = max(k, GRAPH_K)
+        sim, idx, params = knn_search(x, None, kb, backend=be, reduce_to=reduce_to, seed=inputs.seed)
+        have = Neighbors(space, kb, sim, idx, {**params, "k": kb, "models": list(space.models)})
+        _memo.store(inputs, key, have)
+    return have.first(k) if have.k > k else have
 
 
 def reference_neighbors(
