@@ -133,6 +133,11 @@ def test_knn_label_is_deterministic_and_backend_independent() -> None:
     np.testing.assert_allclose(a.score, b.score, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(a.is_issue, b.is_issue)
     np.testing.assert_array_equal(a.suggestion, b.suggestion)
+    for check in (NearDuplicateCheck(), OutlierCheck()):
+        x, y = check.run(_planted().inputs), check.run(_planted().inputs)
+        np.testing.assert_array_equal(x.score, y.score)
+        np.testing.assert_array_equal(x.is_issue, y.is_issue)
+        assert x.info == y.info and x.summary == y.summary
 
 
 @pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed")
@@ -140,6 +145,28 @@ def test_faiss_and_sklearn_agree() -> None:
     a = KnnLabelCheck(backend="faiss").run(_planted().inputs)
     b = KnnLabelCheck(backend="sklearn").run(_planted().inputs)
     np.testing.assert_allclose(a.score, b.score, atol=1e-6)
+    np.testing.assert_array_equal(a.suggestion, b.suggestion)
+    pl = _planted()
+    ref = {"ids": [str(i) for i in range(pl.inputs.n)], "features": pl.inputs.features}
+    for be in ("faiss", "sklearn"):
+        r = NearDuplicateCheck(backend=be).run(_with(pl.inputs, reference=ref))
+        assert r.summary["duplicates_of_reference"] == pl.inputs.n  # every image is its own reference copy
+
+
+def test_an_unavailable_backend_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real = builtins.__import__
+
+    def no_faiss(name: str, *a: object, **kw: object):  # type: ignore[no-untyped-def]
+        if name == "faiss":
+            raise ImportError(name)
+        return real(name, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    assert nbmod.resolve_backend("auto") == "sklearn"
+    with pytest.raises(OptionError, match="pip install faiss-cpu"):
+        nbmod.resolve_backend("faiss")
 
 
 def test_reduced_search_reranks_to_the_exact_neighbours(monkeypatch: pytest.MonkeyPatch) -> None:
