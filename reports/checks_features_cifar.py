@@ -82,6 +82,10 @@ def _ap(wrong: np.ndarray, score: np.ndarray) -> float:
     return float(average_precision_score(wrong[ok], 1.0 - score[ok]))
 
 
+def _num(x: float) -> str:
+    return "" if not np.isfinite(x) else f"{x:.4f}"
+
+
 def _prf(wrong: np.ndarray, flagged: np.ndarray) -> tuple[float, float]:
     tp = int((wrong & flagged).sum())
     return tp / max(int(flagged.sum()), 1), tp / max(int(wrong.sum()), 1)
@@ -223,7 +227,7 @@ def main() -> int:
                 res = KnnLabelCheck(**opts).run(inputs)
             secs = time.perf_counter() - t
             row("knn_label", v, res.score, res.is_issue, secs)
-            if not opts:
+            if v == VARIANTS[0][0]:
                 knn_default = res
                 sug = res.suggestion[res.is_issue & wrong]
                 knn_notes.append(
@@ -292,8 +296,8 @@ def main() -> int:
             if r["check"] in check_names:
                 lines.append(
                     f"| {r['labels']} | {r['noise']:.3f} | {r['check']} | {r['variant']} | {r['ap']:.4f} | "
-                    f"{r['flagged']} | {r['precision']} | {r['recall']} | {r.get('ap_gain_vs_label_95ci', '')} "
-                    f"| {r['seconds']} |"
+                    f"{r['flagged']} | {_num(r['precision'])} | {_num(r['recall'])} "
+                    f"| {r.get('ap_gain_vs_label_95ci', '')} | {r['seconds']} |"
                 )
         return lines
 
