@@ -23,7 +23,7 @@ or the features are absent.
 
 Usage::
 
-    .venv/bin/python reports/checks_features_cifar.py [--arrays reports/workspace/cifar10n.duckdb.arrays]
+    .venv/bin/python reports/checks_features_cifar.py [--arrays reports/workspace/cifar10n.duckdb.arrays] [--models all]
 """
 
 from __future__ import annotations
@@ -134,8 +134,16 @@ def _head_probs(feats: dict[str, np.ndarray], given: np.ndarray, n_classes: int,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arrays", type=Path, default=ARRAYS)
+    ap.add_argument(
+        "--models",
+        default="efficientnet_lite0.in1k,squeezenet1_1.caffe_in1k",
+        help="comma-separated models whose stored features to use ('all': every *.features.npy there)",
+    )
     args = ap.parse_args()
     files = sorted(Path(args.arrays).glob("*.features.npy"))
+    if args.models != "all":
+        want = args.models.split(",")
+        files = [f for f in files if f.name.split("-")[0] in want]
     if not DATASET.is_dir() or not files:
         print(f"{DATASET} or features under {args.arrays} absent; run reports/cifar10n.py first")
         return 0
