@@ -1,0 +1,173 @@
+"""Where re-encoded, resized and cropped copies of a photo fall in feature space: the near_duplicate threshold.
+
+Builds, in a temporary folder, an ImageNet-style set from ``../shared/datasets/imagenet-val-1300``:
+``--originals`` images (seeded choice) each with copies made the way duplicates arise
+(JPEG re-encoded at quality 30, resized to half and to double size, a centre crop of 80% of each
+side, a horizontal flip), plus ``--others`` further distinct images, scores it with ``audit run``
+(``--models``), and reads the penultimate features back. For the concatenated, per-model
+normalised features the near_duplicate check uses (:mod:`audit.checks._neighbors`) it reports
+the cosine similarity of each copy to its original by transformation, and the similarity of each
+distinct image to its nearest distinct neighbour (what a threshold must stay above), and the
+recall / false-positive pairs of candidate thresholds, both absolute and Datalab's relative rule
+(distance below ``0.13 x`` the median nearest-neighbour distance).
+
+Writes ``reports/near_duplicate_calibration.md``. Exits 0 with a message when ``../shared`` is absent.
+
+Usage::
+
+    .venv/bin/python reports/near_duplicate_calibration.py [--originals 120] [--others 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets" / "imagenet-val-1300" / "val"
+OUT_MD = ROOT / "reports" / "near_duplicate_calibration.md"
+TRANSFORMS = ("jpeg_q30", "half_size", "double_size", "crop_80", "hflip")
+THRESHOLDS = (0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.90, 0.88, 0.85)
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _copy(img, how: str):  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    w, h = img.size
+    if how == "half_size":
+        return img.resize((max(1, w // 2), max(1, h // 2)), Image.BICUBIC)
+    if how == "double_size":
+        return img.resize((2 * w, 2 * h), Image.BICUBIC)
+    if how == "crop_80":
+        dx, dy = w // 10, h // 10
+        return img.crop((dx, dy, w - dx, h - dy))
+    if how == "hflip":
+        return img.transpose(Image.FLIP_LEFT_RIGHT)
+    return img  # jpeg_q30: the same pixels, saved at quality 30
+
+
+def _build(root: Path, originals: int, others: int, seed: int) -> dict[str, tuple[str, str]]:
+    """The set; returns {copy id: (original id, transform)}."""
+    from PIL import Image
+
+    files = sorted(SHARED.glob("*/*.JPEG"))
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(files), originals + others, replace=False)
+    copies: dict[str, tuple[str, str]] = {}
+    for j, i in enumerate(pick):
+        src = files[i]
+        d = root / "val" / src.parent.name
+        d.mkdir(parents=True, exist_ok=True)
+        img = Image.open(src).convert("RGB")
+        img.save(d / src.name, quality=95)
+        orig_id = f"val/{src.parent.name}/{src.name}"
+        if j >= originals:
+            continue
+        for how in TRANSFORMS:
+            name = f"{src.stem}_{how}.JPEG"
+            _copy(img, how).save(d / name, quality=30 if how == "jpeg_q30" else 90)
+            copies[f"val/{src.parent.name}/{name}"] = (orig_id, how)
+    return copies
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--originals", type=int, default=120)
+    ap.add_argument("--others", type=int, default=300)
+    ap.add_argument("--models", default="efficientnet_lite0,squeezenet1_1")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if not SHARED.is_dir():
+        print(f"{SHARED} is absent; nothing to calibrate")
+        return 0
+    from audit.checks._neighbors import normalized_blocks
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "set"
+        copies = _build(root, args.originals, args.others, args.seed)
+        db = Path(tmp) / "w.duckdb"
+        cmd = [sys.executable, "-m", "audit.cli", "run", str(root), "--db", str(db), "--models", args.models, "-q"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed: {res.stderr[-2000:]}")
+        ids = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.JPEG"))
+        arrays = Path(f"{db}.arrays")
+        feats = []
+        names = []
+        for m in args.models.split(","):
+            f = sorted(arrays.glob(f"{m}*.features.npy"))
+            if not f:
+                raise SystemExit(f"no features for {m} under {arrays}")
+            feats.append(np.load(f[0]))
+            names.append(m)
+    x = normalized_blocks(feats)
+    pos = {k: i for i, k in enumerate(ids)}
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    lines = [
+        "# near_duplicate: where copies fall in feature space",
+        "",
+        f"Generated by `reports/near_duplicate_calibration.py` (models {', '.join(names)}; features L2-normalised "
+        "per model and concatenated, cosine = mean of the per-model cosines). "
+        f"{args.originals} ImageNet val images each with {len(TRANSFORMS)} copies, plus {args.others} other "
+        f"distinct images; {len(ids)} images in all (seed {args.seed}).",
+        "",
+        "## Similarity of a copy to its original",
+        "",
+        "| transform | min | 5th pct | median |",
+        "|---|---|---|---|",
+    ]
+    by: dict[str, list[float]] = {h: [] for h in TRANSFORMS}
+    for cid, (oid, how) in copies.items():
+        by[how].append(float(sim[pos[cid], pos[oid]]))
+    for how in TRANSFORMS:
+        v = np.array(by[how])
+        lines.append(f"| {how} | {v.min():.4f} | {np.percentile(v, 5):.4f} | {np.median(v):.4f} |")
+    # Distinct images: each original set (original + copies) is one family; nearest image of another family.
+    family = np.arange(len(ids))
+    for cid, (oid, _) in copies.items():
+        family[pos[cid]] = pos[oid]
+    other = np.where(family[:, None] == family[None, :], -np.inf, sim)
+    nn_other = other.max(1)
+    nn_all = sim.max(1)
+    median_dist = float(np.median(1.0 - nn_all))
+    lines += [
+        "",
+        "## Nearest image that is not a copy",
+        "",
+        f"Nearest non-copy similarity over all {len(ids)} images: median {np.median(nn_other):.4f}, "
+        f"95th pct {np.percentile(nn_other, 95):.4f}, 99th pct {np.percentile(nn_other, 99):.4f}, "
+        f"max {nn_other.max():.4f}.",
+        f"Median nearest-neighbour cosine distance (any image): {median_dist:.4f}; Datalab's relative rule "
+        f"(distance < 0.13 x median) puts the threshold at similarity {1 - 0.13 * median_dist:.4f}.",
+        "",
+        "## Candidate thresholds",
+        "",
+        "Recall: share of (copy, original) pairs with similarity >= threshold; false pairs: pairs of distinct "
+        "families above it.",
+        "",
+        "| threshold | " + " | ".join(f"recall {h}" for h in TRANSFORMS) + " | false pairs |",
+        "|---|" + "---|" * (len(TRANSFORMS) + 1),
+    ]
+    iu = np.triu_indices(len(ids), 1)
+    false_sims = other[iu]
+    cands = [*THRESHOLDS, round(1 - 0.13 * median_dist, 4)]
+    for t in sorted(set(cands), reverse=True):
+        rec = [float(np.mean(np.array(by[h]) >= t)) for h in TRANSFORMS]
+        fp = int((false_sims >= t).sum())
+        lines.append(f"| {t:.4f} | " + " | ".join(f"{r:.3f}" for r in rec) + f" | {fp} |")
+    OUT_MD.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
