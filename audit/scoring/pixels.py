@@ -41,7 +41,7 @@ import numpy as np
 
 from audit.datasets import AuditDataset
 from audit.errors import StoreError
-from audit.scoring.shards import _atomic_save_npz, _atomic_write_text, _bounds, _digest, _shard_path, _why
+from audit.scoring.shards import _atomic_save_npz, _bounds, _digest, _fresh_dir, _shard_path, _why
 
 __all__ = ["COLUMNS", "PIXELS_DIR", "image_stats", "load_pixel_stats"]
 
@@ -236,22 +236,12 @@ def _fingerprint(ds: AuditDataset, shard_size: int) -> str:
 
 def _pixel_dir(arrays: Path, fp: str, shard_size: int) -> Path:
     """``<arrays>/pixels``, emptied of shards made for other images or by other code (one line on the log)."""
-    d = arrays / PIXELS_DIR
-    manifest = d / "manifest.json"
-    try:
-        old = json.loads(manifest.read_text())["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        old = None
-    d.mkdir(parents=True, exist_ok=True)
-    for f in d.glob(".*.tmp"):  # left half-written by a killed run
-        f.unlink(missing_ok=True)
-    if old != fp:
-        if old is not None:
-            _log.warning("pixel statistics: cached shards are for other images or another version; recomputing")
-        for f in d.glob("*.npz"):
-            f.unlink(missing_ok=True)
-        _atomic_write_text(manifest, json.dumps({"fingerprint": fp, "shard_size": shard_size, **_versions()}))
-    return d
+    return _fresh_dir(
+        arrays / PIXELS_DIR,
+        fp,
+        "pixel statistics: cached shards are for other images or another version; recomputing",
+        {"shard_size": shard_size, **_versions()},
+    )
 
 
 @dataclass

@@ -30,6 +30,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -129,10 +130,22 @@ def _fingerprint(
 
 
 def _shard_dir(arrays: Path, spec: ModelSpec, fp: str) -> Path:
-    d = arrays / "shards" / model_key(spec.name)
-    manifest = d / "manifest.json"
+    return _fresh_dir(
+        arrays / "shards" / model_key(spec.name),
+        fp,
+        f"{spec.name}: cached shards are for other images, weights or settings; recomputing",
+        {"model": spec.name},
+        also=("assembled.json",),
+    )
+
+
+def _fresh_dir(d: Path, fp: str, stale: str, manifest: Mapping[str, Any], *, also: Sequence[str] = ()) -> Path:
+    """Folder ``d`` of shards for fingerprint ``fp``: half-written files removed; shards of another fingerprint
+    removed with the one line ``stale`` on the log, and the manifest rewritten as ``{"fingerprint": fp, **manifest}``.
+    Shared by the models' shards and the pixel statistics, so both caches invalidate by the same rule."""
+    path = d / "manifest.json"
     try:
-        old = json.loads(manifest.read_text())["fingerprint"]
+        old = json.loads(path.read_text())["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError):
         old = None
     d.mkdir(parents=True, exist_ok=True)
@@ -140,10 +153,10 @@ def _shard_dir(arrays: Path, spec: ModelSpec, fp: str) -> Path:
         f.unlink(missing_ok=True)
     if old != fp:
         if old is not None:
-            _log.warning("%s: cached shards are for other images, weights or settings; recomputing", spec.name)
-        for f in [*d.glob("*.npz"), d / "assembled.json"]:
+            _log.warning("%s", stale)
+        for f in [*d.glob("*.npz"), *(d / a for a in also)]:
             f.unlink(missing_ok=True)
-        _atomic_write_text(manifest, json.dumps({"fingerprint": fp, "model": spec.name}))
+        _atomic_write_text(path, json.dumps({"fingerprint": fp, **manifest}))
     return d
 
 
