@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from _synth import make_checkpoint
-from test_browser import TIMEOUT_MS, browser  # noqa: F401 - the browser fixture
+from test_browser import TIMEOUT_MS, browser, open_options  # noqa: F401 - the browser fixture
 
 from audit import queries as q
 from audit.cli import main
@@ -113,7 +113,11 @@ def test_custom_space_workspace_reviewed_end_to_end_in_chromium(custom_ws, brows
         truth = m[(m["evaluation"] == "truth") & (m["metric"] == "top1")].set_index("model")["value"]
         for model, row in table.items():
             assert row["truth top1"].startswith(_pct(truth[model]) + " ("), (model, row)
-        body = visit("page=disagreements", "Disagreements")
+        visit("page=disagreements", "Disagreements")
+        # Streamlit loads some widgets' code lazily: a finished script run can show the gallery before the
+        # metric and the filters have mounted, so wait for the element the assertion reads.
+        page.get_by_test_id("stMetric").filter(has_text="matching images").wait_for()
+        body = sound()
         assert f"{summary['flagged']:,}" in body and "\ngiven " in body
 
         # Review: a flagged image, the custom classes as choices, what the zoo's ImageNet logits see.
@@ -130,8 +134,7 @@ def test_custom_space_workspace_reviewed_end_to_end_in_chromium(custom_ws, brows
         # The main area only: the sidebar shows the workspace path, a new temporary folder on every run.
         page.get_by_test_id("stMain").screenshot(path=str(SHOT))
         picker = page.get_by_role("combobox", name=re.compile("Relabel to one class"))
-        picker.click()
-        page.get_by_role("option").first.wait_for()
+        open_options(page, picker)
         assert page.get_by_role("option").all_inner_texts() == options
         target = next(c for c in ("daisy", "scratch") if c != d["given"])
         page.get_by_role("option", name=f"{target} · ", exact=False).click()
