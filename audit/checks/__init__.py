@@ -13,7 +13,10 @@ from audit.checks._base import INPUTS, Check, CheckInputs, CheckRegistry, CheckR
 from audit.checks._runner import check_name, default_names, make_checks, resolve_checks, run_checks, skip_note
 
 # One import and one class per line, so that adding a check is a one-line change here.
+from audit.checks.duplicates import NearDuplicateCheck
+from audit.checks.knn import KnnLabelCheck, LabelKnnCheck
 from audit.checks.label import LabelCheck
+from audit.checks.outlier import OutlierCheck
 from audit.checks.pixels import (
     BlurryCheck,
     DarkCheck,
@@ -44,6 +47,10 @@ __all__ = [
 # Registered in this order; one class per line.
 _CHECKS: tuple[type[Check], ...] = (
     LabelCheck,
+    KnnLabelCheck,
+    LabelKnnCheck,
+    OutlierCheck,
+    NearDuplicateCheck,
     ExactDuplicateCheck,
     DarkCheck,
     LightCheck,

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
-__all__ = ["forget", "memo", "peek", "store"]
+__all__ = ["forget", "memo", "peek", "result_key", "store"]
 
 T = TypeVar("T")
 
@@ -30,6 +30,11 @@ def _slot(inputs: object) -> dict[Hashable, Any]:
         slot = _MEMO[key] = {}
         weakref.finalize(inputs, _MEMO.pop, key, None)
     return slot
+
+
+def result_key(name: str) -> tuple[str, str]:
+    """The memo key under which the runner leaves check ``name``'s :class:`CheckResult` for later checks."""
+    return ("result", name)
 
 
 def memo(inputs: object, key: Hashable, compute: Callable[[], T]) -> T:

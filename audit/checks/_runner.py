@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from audit.checks import _memo
 from audit.checks._base import Check, CheckInputs, CheckRegistry, CheckResult
 from audit.errors import CheckError
 
@@ -178,6 +179,8 @@ def run_checks(
         t0 = time.perf_counter()
         res = check.run(inputs)
         seconds = time.perf_counter() - t0
+        # Left for the checks after it (label_knn reads the label check's scores rather than recomputing them).
+        _memo.store(inputs, _memo.result_key(check.name), res)
         if res.check != check.name or len(res.score) != inputs.n:
             raise ValueError(
                 f"check {check.name!r} returned a result named {res.check!r} for {len(res.score)} images, "

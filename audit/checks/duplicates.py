@@ -87,6 +87,7 @@ class NearDuplicateCheck(Check):
     """
 
     name: ClassVar[str] = "near_duplicate"
+    suggests: ClassVar[str | None] = "image"  # the nearest partner's image index
     needs: ClassVar[frozenset[str]] = frozenset({"features"})
     default: ClassVar[bool] = True
     description: ClassVar[str] = "near-identical images in feature space (groups; also against --reference)"

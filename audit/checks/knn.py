@@ -37,6 +37,7 @@ import numpy as np
 
 from audit.checks import _memo
 from audit.checks._base import Check, CheckInputs, CheckResult
+from audit.checks._memo import result_key
 from audit.checks._neighbors import BACKENDS, DEFAULT_REDUCE_TO, Neighbors, neighbors
 
 __all__ = [
@@ -232,6 +233,7 @@ class KnnLabelCheck(Check):
     """
 
     name: ClassVar[str] = "knn_label"
+    suggests: ClassVar[str | None] = "label"  # the neighbours' majority class
     needs: ClassVar[frozenset[str]] = frozenset({"labels", "features"})
     default: ClassVar[bool] = True
     description: ClassVar[str] = "label disagrees with its nearest neighbours' labels in feature space"
@@ -336,11 +338,6 @@ def combine_label_scores(
 # Where a runner leaves each check's result for the checks after it (audit.checks._memo):
 # ``_memo.store(inputs, result_key(name), result)``. label_knn reads the label check's there, so it
 # combines the very scores the run's label check produced (its options, its model weights).
-def result_key(name: str) -> tuple[str, str]:
-    """The memo key of check ``name``'s :class:`CheckResult` within a run."""
-    return ("result", name)
-
-
 class LabelKnnCheck(Check):
     """``label_knn``: the label check's score combined with ``knn_label``'s (:func:`combine_label_scores`).
 
@@ -352,6 +349,7 @@ class LabelKnnCheck(Check):
     """
 
     name: ClassVar[str] = "label_knn"
+    suggests: ClassVar[str | None] = "label"  # the label check's suggestion, else the neighbours'
     needs: ClassVar[frozenset[str]] = frozenset({"labels", "probs", "features"})
     default: ClassVar[bool] = True
     description: ClassVar[str] = "the label check's score combined with knn_label's"
