@@ -113,6 +113,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     labels, real, limit = a.labels, a.real, a.limit
     space, classes, truth = a.label_space, a.classes, a.truth
     heads, folds, crop = a.heads, a.folds, a.crop
+    reference = a.reference
     if a.dataset:
         root = Path(a.dataset)
     elif prev:
@@ -127,6 +128,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         heads = heads if heads is not None else prev.get("heads")
         folds = folds if folds is not None else prev.get("folds")
         crop = crop or prev.get("crop")
+        reference = reference or prev.get("reference")
         print(f"audit: continuing workspace {a.db} (dataset {root}, from its last run)", file=sys.stderr)
     else:
         root = _default_dataset()
@@ -135,6 +137,14 @@ def cmd_run(a: argparse.Namespace) -> int:
     ds = load_dataset(
         root, label_file=labels, real=real, limit=limit, label_space=space or "auto", classes=classes, truth=truth
     )
+    if reference:
+        from audit.reference import load_reference
+
+        # Read (and refused) before any model is built or image scored, as the set is.
+        ref = load_reference(reference, ds)
+        print(f"audit: reference set: {len(ref)} images from {ref.root} ({ref.layout})", file=sys.stderr)
+    else:
+        ref = None
     model_names = a.models if a.models is not None else ",".join(prev["models"]) if prev else _DEFAULT_MODELS
     names = [n.strip() for n in model_names.split(",") if n.strip()]
     if not names:
@@ -162,6 +172,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         crop=crop or "auto",
         checks=checks,
         check_options=check_options,
+        reference=ref,
         inputs={
             "dataset": _absolute(str(root)),
             "labels": _absolute(labels),
@@ -176,6 +187,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             "models": names,
             "checks": checks,
             "check_options": check_options or None,
+            "reference": _absolute(reference),
         },
     )
     for note in res.skipped:
@@ -418,6 +430,13 @@ def _parser() -> argparse.ArgumentParser:
         help="CSV 'path,label' of trusted labels for every image (a re-annotation, a clean set): every model is "
         "evaluated against it (evaluation 'truth') and the flags scored by it ('flags_vs_truth': precision, "
         "recall, AP)",
+    )
+    r.add_argument(
+        "--reference",
+        metavar="TRAIN_DIR",
+        help="a training set (class folders, or any folder of images) the set should not duplicate: the duplicate "
+        "checks also find images identical or nearly identical to one of its images (leakage); its labels are "
+        "never scored",
     )
     r.add_argument("--batch-size", type=_typed(_options.check_int, "--batch-size", lo=1), default=64)
     r.add_argument(

@@ -8,6 +8,7 @@ transaction at the start (the run is registered) and one at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -320,7 +321,9 @@ def run_audit(ds: AuditDataset, specs: Sequence[ModelSpec], db: Path, **options:
     custom label space; True/False: always/never; see :mod:`audit.headmodels`) and ``folds`` (10,
     their outer folds), ``checks`` (None: the registry's default-on checks; else names or fnmatch
     patterns, comma-separated text or a sequence; see :mod:`audit.checks`) and ``check_options``
-    (``{"label": {"weights": "fit"}}``: each selected check's options).
+    (``{"label": {"weights": "fit"}}``: each selected check's options), ``reference`` (an
+    :class:`AuditDataset` from :func:`audit.reference.load_reference`: the duplicate checks also compare
+    against it; its labels are never scored).
     """
     # Every option and path is checked before the workspace is touched: a refused run writes nothing.
     db = check_workspace(db, create=True)
@@ -443,6 +446,7 @@ def _run_audit(
     crop: str = "auto",
     checks: Sequence[str] | str | None = None,
     check_options: Mapping[str, Mapping[str, Any]] | None = None,
+    reference: AuditDataset | None = None,
 ) -> RunResult:
     selected = make_checks(checks, params=check_options)  # checked again: _run_audit may be called alone
     # The crop rule changes each spec's preprocessing (and so its shard fingerprint) before anything is scored.
@@ -461,6 +465,8 @@ def _run_audit(
         "features": features,
         "crop": crop,
         "checks": [c.name for c in selected],
+        # The reference set the duplicate checks compared against (never scored for its labels).
+        "reference": None if reference is None else {"root": str(reference.root), "images": len(reference)},
         "check_options": {c.name: dict(c.params) for c in selected if c.params},
         # What the user passed, so that a bare `audit run --db WS` can continue this workspace.
         "inputs": dict(inputs or {}),
@@ -525,7 +531,26 @@ def _run_audit(
         del mean  # an (N, C) matrix: freed before the ensemble's sigmoid scores take its place
         ens_logits = [np.load(a.logits, mmap_mode="r") for a in evaluable]
         metric_rows += _evaluate(ENSEMBLE, cls, ens_logits, ds, valid, sigmoid_threshold)
-    results, skipped = run_checks(_check_inputs(ds, db, scored, evaluable, valid, feats), selected)
+    inputs_ = _check_inputs(ds, db, scored, evaluable, valid, feats)
+    if reference is not None:
+        from audit.reference import reference_inputs
+
+        _log.info("scoring the reference set (%d images) for the duplicate checks", len(reference))
+        ref = reference_inputs(
+            reference,
+            specs,
+            arrays_dir(db),
+            feature_models=inputs_.feature_models,
+            models=models,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            progress=progress,
+            backend=backend,
+            precision=precision,
+        )
+        inputs_ = dataclasses.replace(inputs_, reference=ref)
+    results, skipped = run_checks(inputs_, selected)
     label = next((r for r in results if r.check == "label"), None)
     if label is not None and ds.truth is not None:
         metric_rows += [(ENSEMBLE, m) for m in flag_metrics(label.score, label.is_issue, ds.labels, ds.truth, valid)]

@@ -147,7 +147,7 @@ def test_faiss_and_sklearn_agree() -> None:
     np.testing.assert_allclose(a.score, b.score, atol=1e-6)
     np.testing.assert_array_equal(a.suggestion, b.suggestion)
     pl = _planted()
-    ref = {"ids": [str(i) for i in range(pl.inputs.n)], "features": pl.inputs.features}
+    ref = {"image_ids": [str(i) for i in range(pl.inputs.n)], "features": pl.inputs.features}
     for be in ("faiss", "sklearn"):
         r = NearDuplicateCheck(backend=be).run(_with(pl.inputs, reference=ref))
         assert r.summary["duplicates_of_reference"] == pl.inputs.n  # every image is its own reference copy
@@ -354,14 +354,14 @@ def test_reference_duplicates_are_leakage_and_the_reference_is_not_scored() -> N
     # The reference: 20 unrelated points plus a near copy of image 12.
     ref = [np.concatenate([rng.normal(0, 1, (20, a.shape[1])), a[12:13].astype(np.float32) * 1.0001]) for a in f]
     ids = [f"train/{i}.jpg" for i in range(21)]
-    inp = _with(pl.inputs, reference={"ids": ids, "features": ref})
+    inp = _with(pl.inputs, reference={"image_ids": ids, "features": ref})
     res = NearDuplicateCheck().run(inp)
     assert len(res.score) == pl.inputs.n  # one row per image of the set, none for the reference
     assert res.is_issue[12] and res.info[12]["reference"] == "train/20.jpg"
     assert res.summary["duplicates_of_reference"] == 1
     assert "group" not in res.info[12]  # a leak, not a duplicate within the set
     with pytest.raises(OptionError):
-        NearDuplicateCheck().run(_with(pl.inputs, reference={"ids": ids, "features": ref[:1]}))
+        NearDuplicateCheck().run(_with(pl.inputs, reference={"image_ids": ids, "features": ref[:1]}))
 
 
 def test_duplicate_groups_are_components_numbered_by_lowest_member() -> None:

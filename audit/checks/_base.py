@@ -51,7 +51,9 @@ class CheckInputs:
     # Per-image pixel statistics gathered inside the single decode pass (see audit.checks.pixels):
     # a mapping of column name to (N,) array (e.g. "width", "height", "dhash" ...); None when not gathered.
     pixels: Mapping[str, np.ndarray] | None = None
-    # A reference set (``--reference TRAIN_DIR``): its ids and features / pixel stats, same layout as above.
+    # A reference set (``--reference TRAIN_DIR``), never scored for its labels: a mapping with "image_ids"
+    # ((M,) ids relative to its root), "features" (per model of feature_models, (M, D_m)), "pixels" (columns as
+    # above, (M,) each) and "labels" ((M,) indices into this run's classes, or None where its classes differ).
     reference: Mapping[str, Any] | None = None
     image_ids: tuple[str, ...] = ()  # (N,) ids relative to the dataset root, for suggestions naming partners
     seed: int = 0  # for any randomised step, so a check is deterministic

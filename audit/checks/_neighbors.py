@@ -278,7 +278,7 @@ def reference_neighbors(
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Each unique row's ``k`` nearest reference images: ``(sim (U, k), reference index (U, k), ids)``.
 
-    ``inputs.reference`` holds ``{"ids": (M,) ids, "features": [per model (M, D_m)]}`` in the
+    ``inputs.reference`` holds ``{"image_ids": (M,) ids, "features": [per model (M, D_m)]}`` in the
     run's model order; the reference rows are normalised the same way.
     """
     from audit.errors import OptionError
@@ -301,7 +301,7 @@ def reference_neighbors(
                 f"reference features[{i}] have shape {rfeats[i].shape}, the set's have width {feats[i].shape[1]}: "
                 "score both with the same zoo models"
             )
-    ids = tuple(str(i) for i in ref.get("ids", range(rfeats[which[0]].shape[0])))
+    ids = tuple(str(i) for i in ref.get("image_ids", range(rfeats[which[0]].shape[0])))
     r = normalized_blocks([rfeats[i] for i in which])
     keep = np.flatnonzero(np.isfinite(r).all(axis=1))
     be = resolve_backend(backend)
