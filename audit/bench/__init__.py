@@ -10,5 +10,6 @@ Commands:
 * ``stages``: where the time of a scoring run goes, and the forward-only ceiling.
 * ``gen-images`` / ``gen-preds``: synthetic ImageNet-sized data sets and prediction files.
 * ``scale``: 50,000 images end to end, and post-processing of 50,000 x 1,000 x 3 predictions.
+* ``checks``: every default check on 50,000 images' inputs after scoring (the 60 s / 4 GiB bars).
 * ``heads``: cross-validated softmax and sigmoid heads on M models' features, and their growth.
 """

@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         "scale": ("audit.bench.scale", "scale"),
         "post": ("audit.bench.scale", "post"),
         "heads": ("audit.bench.heads", "heads"),
+        "checks": ("audit.bench.checks", "checks"),
     }
     if not argv or argv[0] not in commands:
         import audit.bench
