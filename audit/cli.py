@@ -196,9 +196,9 @@ def cmd_run(a: argparse.Namespace) -> int:
         print(f"audit: {outcome.line()}", file=sys.stderr)
     for warning in res.warnings:
         print(f"audit: warning: {warning}", file=sys.stderr)
-    from audit.pipeline import live_metrics
+    from audit.queries import metrics_table
 
-    _emit_metrics(live_metrics(Path(a.db)), a.format)
+    _emit_metrics(metrics_table(Path(a.db)), a.format)
     print(
         f"flagged images: {res.n_flagged} of {len(ds)} (bad images left out: {res.n_bad}); "
         f"review them with 'audit issues --db {a.db}' or 'audit dashboard --db {a.db}'"
@@ -251,9 +251,9 @@ def cmd_models(a: argparse.Namespace) -> int:
 
 
 def cmd_metrics(a: argparse.Namespace) -> int:
-    from audit.pipeline import live_metrics
+    from audit.queries import metrics_table
 
-    _emit_metrics(live_metrics(Path(a.db)), a.format)
+    _emit_metrics(metrics_table(Path(a.db)), a.format)
     return 0
 
 

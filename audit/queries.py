@@ -652,8 +652,9 @@ _REVIEWED = "l.reviewed"
 def metrics_table(db: str | Path | Reader) -> pd.DataFrame:
     """The metrics table with ``relabeled`` recomputed from the current decisions.
 
-    Same rows and values as :func:`audit.pipeline.live_metrics` (columns model,
-    evaluation, metric, value, low, high, n, params). The relabeled counts
+    The one metrics path: ``audit run``, ``audit metrics`` and the dashboard all read it (columns
+    model, evaluation, metric, value, low, high, n, params; the tests hold it equal to a from-scratch
+    recomputation through reviews and undos). The relabeled counts
     start from each model's counts under the given labels (computed once per
     run) and are corrected on the decided images only, inside DuckDB, so the
     cost follows the number of decisions, not of images.

@@ -13,8 +13,9 @@ import pytest
 from _synth import make_checkpoint
 from PIL import Image
 
+from audit import queries as q
 from audit.datasets import decode_image, load_dataset
-from audit.pipeline import live_metrics, run_audit
+from audit.pipeline import run_audit
 from audit.queries import run_summary
 from audit.store import connect
 from audit.zoo import resolve_model
@@ -114,7 +115,7 @@ def test_run_goes_on_and_records_bad_images(tmp_path, checkpoint):
         assert valid[image_id] is False
     assert res.n_bad == len(want_bad)
     n_good = len(expect) - len(want_bad)
-    top1 = live_metrics(db).query("evaluation == 'original' and metric == 'top1'")
+    top1 = q.metrics_table(db).query("evaluation == 'original' and metric == 'top1'")
     assert (top1["n"] == n_good).all(), "metrics leave bad images out"
     assert run_summary(db)["bad_images"] == len(want_bad)
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from _synth import make_imagefolder, make_predictions
 
+from audit import queries as q
 from audit.datasets import load_dataset
 from audit.export import export_labels
-from audit.pipeline import ENSEMBLE, live_metrics, run_audit, topk_of
+from audit.pipeline import ENSEMBLE, run_audit, topk_of
 from audit.store import append_decision, connect
 from audit.zoo import resolve_model
 
@@ -44,7 +45,7 @@ def test_run_writes_every_table(workspace):
         status = con.execute("SELECT status FROM runs").fetchall()[0][0]
     assert counts == {"images": n, "classes": 1000, "models": 2, "predictions": 3 * n, "label_issues": n, "runs": 1}
     assert status == "finished"
-    m = live_metrics(db)
+    m = q.metrics_table(db)
     top1 = _metric(m, ENSEMBLE, "original", "top1")
     assert top1.value == pytest.approx((n - len(flip)) / n)
     assert top1.low <= top1.value <= top1.high and top1.n == n
@@ -69,10 +70,10 @@ def test_flipped_labels_are_flagged_worst_first(workspace):
 
 def test_decision_moves_relabeled_metric_and_export(workspace, tmp_path):
     ds, db, _res, flip = workspace
-    before = _metric(live_metrics(db), ENSEMBLE, "relabeled", "top1").value
+    before = _metric(q.metrics_table(db), ENSEMBLE, "relabeled", "top1").value
     for i in flip:
         append_decision(db, int(i), "accept", labels=[int((ds.labels[i] + 1) % 1000)], reviewer="t")
-    after = _metric(live_metrics(db), ENSEMBLE, "relabeled", "top1").value
+    after = _metric(q.metrics_table(db), ENSEMBLE, "relabeled", "top1").value
     assert before == pytest.approx((len(ds) - 3) / len(ds)) and after == pytest.approx(1.0)
     out1 = export_labels(db, tmp_path / "e1")
     export_labels(db, tmp_path / "e2")
@@ -105,7 +106,7 @@ def test_ensemble_sigmoid_scores_are_the_mean_of_the_models_sigmoids(workspace):
     from audit.pipeline import _sigmoid_scores
 
     _, db, _, _ = workspace
-    m = live_metrics(db)
+    m = q.metrics_table(db)
     f1 = _metric(m, ENSEMBLE, "sigmoid", "f1")
     assert 0 <= f1.value <= 1 and f1.n == _metric(m, "preds:a", "sigmoid", "f1").n
     rng = np.random.default_rng(0)
@@ -159,7 +160,7 @@ def test_no_model_for_a_custom_label_space_finishes_with_a_note(tmp_path):
     assert any("no model predicts this dataset's 2 classes" in n for n in res.skipped)
     assert res.metrics.empty and res.n_flagged == 0
     assert [s for s, _ in _statuses(db)] == ["finished"]
-    assert live_metrics(db).empty
+    assert q.metrics_table(db).empty
     with connect(db, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM predictions").fetchall() == [(len(ds),)]
         assert con.execute("SELECT count(*) FROM metrics").fetchall() == [(0,)]

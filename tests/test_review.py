@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _oracle import naive_metrics
 from _synth import make_imagefolder, make_predictions
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,7 +30,7 @@ from audit import queries as q
 from audit.cli import main
 from audit.datasets import load_dataset
 from audit.errors import StoreError
-from audit.pipeline import ENSEMBLE, live_metrics, run_audit
+from audit.pipeline import ENSEMBLE, run_audit
 from audit.store import append_decision, connect, current_label_sets, decision_history
 from audit.zoo import resolve_model
 
@@ -65,6 +66,16 @@ def _given(db: Path) -> dict[int, list[int]]:
         rows = con.execute("SELECT image_index, label FROM images ORDER BY image_index").fetchall()
     return {int(i): ([int(y)] if y is not None and y >= 0 else []) for i, y in rows}
 
+
+
+def _cli_metrics(db):
+    """What `audit metrics --format json` prints, as a frame: the CLI's side of "one metrics path"."""
+    import pandas as pd
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["metrics", "--db", str(db), "--format", "json"]) == 0
+    return pd.DataFrame(json.loads(out.getvalue()))
 
 @dataclass(frozen=True)
 class State:
@@ -329,7 +340,7 @@ def test_random_decisions_and_undos_agree_everywhere(ws, facts, steps):
     n = sum(bool(current[i]) for i in images)
     expected = {m: sum(t[i] in current[i] for i in images) / n for m, t in facts.top1.items()}
     assert ENSEMBLE in expected
-    for table in (dash_metrics, live_metrics(ws)):
+    for table in (dash_metrics, naive_metrics(ws), _cli_metrics(ws)):
         rows = table[(table.evaluation == "relabeled") & (table.metric == "top1")].set_index("model")
         assert {m: int(rows.loc[m, "n"]) for m in expected} == {m: n for m in expected}
         assert {m: float(rows.loc[m, "value"]) for m in expected} == pytest.approx(expected)
