@@ -299,6 +299,9 @@ def measure_constructed(ws: dict[str, Any], manifest: list[dict[str, str]], root
             continue
         flag = r["is_issue"]
         tp = int((flag & pos).sum())
+        miss = r["score"][pos & ~flag]
+        miss = miss[np.isfinite(miss)]
+        row["missed_scores"] = (float(miss.min()), float(np.median(miss)), float(miss.max())) if miss.size else None
         row.update(
             flagged=int(flag.sum()),
             tp=tp,
@@ -333,6 +336,29 @@ def outlier_halves(db: Path, work: Path, manifest: list[dict[str, str]], root: P
         row = next(r for r in m["rows"] if r["check"] == "outlier")
         out.append({**row, "use": use})
     return out
+
+
+def phash_pairs(manifest: list[dict[str, str]], root: Path) -> dict[str, Any]:
+    """Diagnosis: Hamming distance of the perceptual hash (CleanVision's phash, 64 bits, as the decode pass stores
+    it) between each copy and its source, by kind, and between distinct originals (what near_duplicate could use)."""
+    from cleanvision.issue_managers.duplicate_issue_manager import get_hash
+    from PIL import Image
+
+    def ph(iid: str) -> int:
+        return int(get_hash(Image.open(root / iid).convert("L"), {"hash_type": "phash", "hash_size": 8}), 16)
+
+    h = {r["image_id"]: ph(r["image_id"]) for r in manifest}
+    by: dict[str, list[int]] = {}
+    for r in manifest:
+        if r["source"]:
+            by.setdefault(r["kind"], []).append(bin(h[r["image_id"]] ^ h[r["source"]]).count("1"))
+    bases = [r["image_id"] for r in manifest if r["kind"] == "original" or r["kind"].startswith("source:")]
+    hb = np.array([h[b] for b in bases], dtype=np.uint64)
+    nearest = []
+    for i in range(len(hb)):
+        x = np.bitwise_xor(hb[i], np.delete(hb, i))
+        nearest.append(int(np.unpackbits(x.view(np.uint8)).reshape(len(x), 64).sum(1).min()))
+    return {"by_kind": by, "nearest_distinct": nearest}
 
 
 # ---------------------------------------------------------------------------------------------- real sets
@@ -387,15 +413,15 @@ def _top(db: Path, check: str, k: int) -> list[dict[str, Any]]:
     return out
 
 
-def contact_sheet(db: Path, ws: dict[str, Any], title: str, out: Path, *, k: int, truth: Callable[[str], str] | None
-                  ) -> dict[str, list[dict[str, Any]]]:
+def contact_sheet(db: Path, ws: dict[str, Any], title: str, out: Path, *, k: int, truth: Callable[[str], str] | None,
+                  truth_name: str = "truth") -> dict[str, list[dict[str, Any]]]:
     """One PNG: a row per check with issues, its ``k`` lowest-score findings with their captions."""
     from PIL import Image, ImageDraw, ImageFont
 
     tops = {c: _top(db, c, k) for c in sorted(ws["checks"]) if ws["rows"].get(c) is not None
             and ws["rows"][c]["is_issue"].any()}
     thumb, cw, lab_w, line = 96, 150, 120, 11
-    ch = thumb + 5 * line + 8
+    ch = thumb + 5 * line + 16
     font = ImageFont.load_default()
     sheet = Image.new("RGB", (lab_w + k * cw, 28 + ch * max(1, len(tops))), "white")
     d = ImageDraw.Draw(sheet)
@@ -424,7 +450,7 @@ def contact_sheet(db: Path, ws: dict[str, Any], title: str, out: Path, *, k: int
                 f"given: {it['given']}"[:24],
                 f"score: {it['score']:.3f}" if it["score"] is not None and np.isfinite(it["score"]) else "score: -",
                 f"sugg.: {it['suggested']}"[:24] if it["suggested"] else "",
-                f"truth: {truth(it['image_id'])}"[:24] if truth else "",
+                f"{truth_name}: {truth(it['image_id'])}"[:24] if truth else "",
             ]
             for m, t in enumerate(c for c in cap if c):
                 d.text((x0 + 4, y0 + thumb + 8 + m * line), t, fill="black", font=font)
@@ -521,6 +547,16 @@ def write_report(args: argparse.Namespace, con: dict[str, Any] | None, real: dic
                 L.append(f"| {h['use']} | {h['flagged']} | {h['tp']} | {_f(h['recall'])} | {_f(h['ap'])} | {fell} |")
             base = m["kinds"].get("cifar", 0) / max(m["n"], 1)
             L += ["", f"(An AP near the share of positives, {base:.3f}, is a random ranking.)"]
+        ph = con.get("phash")
+        if ph:
+            near = np.array(ph["nearest_distinct"])
+            L += ["", "Diagnosis of `near_duplicate`, which uses the features only: the Hamming distance (of 64 bits) "
+                  "between the perceptual hash (phash, CleanVision's; the decode pass already stores it) of each "
+                  "copy and its source, against the distance of each distinct original to its nearest other "
+                  f"original (min {near.min()}, 1st percentile {np.percentile(near, 1):.0f}, median "
+                  f"{np.median(near):.0f}):", "", "| kind | copies | median | max |", "|---|---|---|---|"]
+            for k, v in ph["by_kind"].items():
+                L.append(f"| {k} | {len(v)} | {np.median(v):.0f} | {max(v)} |")
     L += ["", "## 2. Top findings on the real sets", ""]
     for which, rep in real.items():
         L += _real_section(which, rep)
@@ -552,9 +588,18 @@ def _comments(m: dict[str, Any]) -> list[str]:
         if fps:
             fp_txt = ", ".join(f"{k} {v}" for k, v in sorted(fps.items(), key=lambda kv: -kv[1]))
             parts.append(f"{sum(fps.values())} false positives: {fp_txt}")
+        if r.get("missed_scores") and isinstance(r["threshold"], (int, float)):
+            lo, med, hi = r["missed_scores"]
+            parts.append(f"the missed positives score {lo:.3f} to {hi:.3f} (median {med:.3f}) against its threshold "
+                         f"{r['threshold']:.3f} (flagged below it)")
         if r["check"] in LABEL_CHECKS and r["fp_disputed"]:
             parts.append(f"{r['fp_disputed']} of the false positives are images whose ImageNet label ReaL "
                          "rejects (real label errors, not mistakes of the check)")
+        if r["check"] == "blurry":
+            from cleanvision.utils.constants import MAX_RESOLUTION_FOR_BLURRY_DETECTION as side
+
+            parts.append(f"CleanVision measures edges after shrinking an image to {side} px on its long side, where "
+                         "a blur of a few pixels at full size is under one pixel")
         if r["check"] == "grayscale" and r["grey_natural"]:
             parts.append(f"{r['grey_natural']} images other than the grayscale copies are grey in their pixels and "
                          "count as positives")
@@ -629,6 +674,8 @@ def main() -> int:
         manifest = json.loads((args.work / "constructed_manifest.json").read_text())
         con = {"measure": measure_constructed(_read(db), manifest, root)}
         con["outlier_halves"] = outlier_halves(db, args.work, manifest, root)
+        _log("perceptual hashes of the copies (diagnosis)")
+        con["phash"] = phash_pairs(manifest, root / "val")
         with OUT_CSV.open("w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["check", "positives", "flagged", "correct", "precision", "recall", "ap", "threshold",
@@ -644,8 +691,12 @@ def main() -> int:
         if not args.reuse:
             _audit([str(IN1300), "--db", str(db), "--models", args.in1300_models, "-q"])
         ws = _read(db)
+        real_of = {
+            i: " / ".join(ws["classes"].get(int(c), "?") for c in list(r)[:2]) if r is not None and len(r) else "none"
+            for i, r in zip(ws["images"]["image_id"], ws["images"]["real_labels"], strict=True)
+        }
         tops = contact_sheet(db, ws, "ImageNet val 1,300: top findings per check (lowest score first)",
-                             SHOTS / "checks-imagenet1300.png", k=args.top, truth=None)
+                             SHOTS / "checks-imagenet1300.png", k=args.top, truth=real_of.get, truth_name="ReaL")
         note = f"`audit run ../shared/datasets/imagenet-val-1300 --models {args.in1300_models}`."
         real["in1300"] = {"measure": measure_real(ws, "in1300"), "tops": tops,
                           "sheet": SHOTS / "checks-imagenet1300.png", "note": note}
