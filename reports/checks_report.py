@@ -656,7 +656,7 @@ def main() -> int:
         args.per_kind, args.plain, args.cifar = 5, 35, 8
         args.cifar_limit = min(args.cifar_limit, 500)
     args.work.mkdir(parents=True, exist_ok=True)
-    cmd = ".venv/bin/python reports/checks_report.py " + " ".join(sys.argv[1:])
+    cmd = " ".join([".venv/bin/python reports/checks_report.py", *sys.argv[1:]])
 
     con = None
     if not args.skip_constructed:
