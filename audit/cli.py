@@ -100,7 +100,7 @@ def _check_options(items: Sequence[str] | None) -> dict[str, dict[str, Any]]:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from audit.checks import make_checks
+    from audit.config import ChecksConfig, HeadsConfig, RunConfig, ScoringConfig
     from audit.datasets import load_dataset
     from audit.pipeline import check_workspace_outside, last_run_inputs, run_audit
     from audit.zoo import resolve_model
@@ -108,8 +108,6 @@ def cmd_run(a: argparse.Namespace) -> int:
     prev = last_run_inputs(a.db)
     checks = a.checks if a.checks is not None else (prev or {}).get("checks")
     check_options = _check_options(a.check_option) if a.check_option else (prev or {}).get("check_options") or {}
-    # Before the dataset is read or anything written: an unknown check or option is the cheapest mistake to report.
-    make_checks(checks, params=check_options)
     labels, real, limit = a.labels, a.real, a.limit
     space, classes, truth = a.label_space, a.classes, a.truth
     heads, folds, crop = a.heads, a.folds, a.crop
@@ -132,6 +130,21 @@ def cmd_run(a: argparse.Namespace) -> int:
         print(f"audit: continuing workspace {a.db} (dataset {root}, from its last run)", file=sys.stderr)
     else:
         root = _default_dataset()
+    # The run's settings, validated once, before the dataset is read or anything written (audit.config).
+    config = RunConfig(
+        scoring=ScoringConfig(
+            batch_size=a.batch_size,
+            workers=a.workers,
+            device=a.device,
+            backend=a.backend,
+            precision=a.precision,
+            features=a.features,
+            crop=crop or "auto",
+        ),
+        heads=HeadsConfig(enabled=heads, folds=folds if folds is not None else 10),
+        checks=ChecksConfig(names=checks, options=check_options),
+        sigmoid_threshold=a.sigmoid_threshold,
+    )
     # Before the dataset is read: a workspace inside it would change what is read.
     check_workspace_outside(root, a.db)
     ds = load_dataset(
@@ -159,19 +172,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         ds,
         specs,
         Path(a.db),
-        batch_size=a.batch_size,
-        workers=a.workers,
-        device=a.device,
-        sigmoid_threshold=a.sigmoid_threshold,
+        config,
         progress=not a.quiet,
-        backend=a.backend,
-        precision=a.precision,
-        heads=heads,
-        folds=folds if folds is not None else 10,
-        features=a.features,
-        crop=crop or "auto",
-        checks=checks,
-        check_options=check_options,
         reference=ref,
         inputs={
             "dataset": _absolute(str(root)),

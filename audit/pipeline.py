@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 
 from audit import __version__, _options
-from audit.checks import CheckInputs, CheckResult, make_checks, resolve_checks, run_checks
+from audit.checks import CheckInputs, CheckResult, run_checks
 from audit.checks.label import label_issues_frame
+from audit.config import HeadsConfig, RunConfig
 from audit.datasets import AuditDataset, typical_short_side
 from audit.errors import ModelError, OptionError, StoreError
 from audit.evaluate import Metric, evaluate_all, relabeled_accuracy
@@ -46,7 +47,7 @@ from audit.store import (
     workspace_path,
 )
 from audit.truth import flag_metrics, truth_metrics, write_truth
-from audit.zoo import CROP_MODES, ModelSpec, apply_crop
+from audit.zoo import ModelSpec, apply_crop
 
 __all__ = [
     "ENSEMBLE",
@@ -303,7 +304,17 @@ def _write_dataset(con: Any, ds: AuditDataset, fp: str) -> None:
     insert_frame(con, "images", images)
 
 
-def run_audit(ds: AuditDataset, specs: Sequence[ModelSpec], db: Path, **options: Any) -> RunResult:
+def run_audit(
+    ds: AuditDataset,
+    specs: Sequence[ModelSpec],
+    db: Path,
+    config: RunConfig | None = None,
+    *,
+    progress: bool = True,
+    reference: AuditDataset | None = None,
+    inputs: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> RunResult:
     """Score ``ds`` with ``specs`` and write everything into the workspace ``db``.
 
     One run at a time per workspace: a second ``audit run`` on the same
@@ -311,22 +322,30 @@ def run_audit(ds: AuditDataset, specs: Sequence[ModelSpec], db: Path, **options:
     that died (kill -9, power cut) is marked ``interrupted`` by the next one,
     which resumes its finished shards.
 
-    Options: ``batch_size`` (64), ``workers`` (2), ``device`` (cuda when
-    present), ``sigmoid_threshold`` (cross-fitted), ``progress`` (True),
-    ``backend`` ("auto"), ``precision`` ("fp32"), ``crop`` ("auto": see :func:`audit.zoo.apply_crop`) and
-    ``features`` (True: each model's penultimate
-    embedding beside its logits; see :func:`audit.scoring.score_dataset`), ``heads`` (None: for a
-    custom label space; True/False: always/never; see :mod:`audit.headmodels`) and ``folds`` (10,
-    their outer folds), ``checks`` (None: the registry's default-on checks; else names or fnmatch
-    patterns, comma-separated text or a sequence; see :mod:`audit.checks`) and ``check_options``
-    (``{"label": {"weights": "fit"}}``: each selected check's options), ``reference`` (an
-    :class:`AuditDataset` from :func:`audit.reference.load_reference`: the duplicate checks also compare
-    against it; its labels are never scored).
+    Parameters
+    ----------
+    config : RunConfig, optional
+        The run's settings (:mod:`audit.config`), stored whole in ``runs.params["config"]``.
+        Default ``RunConfig()``; or pass the flat keywords of :meth:`RunConfig.from_options`
+        (``batch_size=``, ``workers=``, ``device=``, ``backend=``, ``precision=``, ``features=``,
+        ``crop=``, ``heads=``, ``folds=``, ``checks=``, ``check_options=``, ``sigmoid_threshold=``)
+        instead, not both.
+    progress : bool
+        Progress bars on stderr.
+    reference : AuditDataset, optional
+        From :func:`audit.reference.load_reference`: the duplicate checks also compare against it;
+        its labels are never scored.
+    inputs : mapping, optional
+        What the user passed (paths, model names), so that a bare ``audit run --db WS`` continues.
     """
+    if options and config is not None:
+        raise TypeError("pass either config or run options as keywords, not both")
     # Every option and path is checked before the workspace is touched: a refused run writes nothing.
+    config = RunConfig.from_options(**options) if options else config or RunConfig()
     db = check_workspace(db, create=True)
-    options = _check_options(options)
-    _check_heads(ds, options)
+    if os.environ.get("AUDIT_SHARD_SIZE") is not None:  # read by scoring, after the run is registered
+        _options.check_int("$AUDIT_SHARD_SIZE", os.environ["AUDIT_SHARD_SIZE"], lo=1)
+    _check_heads(ds, config.heads)
     check_workspace_outside(ds.root, db)
     _check_compatible(ds, specs)
     if len({s.name for s in specs}) != len(specs):
@@ -337,44 +356,20 @@ def run_audit(ds: AuditDataset, specs: Sequence[ModelSpec], db: Path, **options:
     with workspace_lock(db):
         mark_interrupted_runs(db)
         try:
-            return _run_audit(ds, specs, db, run_id=run_id, models=models, **options)
+            return _run_audit(
+                ds,
+                specs,
+                db,
+                config,
+                run_id=run_id,
+                models=models,
+                progress=progress,
+                reference=reference,
+                inputs=inputs,
+            )
         except BaseException as e:
             _end_unfinished_run(db, run_id, e)
             raise
-
-
-def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of :func:`run_audit`, each range- and combination-checked (:class:`OptionError`)."""
-    from audit import scoring
-
-    out = dict(options)
-    if "batch_size" in out:
-        out["batch_size"] = _options.check_int("--batch-size", out["batch_size"], lo=1)
-    if "workers" in out:
-        out["workers"] = _options.check_workers("--workers", out["workers"])
-    if "folds" in out:
-        out["folds"] = _options.check_int("--folds", out["folds"], lo=2)
-    if "features" in out:
-        out["features"] = _options.check_bool("--features", out["features"])
-    if "crop" in out and out["crop"] not in CROP_MODES:
-        raise OptionError(f"--crop {out['crop']!r}: expected one of {', '.join(CROP_MODES)}")
-    if out.get("sigmoid_threshold") is not None:
-        out["sigmoid_threshold"] = _options.check_probability("--sigmoid-threshold", out["sigmoid_threshold"])
-    # The checks and their options, each check refusing its own bad options (CheckError) here.
-    out["checks"] = resolve_checks(out.get("checks"))
-    out["check_options"] = {k: dict(v) for k, v in (out.get("check_options") or {}).items()}
-    make_checks(out["checks"], params=out["check_options"])
-    if os.environ.get("AUDIT_SHARD_SIZE") is not None:  # read by scoring, after the run is registered
-        _options.check_int("$AUDIT_SHARD_SIZE", os.environ["AUDIT_SHARD_SIZE"], lo=1)
-    device = out["device"] = _options.check_device("--device", out.get("device"))
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    # The backend / precision / device combination, refused here rather than after the run is registered.
-    backend = scoring.resolve_backend(out.get("backend", "auto"), device)
-    scoring.check_precision(out.get("precision", "fp32"), backend, device)
-    return out
 
 
 def wants_heads(ds: AuditDataset, heads: bool | None) -> bool:
@@ -382,16 +377,15 @@ def wants_heads(ds: AuditDataset, heads: bool | None) -> bool:
     return bool(heads) if heads is not None else not ds.label_space.imagenet
 
 
-def _check_heads(ds: AuditDataset, options: Mapping[str, Any]) -> None:
+def _check_heads(ds: AuditDataset, heads: HeadsConfig) -> None:
     """``--heads`` with ``--folds`` against the dataset: every outer fold needs images (:class:`OptionError`).
 
     Only when heads were asked for; the default heads of a custom space are skipped with a note instead
     (:func:`_heads_note`), so a tiny custom set still gets its predictions stored.
     """
-    folds = options.get("folds", 10)
-    if options.get("heads") and len(ds) < folds:
+    if heads.enabled and len(ds) < heads.folds:
         raise OptionError(
-            f"--folds {folds}: the dataset has only {len(ds)} images, too few to hold out one per fold; "
+            f"--folds {heads.folds}: the dataset has only {len(ds)} images, too few to hold out one per fold; "
             "pass a smaller --folds (at least 2)"
         )
 
@@ -427,45 +421,29 @@ def _run_audit(
     ds: AuditDataset,
     specs: Sequence[ModelSpec],
     db: Path,
+    config: RunConfig,
     *,
     run_id: str,
     models: Mapping[str, Any] | None = None,
-    batch_size: int = 64,
-    workers: int = 2,
-    device: str | None = None,
-    sigmoid_threshold: float | None = None,
     progress: bool = True,
-    backend: str = "auto",
-    precision: str = "fp32",
-    features: bool = True,
-    inputs: Mapping[str, Any] | None = None,
-    heads: bool | None = None,
-    folds: int = 10,
-    crop: str = "auto",
-    checks: Sequence[str] | str | None = None,
-    check_options: Mapping[str, Mapping[str, Any]] | None = None,
     reference: AuditDataset | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> RunResult:
-    selected = make_checks(checks, params=check_options)  # checked again: _run_audit may be called alone
+    sc, hc = config.scoring, config.heads
+    batch_size, workers, device, backend, precision = sc.batch_size, sc.workers, sc.device, sc.backend, sc.precision
+    features, crop, heads, folds = sc.features, sc.crop, hc.enabled, hc.folds
+    sigmoid_threshold = config.sigmoid_threshold
+    selected = config.checks.make()
     # The crop rule changes each spec's preprocessing (and so its shard fingerprint) before anything is scored.
     specs, crop_notes = apply_crop(specs, crop, typical_short_side(ds) if crop == "auto" else None)
     notes = [*ds.notes, *crop_notes, *_check_compatible(ds, specs)]
     if len({s.name for s in specs}) != len(specs):
         raise ModelError("the same model is listed twice in --models; list each once")
     params = {
-        "batch_size": batch_size,
-        "workers": workers,
-        "sigmoid_threshold": sigmoid_threshold,
-        "backend": backend,
-        "precision": precision,
-        "heads": heads,
-        "folds": folds,
-        "features": features,
-        "crop": crop,
-        "checks": [c.name for c in selected],
+        # The run's settings, whole (audit.config.RunConfig.to_params; read back by RunConfig.from_params).
+        "config": config.to_params(),
         # The reference set the duplicate checks compared against (never scored for its labels).
         "reference": None if reference is None else {"root": str(reference.root), "images": len(reference)},
-        "check_options": {c.name: dict(c.params) for c in selected if c.params},
         # What the user passed, so that a bare `audit run --db WS` can continue this workspace.
         "inputs": dict(inputs or {}),
     }
@@ -574,9 +552,7 @@ def _run_audit(
         for c in selected
     )
     check_rows = _check_frames(run_id, selected, results, skipped)
-    _ingest(
-        db, run_id, ds, arrays, pred_frames, metrics, label, bad, notes, stats, head_params, heads_info, check_rows
-    )
+    _ingest(db, run_id, ds, arrays, pred_frames, metrics, label, bad, notes, stats, head_params, heads_info, check_rows)
     n_flag = int(np.count_nonzero(label.is_issue)) if label is not None else 0
     return RunResult(run_id, db, metrics, n_flag, len(bad), tuple(notes), tuple(warnings), outcomes)
 
@@ -934,8 +910,7 @@ def _ingest(
                 # A head has no preprocessing of its own (it reads its model's features): the column holds
                 # its parameters instead (kind, folds, seed, C and its grid, the features' model and width).
                 "preprocess": to_json(
-                    (head_params or {}).get(a.spec.name)
-                    or (a.spec.preprocess.__dict__ if a.spec.preprocess else None)
+                    (head_params or {}).get(a.spec.name) or (a.spec.preprocess.__dict__ if a.spec.preprocess else None)
                 ),
                 "weights_file": a.spec.weights_file,
                 "logits_file": str(a.logits),
@@ -1002,5 +977,3 @@ def _ingest(
             "UPDATE runs SET finished_at = ?, status = ?, params = json_merge_patch(params, ?) WHERE run_id = ?",
             [now(), "finished", to_json(params), run_id],
         )
-
-

@@ -629,9 +629,11 @@ def runs_table(db: str | Path | Reader) -> pd.DataFrame:
             "SELECT run_id, status, started_at, finished_at, "
             "round(epoch(finished_at - started_at), 1) AS seconds, n_images, models, "
             "coalesce(nullif(json_extract_string(params, '$.scoring.backend_used'), ''), "
-            "json_extract_string(params, '$.backend')) AS backend, "
-            "json_extract(params, '$.scoring.images_scored')::INTEGER AS images_scored, "
-            "json_extract_string(params, '$.precision') AS precision, audit_version "
+            "json_extract_string(params, '$.config.scoring.backend'), json_extract_string(params, '$.backend')) "
+            "AS backend, json_extract(params, '$.scoring.images_scored')::INTEGER AS images_scored, "
+            # Runs before audit.config stored their settings flat ($.precision): read those too.
+            "coalesce(json_extract_string(params, '$.config.scoring.precision'), "
+            "json_extract_string(params, '$.precision')) AS precision, audit_version "
             "FROM runs ORDER BY started_at DESC"
         ).df()
     df["models"] = [",".join(_plain(m) or []) for m in df["models"]]

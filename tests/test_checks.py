@@ -209,7 +209,7 @@ def test_a_run_writes_each_checks_rows_and_settings_in_the_issues_and_checks_tab
     assert (name, run_id) == ("label", res.run_id)
     assert json.loads(params)["weights"] == "equal" and summary["n_issues"] == res.n_flagged >= len(FLIP)
     assert summary["n_assessed"] == len(ds) and summary["weights_used"] == [0.5, 0.5]
-    assert run["checks"] == ["label"] and run["check_results"]["label"]["n_issues"] == res.n_flagged
+    assert run["config"]["checks"]["names"] == ["label"] and run["check_results"]["label"]["n_issues"] == res.n_flagged
     assert [(o.check, o.n_issues, o.skipped) for o in res.checks] == [("label", res.n_flagged, None)]
 
 
