@@ -77,12 +77,14 @@ class CheckOutcome:
     n_issues: int | None  # None: skipped
     n_assessed: int | None
     skipped: str | None = None  # the one-line reason (audit.checks.skip_note)
+    note: str | None = None  # what the check said about its own result (its summary's "note"), e.g. why none
 
     def line(self) -> str:
         """One line for the run summary."""
         if self.skipped is not None:
             return f"check {self.check}: {self.skipped}"
-        return f"check {self.check}: {self.n_issues} issue(s) among {self.n_assessed} assessed image(s)"
+        said = f" ({self.note})" if self.note else ""
+        return f"check {self.check}: {self.n_issues} issue(s) among {self.n_assessed} assessed image(s){said}"
 
 
 @dataclass(frozen=True)
@@ -546,7 +548,13 @@ def _run_audit(
     metrics = pd.DataFrame([_metric_row(run_id, m, r) for m, r in metric_rows])
     ran = {r.check: r for r in results}
     outcomes = tuple(
-        CheckOutcome(c.name, ran[c.name].summary["n_issues"], ran[c.name].summary["n_assessed"])
+        CheckOutcome(
+            c.name,
+            ran[c.name].summary["n_issues"],
+            ran[c.name].summary["n_assessed"],
+            None,
+            ran[c.name].summary.get("note"),
+        )
         if c.name in ran
         else CheckOutcome(c.name, None, None, skipped[c.name])
         for c in selected

@@ -110,6 +110,23 @@ def test_knn_label_finds_planted_mislabels_and_suggests_their_cluster() -> None:
     assert res.summary["assessed"] == pl.inputs.n
 
 
+def test_knn_label_flags_nothing_when_classes_are_too_small_for_a_vote() -> None:
+    # 100 classes of 2 images each (the shared ImageNet 1,300 has a median of 2): a neighbour vote cannot agree.
+    rng = np.random.default_rng(3)
+    n, classes = 200, 100
+    feats = rng.normal(0, 1, (n, 32)).astype(np.float32)
+    labels = np.repeat(np.arange(classes), 2)
+    inputs = CheckInputs(n=n, labels=labels, n_classes=classes, features=[feats], model_names=("m",))
+    res = KnnLabelCheck().run(inputs)
+    assert not res.is_issue.any() and np.isfinite(res.score).all()  # scores kept, nothing flagged
+    assert res.summary["median_images_per_class"] == 2.0 and "too few" in res.summary["note"]
+    assert KnnLabelCheck(min_per_class=0).run(inputs).is_issue.any()  # the rule off: the vote flags many
+    pl = _planted()  # 40 a class: the rule does not apply
+    assert "note" not in KnnLabelCheck().run(pl.inputs).summary
+    with pytest.raises(OptionError, match="min_per_class"):
+        KnnLabelCheck(min_per_class=-1)
+
+
 def test_knn_label_nan_for_invalid_unlabelled_and_nonfinite_rows() -> None:
     pl = _planted()
     valid = np.ones(pl.inputs.n, dtype=bool)
