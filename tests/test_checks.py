@@ -273,7 +273,11 @@ def test_audit_checks_lists_name_needs_default_and_description(capsys):
         "needs": ["labels", "probs"],
         "default": True,
         "description": LabelCheck.description,
+        "needs_any": False,
     }
+    outlier = next(line for line in out if line.split()[0] == "outlier")
+    assert outlier.split()[1] == "features|probs"  # either suffices
+    assert next(r for r in rows if r["name"] == "near_duplicate")["needs_any"] is True
     assert main(["checks", "zzz*", "--format", "json"]) == 0 and json.loads(capsys.readouterr().out) == []
 
 
