@@ -265,13 +265,16 @@ def cmd_checks(a: argparse.Namespace) -> int:
     rows = [
         {
             "name": c.name,
-            "needs": sorted(c.needs) if a.format == "json" else ",".join(sorted(c.needs)),
+            # "features|probs": either suffices (Check.needs_any); "labels,probs": both are needed.
+            "needs": sorted(c.needs) if a.format == "json" else ("|" if c.needs_any else ",").join(sorted(c.needs)),
+            "needs_any": c.needs_any,
             "default": c.default if a.format == "json" else ("on" if c.default else "off"),
             "description": c.description,
         }
         for c in list_checks(a.filter)
     ]
-    _emit(pd.DataFrame(rows, columns=["name", "needs", "default", "description"]), a.format)
+    columns = ["name", "needs", "default", "description"] + (["needs_any"] if a.format == "json" else [])
+    _emit(pd.DataFrame(rows, columns=columns), a.format)
     return 0
 
 

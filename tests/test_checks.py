@@ -161,6 +161,24 @@ def test_the_runner_runs_in_order_and_skips_a_check_without_its_inputs_with_a_no
     assert r.summary["seconds"] >= 0 and r.params == {"k": 3}
 
 
+def test_a_check_needing_any_of_its_inputs_runs_on_one_and_its_note_says_or():
+    class _Either(_Lowest):
+        name = "either"
+        needs = frozenset({"labels", "features"})
+        needs_any = True
+
+    assert _Either().missing(_inputs()) == frozenset()  # labels alone suffice
+    assert _NeedsFeatures().missing(_inputs()) == frozenset({"features", "pixels"})  # all of them, by default
+    bare = CheckInputs(n=6)
+    assert _Either().missing(bare) == frozenset({"labels", "features"})
+    reg = CheckRegistry()
+    reg.register(_Either)
+    results, _ = run_checks(_inputs(), "either", registry=reg)
+    assert results[0].check == "either"
+    _, notes = run_checks(bare, "either", registry=reg)
+    assert notes["either"].startswith("skipped: needs features or labels, which this run lacks (")
+
+
 def test_the_runner_takes_configured_checks_and_refuses_a_result_for_other_images():
     results, notes = run_checks(_inputs(), [_Lowest(k=1)])
     assert results[0].is_issue.sum() == 1 and not notes
@@ -273,7 +291,11 @@ def test_audit_checks_lists_name_needs_default_and_description(capsys):
         "needs": ["labels", "probs"],
         "default": True,
         "description": LabelCheck.description,
+        "needs_any": False,
     }
+    outlier = next(line for line in out if line.split()[0] == "outlier")
+    assert outlier.split()[1] == "features|probs"  # either suffices
+    assert next(r for r in rows if r["name"] == "near_duplicate")["needs_any"] is True
     assert main(["checks", "zzz*", "--format", "json"]) == 0 and json.loads(capsys.readouterr().out) == []
 
 

@@ -469,3 +469,177 @@ def test_scores_lie_in_0_1_or_nan_for_any_input(n: int, d: int, n_classes: int, 
         if check.name != "outlier":
             assert np.isnan(res.score[~valid]).all()
         assert (res.suggestion is None) or (res.suggestion[~valid] == -1).all() or check.name == "label_knn"
+
+
+# --------------------------------------------------------------------------- near_duplicate: perceptual hashes
+
+
+def _flip(h: int, bits: int, rng: np.random.Generator) -> int:
+    """``h`` with ``bits`` distinct bits flipped: a hash exactly ``bits`` away."""
+    for b in rng.choice(64, bits, replace=False):
+        h ^= 1 << int(b)
+    return h
+
+
+def _pixels(n: int, seed: int = 0, near: dict[int, tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+    """Decode-pass columns with random phashes; ``near[j] = (i, bits)`` puts image j's hash ``bits`` from i's."""
+    rng = np.random.default_rng(seed)
+    ph = [int(x) for x in rng.integers(0, 2**63, n, dtype=np.uint64) * 2 + rng.integers(0, 2, n, dtype=np.uint64)]
+    for j, (i, bits) in (near or {}).items():
+        ph[j] = _flip(ph[i], bits, rng)
+    return {"ok": np.ones(n, dtype=bool), "phash": np.array(ph, dtype=np.uint64)}
+
+
+def test_either_signal_joins_a_pair_and_info_says_which() -> None:
+    pl = _planted()
+    n = pl.inputs.n
+    fsrc, fcopy = pl.copies[0]  # near copies in feature space whose hashes stay unrelated (~32 bits apart)
+    # 20 and 21: two different points of one cluster (cosine ~0.7), but their phashes 3 bits apart;
+    # the conflict pair: near copies in both.
+    px = _pixels(n, near={21: (20, 3), pl.conflict[1]: (pl.conflict[0], 0)})
+    res = NearDuplicateCheck().run(_with(pl.inputs, pixels=px))
+    assert res.summary["inputs_used"] == ["features", "pixels"]
+    assert res.info[20]["group"] == res.info[21]["group"] and res.suggestion[20] == 21 and res.suggestion[21] == 20
+    assert res.info[20]["by"] == ["phash"] and res.info[20]["hash_distance"] == 3
+    assert res.info[20]["similarity"] < 0.9  # the features alone would not have joined them
+    assert res.score[20] == pytest.approx(3 / 64)
+    assert res.info[fsrc]["by"] == ["features"] and res.info[fsrc]["hash_distance"] > 10  # the distance, known
+    assert res.info[pl.conflict[0]]["by"] == ["features", "phash"] and res.info[pl.conflict[0]]["hash_distance"] == 0
+    assert res.info[pl.conflict[0]]["labels_differ"]
+    assert res.summary["joined_by"] == {"features_only": 8, "phash_only": 2, "both": 2}
+    # The features' findings are unchanged by the hash half.
+    plain = NearDuplicateCheck().run(pl.inputs)
+    both = res.is_issue.copy()
+    both[[20, 21]] = False
+    np.testing.assert_array_equal(both, plain.is_issue)
+    assert "hash_distance" not in plain.info[fcopy] and plain.info[fcopy]["by"] == ["features"]
+    # A smaller distance, or the hash turned off, leaves 20 and 21 apart.
+    for off in ({"hash_distance": 2}, {"hash_distance": -1}, {"hash_distance": None}):
+        r = NearDuplicateCheck(**off).run(_with(pl.inputs, pixels=px))
+        assert not r.is_issue[20] and not r.is_issue[21], off
+    assert NearDuplicateCheck(hash_distance=-1).run(_with(pl.inputs, pixels=px)).summary["inputs_used"] == ["features"]
+
+
+def test_pixels_only_groups_by_hash_and_scores_the_distance() -> None:
+    n = 30
+    px = _pixels(n, near={1: (0, 0), 2: (0, 0), 4: (3, 4), 6: (5, 5), 8: (7, 0)})
+    px["ok"][8] = False  # unreadable: its fill hash must join nothing
+    labels = np.zeros(n, dtype=np.int64)
+    labels[2] = 1
+    valid = np.ones(n, dtype=bool)
+    valid[9] = False
+    inp = CheckInputs(n=n, labels=labels, n_classes=2, valid=valid, pixels=px)
+    chk = NearDuplicateCheck()
+    assert chk.missing(inp) == frozenset()
+    res = chk.run(inp)
+    assert res.summary["inputs_used"] == ["pixels"] and "threshold" not in res.summary
+    g = res.info[0]["group"]
+    assert res.info[1]["group"] == res.info[2]["group"] == g and res.info[0]["size"] == 3
+    assert res.info[0]["partners"] == [1, 2] and res.suggestion[0] == 1 and res.suggestion[2] == 0
+    assert res.info[0]["labels_differ"] and res.info[0]["by"] == ["phash"] and "similarity" not in res.info[0]
+    assert res.is_issue[3] and res.is_issue[4] and res.info[3]["hash_distance"] == 4
+    assert not res.is_issue[5] and not res.is_issue[6]  # 5 bits: beyond the default 4
+    assert not res.is_issue[7] and not res.is_issue[8]
+    assert np.isnan(res.score[[8, 9]]).all()
+    np.testing.assert_allclose(res.score[[0, 1, 2, 3, 4]], [0, 0, 0, 4 / 64, 4 / 64])
+    assert res.score[5] == 1.0 and res.summary["duplicate_groups"] == 2
+    assert res.summary["groups_with_different_labels"] == 1
+    assert NearDuplicateCheck(hash_distance=0).run(inp).is_issue.sum() == 3  # CleanVision's rule: equal hashes
+    # Needs either input; the note says so when neither is there.
+    from audit.checks import skip_note
+
+    none = CheckInputs(n=n, labels=labels)
+    assert chk.missing(none) == frozenset({"features", "pixels"})
+    assert skip_note(chk, chk.missing(none)).startswith("skipped: needs features or pixels, which this run lacks")
+    assert NearDuplicateCheck(hash_distance=-1).missing(inp) == frozenset({"features"})
+    assert chk.missing(CheckInputs(n=n, pixels={"ok": px["ok"]})) == frozenset({"features", "pixels"})  # no phash
+
+
+@pytest.mark.parametrize("bad", [11, -2, 2.5, "4", True, [1]])
+def test_hash_distance_must_be_an_int_in_range_or_off(bad: object) -> None:
+    with pytest.raises(OptionError, match=r"hash_distance must be an int in 0\.\.10"):
+        NearDuplicateCheck(hash_distance=bad)
+
+
+def test_hash_distance_off_and_bounds_are_accepted() -> None:
+    assert NearDuplicateCheck(hash_distance=-1).params["hash_distance"] is None
+    assert NearDuplicateCheck(hash_distance=None).params["hash_distance"] is None
+    assert NearDuplicateCheck(hash_distance=np.int64(0)).params["hash_distance"] == 0
+    assert NearDuplicateCheck().params["hash_distance"] == 4
+
+
+def test_hamming_pairs_match_brute_force_on_biased_hashes() -> None:
+    from audit.checks._hashes import hamming_pairs
+
+    rng = np.random.default_rng(3)
+    m = 600
+    bias = np.r_[np.full(40, 0.5), np.full(20, 0.9), np.ones(4)]  # phash-like: some bits rarely change
+    bits = rng.random((m, 64)) < bias
+    h = np.unique((bits.astype(np.uint64) << np.arange(64, dtype=np.uint64)).sum(1, dtype=np.uint64))
+    side = rng.random(len(h)) < 0.3
+    dist = np.bitwise_count(h[:, None] ^ h[None, :])
+    iu, ju = np.triu_indices(len(h), 1)
+    for d in (0, 2, 5, 10):
+        i, j, dd = hamming_pairs(h, d)
+        want = dist[iu, ju] <= d
+        np.testing.assert_array_equal(i, iu[want])
+        np.testing.assert_array_equal(j, ju[want])
+        np.testing.assert_array_equal(dd, dist[iu, ju][want])
+        i, j, _ = hamming_pairs(h, d, side)
+        cross = want & (side[iu] != side[ju])
+        np.testing.assert_array_equal(np.c_[i, j], np.c_[iu[cross], ju[cross]])
+
+
+def test_hash_pairing_at_50k_images_is_fast_and_exact() -> None:
+    import time
+
+    n = 50_000
+    rng = np.random.default_rng(7)
+    src = rng.choice(n, 1_000, replace=False)
+    dst = rng.permutation(np.setdiff1d(np.arange(n), src))[:1_000]
+    near = {int(j): (int(i), int(rng.integers(0, 5))) for i, j in zip(src, dst, strict=True)}
+    px = _pixels(n, seed=7, near=near)
+    inp = CheckInputs(n=n, pixels=px)
+    t0 = time.perf_counter()
+    res = NearDuplicateCheck().run(inp)
+    seconds = time.perf_counter() - t0
+    assert seconds < 5.0, seconds  # ~0.3 s measured on two busy cores; an all-pairs loop would take minutes
+    assert res.is_issue[src].all() and res.is_issue[dst].all()
+    assert res.is_issue.sum() == 2_000 and res.summary["duplicate_groups"] == 1_000  # random hashes never meet
+    np.testing.assert_array_equal(res.suggestion[dst], src)
+
+
+def test_reference_leakage_by_hash() -> None:
+    pl = _planted()
+    n = pl.inputs.n
+    px = _pixels(n, seed=1)
+    rpx = _pixels(21, seed=2)
+    rpx["phash"][20] = np.uint64(_flip(int(px["phash"][12]), 2, np.random.default_rng(0)))  # 2 bits from image 12
+    rpx["phash"][19] = px["phash"][30]  # identical to image 30's, but unreadable: no leak
+    rpx["ok"][19] = False
+    ids = [f"train/{i}.jpg" for i in range(21)]
+    ref_labels = np.arange(21) % C
+    reference = {"image_ids": ids, "pixels": rpx, "labels": ref_labels, "features": None}
+    # The set with pixel statistics only, and with features too (the reference has no features: hash only).
+    for inp in (_with(pl.inputs, features=None, pixels=px, reference=reference), _with(pl.inputs, pixels=px,
+                                                                                         reference=reference)):
+        res = NearDuplicateCheck().run(inp)
+        assert len(res.score) == n
+        assert res.is_issue[12] and res.info[12]["reference"] == "train/20.jpg"
+        assert res.info[12]["reference_by"] == ["phash"] and res.info[12]["reference_hash_distance"] == 2
+        assert res.info[12]["reference_label"] == ref_labels[20] and "group" not in res.info[12]
+        assert res.score[12] <= 2 / 64 and not res.is_issue[30]
+        assert res.summary["duplicates_of_reference"] == 1 and res.summary["reference_images"] == 21
+    # Features and hashes both: the feature leak names its image, the hash one its own where it differs.
+    f = pl.inputs.features
+    rng = np.random.default_rng(9)
+    ref_f = [np.concatenate([rng.normal(0, 1, (20, a.shape[1])), a[12:13].astype(np.float32) * 1.0001]) for a in f]
+    rpx["phash"][5] = px["phash"][12]
+    res = NearDuplicateCheck().run(_with(pl.inputs, pixels=px, reference={**reference, "features": ref_f}))
+    e = res.info[12]
+    assert e["reference"] == "train/20.jpg" and e["reference_by"] == ["features", "phash"]
+    assert e["reference_hash_distance"] == 0 and e["reference_phash"] == "train/5.jpg"
+    assert res.summary["duplicates_of_reference_by"] == {"features_only": 0, "phash_only": 0, "both": 1}
+    # Neither part comparable: said, not guessed.
+    res = NearDuplicateCheck().run(_with(pl.inputs, reference={"image_ids": ids, "pixels": rpx}))
+    assert "leakage not checked" in res.summary["reference_note"] and not res.is_issue[12]

@@ -85,8 +85,14 @@ def test_a_run_without_features_skips_the_feature_checks_with_a_note(tmp_path, c
     assert main(["run", str(root), "--models", model, "--db", str(db), "--no-features", "-q"]) == 0
     err = capsys.readouterr().err
     assert "knn_label" in err and "skipped: needs features" in err  # the run says so, one line a check
-    for name in ("knn_label", "label_knn", "near_duplicate"):
+    for name in ("knn_label", "label_knn"):
         assert q.check_note(db, name) and "features" in q.check_note(db, name), name
-    # outlier needs features or probabilities: with the model's probabilities it still runs.
+    # outlier needs features or probabilities: with the model's probabilities it still runs; near_duplicate
+    # needs features or pixel statistics: it runs on the decode pass's perceptual hashes.
     with connect(db, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM issues WHERE \"check\" = 'outlier'").fetchone()[0] > 0
+        n = con.execute("SELECT count(*) FROM images").fetchone()[0]
+        assert con.execute("SELECT count(*) FROM issues WHERE \"check\" = 'near_duplicate'").fetchone()[0] == n
+        (summary,) = con.execute("SELECT summary FROM checks WHERE \"check\" = 'near_duplicate'").fetchone()
+    assert json.loads(summary)["inputs_used"] == ["pixels"]
+    assert q.check_note(db, "near_duplicate") is None

@@ -107,6 +107,8 @@ class Check(ABC):
 
     name: ClassVar[str]  # registry key, snake_case: "label", "near_duplicate", ...
     needs: ClassVar[frozenset[str]]  # subset of INPUTS; all must be available or the check is skipped
+    # True: any one of ``needs`` suffices (the check uses what it gets: outlier, near_duplicate).
+    needs_any: ClassVar[bool] = False
     default: ClassVar[bool] = True  # on in `audit run` when --checks is not given
     description: ClassVar[str] = ""  # one line for `audit checks`
     # What ``CheckResult.suggestion`` holds, for readers that name it: "label" (a class index), "image"
@@ -118,8 +120,14 @@ class Check(ABC):
         self.params = dict(params)
 
     def missing(self, inputs: CheckInputs) -> frozenset[str]:
-        """Inputs this check needs that the run does not have (empty: the check can run)."""
-        return self.needs - inputs.available()
+        """Inputs this check needs that the run does not have (empty: the check can run).
+
+        With ``needs_any``, empty when any one of ``needs`` is there, else all of them.
+        """
+        have = inputs.available()
+        if self.needs_any and have & self.needs:
+            return frozenset()
+        return self.needs - have
 
     @abstractmethod
     def run(self, inputs: CheckInputs) -> CheckResult:

@@ -128,7 +128,9 @@ def skip_note(check: Check | type[Check], missing: frozenset[str] | set[str]) ->
     """One line: why ``check`` could not run on this run's inputs, and what would give them."""
     names = sorted(missing)
     why = "; ".join(_WHY_MISSING.get(m, m) for m in names)
-    return f"skipped: needs {', '.join(names)}, which this run lacks ({why})"
+    # A check content with either input says so: "needs features, pixels" would read as both.
+    need = " or ".join(names) if getattr(check, "needs_any", False) else ", ".join(names)
+    return f"skipped: needs {need}, which this run lacks ({why})"
 
 
 def run_checks(

@@ -64,6 +64,7 @@ class OutlierCheck(Check):
 
     name: ClassVar[str] = "outlier"
     needs: ClassVar[frozenset[str]] = frozenset({"features", "probs"})
+    needs_any: ClassVar[bool] = True
     default: ClassVar[bool] = True
     description: ClassVar[str] = "far from all other images in feature space, or no class fits (needs either input)"
 
