@@ -70,11 +70,15 @@ KINDS: dict[str, str] = {
     "tiny": "thumbnail, 28 px on the long side",
 }
 _DUP = ("exact", "relabeled")
-_NEAR = ("exact", "relabeled", "jpeg_q50", "half_size", "crop_80")
+# Every copy of a photo is a near duplicate of it, whatever was done to it (CleanVision and fastdup count
+# photometric edits too): the question a reviewer asks is "is this the same photo?". The strip keeps a quarter
+# of the photo, so it is left out; "where the flags fell" below gives the recall per kind.
+_NEAR = tuple(k for k in KINDS if k != "strip")
 # Each check's positives: copies of these kinds; "+sources" adds the base image each was made from.
 POSITIVES: dict[str, tuple[tuple[str, ...], bool, str]] = {
     "exact_duplicate": (_DUP, True, "byte copies (same and other class) and their sources"),
-    "near_duplicate": (_NEAR, True, "byte copies, re-encodes, resizes, crops and their sources"),
+    "near_duplicate": (_NEAR, True, "every copy (byte copies, re-encodes, resizes, crops, photometric edits, "
+                       "thumbnails; not the quarter-height strips) and their sources"),
     "label": (("relabeled", "cifar"), False, "copies filed under another class, and the CIFAR intruders"),
     "knn_label": (("relabeled", "cifar"), False, "copies filed under another class, and the CIFAR intruders"),
     "label_knn": (("relabeled", "cifar"), False, "copies filed under another class, and the CIFAR intruders"),
@@ -550,7 +554,7 @@ def write_report(args: argparse.Namespace, con: dict[str, Any] | None, real: dic
         ph = con.get("phash")
         if ph:
             near = np.array(ph["nearest_distinct"])
-            L += ["", "Diagnosis of `near_duplicate`, which uses the features only: the Hamming distance (of 64 bits) "
+            L += ["", "Diagnosis: the Hamming distance (of 64 bits) "
                   "between the perceptual hash (phash, CleanVision's; the decode pass already stores it) of each "
                   "copy and its source, against the distance of each distinct original to its nearest other "
                   f"original (min {near.min()}, 1st percentile {np.percentile(near, 1):.0f}, median "
