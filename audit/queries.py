@@ -1178,15 +1178,6 @@ NEIGHBOURS_K = 8
 RERUN_FOR_NEIGHBOURS = "rerun audit run to compute neighbours"
 
 
-def _newest_finished_run(con: duckdb.DuckDBPyConnection) -> str | None:
-    row = fetch_one(
-        con,
-        "SELECT run_id FROM runs WHERE status = ? ORDER BY finished_at DESC NULLS LAST, started_at DESC LIMIT 1",
-        ["finished"],
-    )
-    return None if row is None else str(row[0])
-
-
 def neighbour_summary(own: Sequence[int], neighbours: Sequence[Sequence[int]], names: Mapping[int, str]) -> str:
     """One plain-text line on how an image's neighbours are labelled, e.g. ``6 of 8 neighbours labelled pot``.
 
@@ -1235,9 +1226,10 @@ def image_neighbours(db: str | Path | Reader, image_index: int, k: int = NEIGHBO
     ``neighbours``: a frame of rank (1 = nearest), image_index, image_id, similarity (cosine; None
     where not stored), duplicate (the duplicate check that paired the two, e.g. ``near duplicate``,
     else None), current_labels / current (each neighbour's current label set and its names: the
-    review log's fold, :func:`audit.store.current_sql`), reviewed and valid. The image's duplicate
-    partners (the duplicate checks' findings) come first, then its nearest others. One lookup in the
-    stored file (:mod:`audit.neighbours`, read once per version of it) and one query: no search.
+    review log's fold, :func:`audit.store.current_sql`; ``current`` None: left out, no class fits) and
+    reviewed. The image's duplicate partners (the duplicate checks' findings) come first, nearest
+    first, then its nearest others. One row of the stored file (:mod:`audit.neighbours`, read once per
+    version of it) and four small queries: no search (~18 ms on 50,000 images).
     """
     idx = int(image_index)
     k = max(1, int(k))
@@ -1250,10 +1242,15 @@ def image_neighbours(db: str | Path | Reader, image_index: int, k: int = NEIGHBO
 
     stored = read_neighbours(_path(db))
     with _open(db) as con:
-        n_images = fetch_one(con, "SELECT count(*) FROM images")[0]
         if stored is None:
             return none(f"neighbours: none stored in this workspace (it predates them); {RERUN_FOR_NEIGHBOURS}")
-        if stored.run_id != _newest_finished_run(con) or stored.n != int(n_images):
+        n_images, newest = fetch_one(
+            con,
+            "SELECT (SELECT count(*) FROM images), (SELECT run_id FROM runs WHERE status = ? "
+            "ORDER BY finished_at DESC NULLS LAST, started_at DESC LIMIT 1)",
+            ["finished"],
+        )
+        if stored.run_id != newest or stored.n != int(n_images):
             return none(f"neighbours: the stored ones belong to another run of this workspace; {RERUN_FOR_NEIGHBOURS}")
         if stored.reason:
             return none(f"neighbours: none, {stored.reason}; rerun audit run with features to compute them")
@@ -1285,34 +1282,36 @@ def image_neighbours(db: str | Path | Reader, image_index: int, k: int = NEIGHBO
         dups = sorted(marks, key=lambda j: (sims[j] is None, -(sims[j] or 0.0), j))
         order = [*dups, *(j for j, _ in near if j not in marks)][:k]
 
-        df = con.execute(
+        # The review log's fold (audit.store.current_sql) over these images' decisions only: folding the whole log
+        # made the answer ~2x slower on 50,000 images with 2,000 decisions.
+        found = con.execute(
             f"""
-            WITH {_LAST}
-            SELECT i.image_index, i.image_id, i.valid, coalesce({_REVIEWED}, false) AS reviewed,
+            WITH src AS (SELECT image_index, decision_id, action, new_labels, reviewer FROM decisions
+                         WHERE list_contains($ids, image_index)),
+                 {current_sql("last", "src")}
+            SELECT i.image_index, i.image_id, coalesce({_REVIEWED}, false) AS reviewed,
                    {_CURRENT} AS current_labels
-            FROM images i
-            LEFT JOIN (SELECT * FROM last WHERE list_contains(?, image_index)) l USING (image_index)
-            WHERE list_contains(?, i.image_index)
+            FROM images i LEFT JOIN last l USING (image_index)
+            WHERE list_contains($ids, i.image_index)
             """,
-            [[idx, *order], [idx, *order]],
-        ).df()
-        _add_names(con, df)
-        names = _names(con, {int(x) for v in df["current_labels"] for x in v or []})
-    by = {int(r["image_index"]): r for r in df.to_dict("records")}
+            {"ids": [idx, *order]},
+        ).fetchall()
+        by = {int(i): (str(image_id), bool(rev), [int(x) for x in cur or []]) for i, image_id, rev, cur in found}
+        names = _names(con, {x for _, _, cur in by.values() for x in cur})
     rows = [
         {
             "rank": r + 1,
             "image_index": j,
-            "image_id": str(by[j]["image_id"]),
+            "image_id": by[j][0],
             "similarity": similarity(j),
             "duplicate": marks.get(j),
-            "current_labels": list(by[j]["current_labels"] or []),
-            "current": by[j]["current"],
-            "reviewed": bool(by[j]["reviewed"]),
+            "current_labels": by[j][2],
+            "current": "; ".join(names.get(x, str(x)) for x in by[j][2]) or None,  # None: left out (no class fits)
+            "reviewed": by[j][1],
         }
         for r, j in enumerate(j for j in order if j in by)
     ]
-    own = list(by[idx]["current_labels"] or []) if idx in by else []
+    own = by[idx][2] if idx in by else []
     frame = pd.DataFrame(rows, columns=empty.columns)
     summary = neighbour_summary(own, [r["current_labels"] for r in rows], names)
     return {"note": None, "summary": summary, "neighbours": frame}

@@ -114,6 +114,20 @@ def test_rows_are_image_indices_exact_copies_first_and_match_a_brute_force_searc
         assert np.allclose(sim[i], cos[i, index[i]], atol=1e-5)
 
 
+def test_storing_reuses_the_graph_the_checks_built(monkeypatch):
+    from audit.checks import _neighbors
+
+    inputs = _inputs(np.random.default_rng(3).normal(size=(30, 8)).astype(np.float32))
+    _neighbors.neighbors(inputs, k=10)  # what knn_label / near_duplicate do in the run (the graph holds 20)
+    calls = []
+    real = _neighbors.knn_search
+    monkeypatch.setattr(_neighbors, "knn_search", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    index, _, _ = nb.image_neighbour_rows(inputs)
+    assert calls == [] and index.shape == (30, nb.STORED_K)
+    nb.image_neighbour_rows(_inputs(np.random.default_rng(4).normal(size=(30, 8)).astype(np.float32)))
+    assert calls == [1]  # a run whose checks built none: one search
+
+
 def test_a_tiny_set_is_padded_and_an_image_without_features_has_none():
     f = np.random.default_rng(2).normal(size=(4, 8)).astype(np.float32)
     f[2] = np.nan  # features not finite
