@@ -17,16 +17,16 @@ Why not a memory map: ``.npz`` cannot be mapped, and the file is small (50,000 x
 so :func:`read_neighbours` loads it once per version of the file (its stat is the cache key)
 and every lookup after that is an index into memory.
 
-Writes are atomic (a temporary file in the same folder, then ``os.replace``): a crash leaves
-the previous file or the new one, never half of one. The file is written before the run's
-tables, and names its run: a reader whose workspace's newest finished run is another (the run
-that wrote it failed afterwards, or an older file outlived a crash) treats it as absent.
+Writes are atomic (:func:`audit._io.atomic_file`: a temporary file in the same folder, then
+``os.replace``): a crash leaves the previous file or the new one, never half of one. The file
+is written before the run's tables, and names its run: a reader whose workspace's newest
+finished run is another (the run that wrote it failed afterwards, or an older file outlived a
+crash) treats it as absent.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import zipfile
 from collections import OrderedDict
@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from audit._io import atomic_file
 from audit.store import arrays_dir
 
 if TYPE_CHECKING:  # the checks package is imported by writers only: the dashboard's read side never needs it
@@ -126,32 +127,26 @@ def save_neighbours(
     models: tuple[str, ...] = (),
     reason: str | None = None,
 ) -> Path:
-    """Write the neighbours file of workspace ``db`` atomically (temporary file, fsync, ``os.replace``)."""
+    """Write the neighbours file of workspace ``db`` atomically (:func:`audit._io.atomic_file`: temporary file,
+    fsync, ``os.replace``; a full disk is a :class:`~audit.errors.DiskError`)."""
     index = np.asarray(index, dtype=np.int32)
     similarity = np.asarray(similarity, dtype=np.float32)
     if index.ndim != 2 or index.shape != similarity.shape:
         raise ValueError(f"index {index.shape} and similarity {similarity.shape} must be the same (N, K)")
     path = neighbours_path(db)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{FILE}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                format=np.int32(FORMAT),
-                run_id=np.str_(run_id),
-                n=np.int64(len(index)),
-                index=index,
-                similarity=similarity,
-                models=np.array(models, dtype=np.str_),
-                reason=np.str_(reason or ""),
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Not "*.npz" while half-written (as scoring's shards): a kill leaves ".neighbours.npz.<random>.tmp" at most.
+    with atomic_file(path, prefix=f".{FILE}.", suffix=".tmp") as f:
+        np.savez(
+            f,
+            format=np.int32(FORMAT),
+            run_id=np.str_(run_id),
+            n=np.int64(len(index)),
+            index=index,
+            similarity=similarity,
+            models=np.array(models, dtype=np.str_),
+            reason=np.str_(reason or ""),
+        )
     return path
 
 
