@@ -54,6 +54,8 @@ st.set_page_config(page_title="audit", layout="wide")
 PAGES = ("Overview", "Disagreements", "Review", "Impact", "Export")
 PAGE_SIZE = 24
 PARTNERS = 6  # partner images (duplicates) shown on the review page
+NEIGHBOUR_COUNTS = (4, 8, 12, 16, 20)  # how many nearest images the review page can show (20 are stored)
+NEIGHBOUR_COLUMNS = 8  # thumbnails per row of the neighbours section
 THUMB = 192
 LARGE = 512
 # Seconds a page waits for another process's write before showing its last data.
@@ -82,6 +84,7 @@ DEFAULTS: dict[str, Any] = {
     "d_view": "Gallery",
     "reason": "",
     "advance": True,
+    "n_k": q.NEIGHBOURS_K,
 }
 
 
@@ -661,6 +664,31 @@ def findings_view(findings: list[dict[str, Any]]) -> None:
         st.text(f"and {len(partners) - PARTNERS:,} more partner images")
 
 
+def neighbours_view(image: int) -> None:
+    """The image's nearest images in feature space: how they are labelled, and each one to open."""
+    st.subheader("Nearest images in feature space")
+    k = int(st.session_state.get("n_k") or q.NEIGHBOURS_K)
+    nb = load("image_neighbours", image, k)
+    if nb["note"]:
+        st.text(shown(nb["note"]))
+        return
+    head = st.columns([5, 1])
+    head[0].text(shown(nb["summary"]))
+    head[1].selectbox("neighbours shown", NEIGHBOUR_COUNTS, key="n_k", label_visibility="collapsed")
+    rows = list(nb["neighbours"].itertuples(index=False))
+    for start in range(0, len(rows), NEIGHBOUR_COLUMNS):
+        cols = st.columns(NEIGHBOUR_COLUMNS)
+        for col, r in zip(cols, rows[start : start + NEIGHBOUR_COLUMNS], strict=False):
+            with col:
+                show_image(r.image_id, 112)
+                label = shown(r.current) if r.current else "(no class fits)"
+                sim = "–" if r.similarity is None or pd.isna(r.similarity) else f"{r.similarity:.3f}"
+                mark = f" · {r.duplicate}" if r.duplicate else ""
+                st.text(f"{label[:28]}\n{sim}{mark} · #{r.image_index}")
+                # The names are the text above: button labels render Markdown.
+                st.button("Open", key=f"nbr_{r.image_index}", on_click=goto, args=("Review", int(r.image_index)))
+
+
 def page_review() -> None:
     ss = st.session_state
     st.header("Review")
@@ -780,6 +808,7 @@ def page_review() -> None:
                 "Save these labels", shortcut="Ctrl+M", on_click=act, args=("multi", image, next_image)
             )
         st.caption("Keys: A accept · K keep · N no class fits · U undo · ← → previous / next · Ctrl+Enter relabel")
+    neighbours_view(image)
     st.subheader("History")
     hist = d["history"]
     if hist.empty:

@@ -31,6 +31,7 @@ from audit.datasets import AuditDataset, typical_short_side
 from audit.errors import ModelError, OptionError, StoreError
 from audit.evaluate import Metric, evaluate_all, relabeled_accuracy
 from audit.headmodels import HEADS_MIN_AGREEMENT, features_of, fit_heads, head_agreement, weak_heads_warning
+from audit.neighbours import write_neighbours
 from audit.scoring import ModelArrays, ScoreStats, check_predictions, load_models, score_dataset
 from audit.store import (
     arrays_dir,
@@ -529,6 +530,9 @@ def _run_audit(
         )
         inputs_ = dataclasses.replace(inputs_, reference=ref)
     results, skipped = run_checks(inputs_, selected)
+    # The review page's nearest images, from the graph the feature checks shared (audit.neighbours): written
+    # before the run's tables and naming this run, so a run that fails after it leaves no neighbours in use.
+    write_neighbours(db, run_id, inputs_)
     label = next((r for r in results if r.check == "label"), None)
     if label is not None and ds.truth is not None:
         metric_rows += [(ENSEMBLE, m) for m in flag_metrics(label.score, label.is_issue, ds.labels, ds.truth, valid)]

@@ -41,6 +41,7 @@ import pyarrow as pa
 
 from audit.errors import StoreError, UserError
 from audit.evaluate import wilson_interval
+from audit.neighbours import neighbours_path, read_neighbours
 from audit.store import append_decision, connect, current_labels_sql, current_sql, fetch_one, given_sql
 
 __all__ = [
@@ -50,8 +51,10 @@ __all__ = [
     "EVALUATIONS",
     "HEADLINE",
     "ISSUE_KINDS",
+    "NEIGHBOURS_K",
     "NO_FIT_SUGGESTED",
     "READ_TIMEOUT",
+    "RERUN_FOR_NEIGHBOURS",
     "SORTS",
     "Filters",
     "Reader",
@@ -71,10 +74,12 @@ __all__ = [
     "headline",
     "heads_warning",
     "image_detail",
+    "image_neighbours",
     "imagenet_sees",
     "impact",
     "metrics_table",
     "model_names",
+    "neighbour_summary",
     "queue_window",
     "rank_table",
     "recent_decisions",
@@ -189,7 +194,7 @@ def _path(src: str | Path | Reader) -> Path:
 
 
 def data_version(db: str | Path) -> tuple[int, ...]:
-    """A token that changes whenever a transaction commits to ``db`` (file and WAL stat; opens nothing).
+    """A token that changes whenever a transaction commits to ``db`` (stat of file, WAL, neighbours; opens nothing).
 
     The dashboard keys its caches on it, so a decision written by another
     reviewer or a finished ``audit run`` shows up on the next rerun, and an
@@ -197,7 +202,8 @@ def data_version(db: str | Path) -> tuple[int, ...]:
     """
     p = Path(db)
     out: list[int] = []
-    for f in (p, p.with_name(p.name + ".wal")):
+    # The neighbours file too: the one workspace file the read side reads besides the database.
+    for f in (p, p.with_name(p.name + ".wal"), neighbours_path(p)):
         try:
             st = os.stat(f)
             out += [st.st_mtime_ns, st.st_size, st.st_ino]
@@ -1163,6 +1169,152 @@ def imagenet_sees(detail: Mapping[str, Any]) -> list[str]:
         f"ImageNet sees ({model}): " + ", ".join(f"{name} {p:.0%}" for name, p in top)
         for model, top in detail.get("imagenet") or []
     ]
+
+
+# --------------------------------------------------------------------------- neighbours in feature space
+
+# Neighbours the review page shows unless asked for another number (up to the stored audit.neighbours.STORED_K).
+NEIGHBOURS_K = 8
+RERUN_FOR_NEIGHBOURS = "rerun audit run to compute neighbours"
+
+
+def neighbour_summary(own: Sequence[int], neighbours: Sequence[Sequence[int]], names: Mapping[int, str]) -> str:
+    """One plain-text line on how an image's neighbours are labelled, e.g. ``6 of 8 neighbours labelled pot``.
+
+    ``own`` is the image's current label set, ``neighbours`` each neighbour's (a neighbour counts for
+    every class of its set, once). Several own classes: one count each (``..., 2 labelled vase``); a
+    class more common among the neighbours than any own class is named after them. Pure; the names
+    in it are data (show it with ``st.text``).
+    """
+    n = len(neighbours)
+    if n == 0:
+        return "no neighbours"
+    counts: dict[int, int] = {}
+    for labels in neighbours:
+        for c in dict.fromkeys(int(x) for x in labels):
+            counts[c] = counts.get(c, 0) + 1
+    word = "neighbour" if n == 1 else "neighbours"
+
+    def name(c: int) -> str:
+        return names.get(c, str(c))
+
+    own = list(dict.fromkeys(int(x) for x in own))
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    if not own:
+        head = "this image is left out (no class fits); "
+        if not ranked:
+            return head + f"none of its {n} {word} has a label either"
+        c, m = ranked[0]
+        return head + f"the most common label of its {n} {word} is {name(c)} ({m} of {n})"
+    shown_own = own[:3]
+    parts = [f"{counts.get(shown_own[0], 0)} of {n} {word} labelled {name(shown_own[0])}"]
+    parts += [f"{counts.get(c, 0)} labelled {name(c)}" for c in shown_own[1:]]
+    line = ", ".join(parts)
+    best_own = max(counts.get(c, 0) for c in own)
+    other = next(((c, m) for c, m in ranked if c not in own), None)
+    if other is not None and other[1] > best_own:
+        line += f"; the most common is {name(other[0])} ({other[1]} of {n})"
+    return line
+
+
+def image_neighbours(db: str | Path | Reader, image_index: int, k: int = NEIGHBOURS_K) -> dict[str, Any]:
+    """The ``k`` nearest images of one image in feature space, from the neighbours its newest run stored.
+
+    Returns a dict: ``note`` (one line saying why there are none: no features in the run, an older
+    workspace that stored none (:data:`RERUN_FOR_NEIGHBOURS`), an image without usable features;
+    None when there are neighbours), ``summary`` (:func:`neighbour_summary`, or None) and
+    ``neighbours``: a frame of rank (1 = nearest), image_index, image_id, similarity (cosine; None
+    where not stored), duplicate (the duplicate check that paired the two, e.g. ``near duplicate``,
+    else None), current_labels / current (each neighbour's current label set and its names: the
+    review log's fold, :func:`audit.store.current_sql`; ``current`` None: left out, no class fits) and
+    reviewed. The image's duplicate partners (the duplicate checks' findings) come first, nearest
+    first, then its nearest others. One row of the stored file (:mod:`audit.neighbours`, read once per
+    version of it) and four small queries: no search (~18 ms on 50,000 images).
+    """
+    idx = int(image_index)
+    k = max(1, int(k))
+    empty = pd.DataFrame(
+        columns=["rank", "image_index", "image_id", "similarity", "duplicate", "current_labels", "current", "reviewed"]
+    )
+
+    def none(note: str) -> dict[str, Any]:
+        return {"note": note, "summary": None, "neighbours": empty}
+
+    stored = read_neighbours(_path(db))
+    with _open(db) as con:
+        if stored is None:
+            return none(f"neighbours: none stored in this workspace (it predates them); {RERUN_FOR_NEIGHBOURS}")
+        n_images, newest = fetch_one(
+            con,
+            "SELECT (SELECT count(*) FROM images), (SELECT run_id FROM runs WHERE status = ? "
+            "ORDER BY finished_at DESC NULLS LAST, started_at DESC LIMIT 1)",
+            ["finished"],
+        )
+        if stored.run_id != newest or stored.n != int(n_images):
+            return none(f"neighbours: the stored ones belong to another run of this workspace; {RERUN_FOR_NEIGHBOURS}")
+        if stored.reason:
+            return none(f"neighbours: none, {stored.reason}; rerun audit run with features to compute them")
+        if not 0 <= idx < stored.n:
+            return none("neighbours: this image is not in the workspace")
+        own_nbr = stored.index[idx]
+        own_sim = stored.similarity[idx]
+        near = [(int(j), float(s)) for j, s in zip(own_nbr, own_sim, strict=True) if j >= 0]
+        if not near:
+            return none("neighbours: none for this image: it has no usable features (unreadable, or not finite)")
+        sim_of = dict(near)
+        marks: dict[int, str] = {}
+        for f in _findings(con, [idx], issues_only=True)[idx]:
+            if f["suggests"] != "image":  # the duplicate checks suggest a partner image
+                continue
+            for p, _ in f["partners"]:
+                if 0 <= p < stored.n:
+                    marks.setdefault(int(p), str(f["check"]).replace("_", " "))
+
+        def similarity(j: int) -> float | None:
+            if j in sim_of:
+                return sim_of[j]
+            back = np.flatnonzero(stored.index[j] == idx)  # the partner's own list may hold this image
+            s = float(stored.similarity[j, back[0]]) if len(back) else math.nan
+            return s if math.isfinite(s) else None
+
+        # Partners nearest first (one whose similarity is not stored last), then the nearest others.
+        sims = {j: similarity(j) for j in marks}
+        dups = sorted(marks, key=lambda j: (sims[j] is None, -(sims[j] or 0.0), j))
+        order = [*dups, *(j for j, _ in near if j not in marks)][:k]
+
+        # The review log's fold (audit.store.current_sql) over these images' decisions only: folding the whole log
+        # made the answer ~2x slower on 50,000 images with 2,000 decisions.
+        found = con.execute(
+            f"""
+            WITH src AS (SELECT image_index, decision_id, action, new_labels, reviewer FROM decisions
+                         WHERE list_contains($ids, image_index)),
+                 {current_sql("last", "src")}
+            SELECT i.image_index, i.image_id, coalesce({_REVIEWED}, false) AS reviewed,
+                   {_CURRENT} AS current_labels
+            FROM images i LEFT JOIN last l USING (image_index)
+            WHERE list_contains($ids, i.image_index)
+            """,
+            {"ids": [idx, *order]},
+        ).fetchall()
+        by = {int(i): (str(image_id), bool(rev), [int(x) for x in cur or []]) for i, image_id, rev, cur in found}
+        names = _names(con, {x for _, _, cur in by.values() for x in cur})
+    rows = [
+        {
+            "rank": r + 1,
+            "image_index": j,
+            "image_id": by[j][0],
+            "similarity": similarity(j),
+            "duplicate": marks.get(j),
+            "current_labels": by[j][2],
+            "current": "; ".join(names.get(x, str(x)) for x in by[j][2]) or None,  # None: left out (no class fits)
+            "reviewed": by[j][1],
+        }
+        for r, j in enumerate(j for j in order if j in by)
+    ]
+    own = by[idx][2] if idx in by else []
+    frame = pd.DataFrame(rows, columns=empty.columns)
+    summary = neighbour_summary(own, [r["current_labels"] for r in rows], names)
+    return {"note": None, "summary": summary, "neighbours": frame}
 
 
 def _imagenet_top(con: duckdb.DuckDBPyConnection, idx: int, k: int = 3) -> list[tuple[str, list[tuple[str, float]]]]:

@@ -69,6 +69,9 @@ DESIGN = """## Pages
    accept the suggestion (A), keep the original (K), no class fits (N), undo (U), relabel with a class search by
    name or wnid (Ctrl+Enter), several valid labels (Ctrl+M), previous / next (arrow keys); a reason field; the
    image's full decision history. Each action appends one decision (reviewer, UTC time, reason) and moves on.
+   Below: its nearest images in feature space (8 by default, up to 20), duplicate partners first and marked, each
+   with its current label and cosine similarity and an Open button, under a line such as "6 of 8 neighbours
+   labelled pot".
 4. **Impact**: decisions, images reviewed, flags reviewed, accepted, rejected, flag precision (share of reviewed
    flags whose label set changed) with its interval; per model original vs relabeled vs ReaL top-1, deltas and
    rank changes, as a table and a chart; the latest decisions.
@@ -84,9 +87,13 @@ DESIGN = """## Pages
   any-model disagreement flags; each model's relabeled hit counts under the given labels) is read once per run
   into an in-memory Arrow table and scanned by DuckDB beside the live `decisions` table. The relabeled metric is
   those counts corrected on the decided images only, so its cost follows the number of decisions.
-* Streamlit caches each query per (arguments, data version); the data version is a `stat` of the DuckDB file
-  and its WAL, so a decision written here, by another reviewer or by `audit review`, and a finished
+* Streamlit caches each query per (arguments, data version); the data version is a `stat` of the DuckDB file,
+  its WAL and the neighbours file, so a decision written here, by another reviewer or by `audit review`, and a finished
   `audit run`, show on the next rerun, and an idle rerun opens nothing.
+* Neighbours are not searched per click: `audit run` stores each image's 20 nearest (the checks' shared exact
+  cosine graph) in `<db>.arrays/neighbours.npz`, read once per version of the file; one image's answer is a row
+  of it plus four small queries (~18 ms median on 50,000 images with 2,000 decisions; writing the file at the end
+  of a 50,000-image run ~0.1 s; measured on the 2 shared cores).
 * Thumbnails: Pillow with draft decoding, cached on disk beside the workspace (`<db>.thumbs/`, keyed by id,
   size, mtime and length) and in memory.
 

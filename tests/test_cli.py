@@ -188,7 +188,7 @@ def test_a_run_defines_the_workspace_models_and_dropped_ones_come_back_without_r
     assert main(["run", str(ds_root), "--models", f"{m1},{m2}", "--db", str(db), "-q", "--workers", "0"]) == 0
     two, metric_models, _ = _models_in(db)
     assert len(two) == 2 and set(metric_models) == {*two, "ensemble"}
-    shards = sorted((db.parent / f"{db.name}.arrays").rglob("*.npz"))
+    shards = sorted((db.parent / f"{db.name}.arrays" / "shards").rglob("*.npz"))
     assert shards
     stamps = {p: p.stat().st_mtime_ns for p in shards}
     capsys.readouterr()

@@ -320,7 +320,7 @@ def _everything(at: AppTest) -> str:
     return texts(at) + "\n".join(v for _, _, v in rendered(at))
 
 
-def test_a_label_only_workspace_shows_no_check_ui(ws, monkeypatch):  # noqa: F811 - the ws fixture
+def test_a_label_only_workspace_shows_no_check_ui(ws, base_workspace, monkeypatch):  # noqa: F811 - the fixtures
     monkeypatch.setenv("AUDIT_DB", str(ws))
     at = start()
     assert "checks of the last run" not in texts(at)
@@ -334,6 +334,11 @@ def test_a_label_only_workspace_shows_no_check_ui(ws, monkeypatch):  # noqa: F81
     assert at.session_state["image"] in FLIP
     assert "checks:" not in texts(at) and not [b for b in at.button if (b.key or "").startswith("open_")]
     assert "checks selected" not in texts(at)
+    # The copy has no arrays folder (as a workspace made before neighbours were stored): one line naming the fix.
+    assert q.RERUN_FOR_NEIGHBOURS in texts(at) and not [b for b in at.button if (b.key or "").startswith("nbr_")]
+    # The original's run read prediction files, which carry no features: its answer says so, in one line.
+    note = q.image_neighbours(base_workspace[0], FLIP[0])["note"]
+    assert note.startswith("neighbours: none, this run recorded no features") and "\n" not in note
 
 
 def test_check_filter_shows_a_checks_issues_sorted_by_its_score(ws, fake_checks, monkeypatch):  # noqa: F811
@@ -467,5 +472,9 @@ def test_a_version_1_workspace_reads_and_renders_as_before(v1, monkeypatch):  # 
     assert not [m for m in at.multiselect if m.key == "f_checks"] and "flagged by:" not in texts(at)
     goto(at, "Review")
     assert "checks:" not in texts(at)
+    # Made before neighbours were stored: the section names the fix, and the read side answers without them.
+    assert q.RERUN_FOR_NEIGHBOURS in texts(at)
+    note = q.image_neighbours(db, min(flagged))["note"]
+    assert q.RERUN_FOR_NEIGHBOURS in note and "\n" not in note
     goto(at, "Overview")
     assert "checks of the last run" not in texts(at)
