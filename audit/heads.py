@@ -222,6 +222,15 @@ def _assign_folds(lab: np.ndarray, rows: np.ndarray, folds: int, seed: int) -> n
     from sklearn.model_selection import StratifiedKFold
 
     out = np.full(lab.shape[0], -1, dtype=np.int64)
+    if np.bincount(lab[rows]).max(initial=0) < folds:
+        # StratifiedKFold refuses when every class is smaller than the folds (a custom set of 5 images a
+        # class, 10 folds); the same rule by hand: shuffled within each class, the images of all classes
+        # dealt round-robin in class order, so each class is spread over as many folds as it has images and
+        # every fold gets one when there are at least as many images as folds.
+        order = rows[np.random.default_rng(seed).permutation(len(rows))]
+        order = order[np.argsort(lab[order], kind="stable")]
+        out[order] = np.arange(len(order)) % folds
+        return out
     with warnings.catch_warnings():
         # "The least populated class has only k members": the documented rule above handles it.
         warnings.simplefilter("ignore", UserWarning)
