@@ -706,7 +706,10 @@ def main() -> int:
                           "sheet": SHOTS / "checks-imagenet1300.png", "note": note}
         if args.cifar_db:
             db = args.cifar_db
-            note = "The full shared CIFAR-10N 10k workspace (`reports/cifar10n.py`'s), continued by `audit run --db`."
+            note = (
+                "The full shared CIFAR-10N 10k workspace of `reports/cifar10n.py` (4 zoo models, heads), its last run "
+                "on `--labels labels_aggre.csv --truth labels_clean.csv`."
+            )
             if not args.reuse:
                 _audit(["--db", str(db), "-q"])
         else:
