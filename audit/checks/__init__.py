@@ -17,16 +17,7 @@ from audit.checks.duplicates import NearDuplicateCheck
 from audit.checks.knn import KnnLabelCheck, LabelKnnCheck
 from audit.checks.label import LabelCheck
 from audit.checks.outlier import OutlierCheck
-from audit.checks.pixels import (
-    BlurryCheck,
-    DarkCheck,
-    ExactDuplicateCheck,
-    GrayscaleCheck,
-    LightCheck,
-    LowInformationCheck,
-    OddAspectRatioCheck,
-    OddSizeCheck,
-)
+from audit.checks.pixels import PIXEL_CHECKS
 
 __all__ = [
     "INPUTS",
@@ -44,21 +35,14 @@ __all__ = [
     "skip_note",
 ]
 
-# Registered in this order; one class per line.
+# Registered (and run) in this order; one class per line. The image checks are listed once, in their module.
 _CHECKS: tuple[type[Check], ...] = (
     LabelCheck,
     KnnLabelCheck,
     LabelKnnCheck,
     OutlierCheck,
     NearDuplicateCheck,
-    ExactDuplicateCheck,
-    DarkCheck,
-    LightCheck,
-    BlurryCheck,
-    LowInformationCheck,
-    OddAspectRatioCheck,
-    OddSizeCheck,
-    GrayscaleCheck,
+    *PIXEL_CHECKS,
 )
 
 

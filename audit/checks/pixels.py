@@ -328,8 +328,9 @@ def _reference_hashes(reference: Mapping[str, Any] | None) -> tuple[_RefHashes, 
     return _RefHashes(members, ids_t, None if labels is None else np.asarray(labels)), None
 
 
-# Every check of this module, for the registry: `for c in PIXEL_CHECKS: registry.register(c)`.
+# Every check of this module, in the order the default registry (audit.checks) registers and runs them.
 PIXEL_CHECKS: tuple[type[Check], ...] = (
+    ExactDuplicateCheck,
     DarkCheck,
     LightCheck,
     BlurryCheck,
@@ -337,5 +338,4 @@ PIXEL_CHECKS: tuple[type[Check], ...] = (
     OddAspectRatioCheck,
     OddSizeCheck,
     GrayscaleCheck,
-    ExactDuplicateCheck,
 )
