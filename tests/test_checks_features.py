@@ -431,6 +431,38 @@ def test_outlier_absent_class_keeps_a_finite_score() -> None:
     assert np.isfinite(res.score).all()
 
 
+@pytest.mark.parametrize("block", [7, 4096])
+def test_outlier_probs_in_blocks_equal_cleanlab_on_the_full_matrix(monkeypatch: pytest.MonkeyPatch, block: int) -> None:
+    """The block-wise probability half gives cleanlab's scores on the full (N, C) mean, absent classes included."""
+    from cleanlab.count import get_confident_thresholds
+    from cleanlab.outlier import OutOfDistribution
+
+    import audit.checks.outlier as om
+
+    monkeypatch.setattr(om, "_BLOCK", block)
+    pl = _planted()
+    labels = pl.inputs.labels.copy()
+    labels[labels == 3] = 2  # an absent class takes the mean self-confidence
+    labels[:5] = -1  # unlabelled rows are scored but fit nothing
+    probs = _probs_for(pl)
+    probs = [probs[0], np.roll(probs[0], 1, axis=1)]  # two models: their mean is what is scored
+    valid = np.ones(pl.inputs.n, dtype=bool)
+    valid[7] = False
+    res = OutlierCheck(use="probs").run(_with(pl.inputs, labels=labels, probs=probs, valid=valid))
+
+    mean = (probs[0].astype(np.float64) + probs[1]) / 2
+    mean /= mean.sum(1, keepdims=True)
+    rows = np.flatnonzero(valid)
+    lab = labels[rows]
+    keep = lab >= 0
+    thr = np.asarray(get_confident_thresholds(lab[keep], mean[rows][keep]), dtype=np.float64)
+    absent = np.bincount(lab[keep], minlength=mean.shape[1]) == 0
+    thr[absent] = mean[rows][keep][np.arange(keep.sum()), lab[keep]].mean()
+    want = OutOfDistribution(params={"method": "entropy", "confident_thresholds": thr}).score(pred_probs=mean[rows])
+    np.testing.assert_allclose(res.score[rows], np.clip(want, 0, 1), rtol=1e-12, atol=1e-12)
+    assert np.isnan(res.score[7])
+
+
 # --------------------------------------------------------------------------- the contract, for any input
 
 

@@ -161,45 +161,82 @@ class OutlierCheck(Check):
         return score, hit
 
     def _probs(self, inputs: CheckInputs, summary: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        from cleanlab.count import get_confident_thresholds
         from cleanlab.internal.constants import CONFIDENT_THRESHOLDS_LOWER_BOUND
         from cleanlab.outlier import OutOfDistribution
 
         n = inputs.n
-        probs = [np.asarray(q) for q in inputs.probs or ()]
+        probs = list(inputs.probs or ())
         c = probs[0].shape[1]
-        mean = np.zeros((n, c), dtype=np.float64)
         for q in probs:
             if q.shape != (n, c):
                 raise ValueError(f"probs of shape {q.shape}, expected ({n}, {c}) like the first model's")
-            mean += q
-        mean /= len(probs)
         valid = np.ones(n, dtype=bool) if inputs.valid is None else np.asarray(inputs.valid, dtype=bool)
-        ok = valid & np.isfinite(mean).all(1)
+        labels = None if inputs.labels is None else np.asarray(inputs.labels, dtype=np.int64)
+        # Two passes over row blocks, never the (N, C) mean as a whole: at 50,000 x 1,000 the mean, its
+        # normalised copy and cleanlab's adjusted copy and entropy terms were 2 GiB at once. Both
+        # cleanlab steps are row-wise given the class thresholds, so blocks give the same scores.
+        ok = np.zeros(n, dtype=bool)
+        self_conf = np.full(n, np.nan)
+        for s, e in _blocks(n):
+            p = _mean_block(probs, s, e)
+            good = valid[s:e] & np.isfinite(p).all(1)
+            ok[s:e] = good
+            if labels is not None:
+                lab = labels[s:e]
+                has = good & (lab >= 0)
+                self_conf[s:e][has] = p[np.flatnonzero(has), lab[has]]
         rows = np.flatnonzero(ok)
         score = np.full(n, np.nan)
         hit = np.zeros(n, dtype=bool)
         if len(rows) == 0:
             return score, hit
-        p = np.clip(mean[rows], 0.0, None)
-        p /= np.clip(p.sum(1, keepdims=True), 1e-12, None)
-        labels = None if inputs.labels is None else np.asarray(inputs.labels, dtype=np.int64)[rows]
-        fit = labels is not None and (labels >= 0).sum() >= 2
+        labelled = ok & np.isfinite(self_conf) if labels is not None else np.zeros(n, dtype=bool)
+        fit = int(labelled.sum()) >= 2
         if fit:
-            lab = labels[labels >= 0]
-            pl = p[labels >= 0]
-            thr = np.asarray(get_confident_thresholds(lab, pl), dtype=np.float64)
-            absent = np.bincount(lab, minlength=c) == 0
-            thr[absent] = max(float(pl[np.arange(len(lab)), lab].mean()), CONFIDENT_THRESHOLDS_LOWER_BOUND)
+            lab = labels[labelled]  # type: ignore[index]
+            conf = self_conf[labelled]
+            # cleanlab's get_confident_thresholds (the mean self-confidence of each class's labelled images,
+            # floored at its lower bound) from the self-confidences alone, so it needs no (N, C) matrix;
+            # tests hold it equal to cleanlab's on the full matrix.
+            counts = np.bincount(lab, minlength=c)
+            sums = np.bincount(lab, weights=conf, minlength=c)
+            thr = np.where(counts > 0, sums / np.maximum(counts, 1), 2.0)
+            thr = np.clip(thr, CONFIDENT_THRESHOLDS_LOWER_BOUND, None)
+            thr[counts == 0] = max(float(conf.mean()), CONFIDENT_THRESHOLDS_LOWER_BOUND)
             ood = OutOfDistribution(params={"method": self.params["method"], "confident_thresholds": thr})
         else:
             # No labels: nothing to fit class thresholds on, so the raw probabilities are scored.
             ood = OutOfDistribution(params={"method": self.params["method"], "adjust_pred_probs": False})
-        s = np.clip(np.asarray(ood.score(pred_probs=p), dtype=np.float64), 0.0, 1.0)
-        limit = float(self.params["probs_threshold"] * np.median(s))
-        score[rows] = s
-        hit[rows] = s < limit
+        raw = np.full(n, np.nan)
+        for s, e in _blocks(n):
+            good = np.flatnonzero(ok[s:e])
+            if len(good):
+                p = _mean_block(probs, s, e)[good]
+                raw[s + good] = np.asarray(ood.score(pred_probs=p), dtype=np.float64)
+        sc = np.clip(raw[rows], 0.0, 1.0)
+        limit = float(self.params["probs_threshold"] * np.median(sc))
+        score[rows] = sc
+        hit[rows] = sc < limit
         summary["probs_issues"] = int(hit.sum())
         summary["probs_score_limit"] = round(limit, 6)
         summary["probs_adjusted_by_class_thresholds"] = bool(fit)
         return score, hit
+
+
+_BLOCK = 4096  # rows of the probability matrices handled at once: 4,096 x 1,000 float64 is 31 MiB
+
+
+def _blocks(n: int) -> list[tuple[int, int]]:
+    return [(s, min(n, s + _BLOCK)) for s in range(0, n, _BLOCK)]
+
+
+def _mean_block(probs: list[np.ndarray], s: int, e: int) -> np.ndarray:
+    """Rows ``s:e`` of the models' mean probabilities, clipped at 0 and renormalised (float64)."""
+    mean = np.zeros((e - s, probs[0].shape[1]), dtype=np.float64)
+    for q in probs:
+        mean += np.asarray(q[s:e], dtype=np.float64)
+    mean /= len(probs)
+    with np.errstate(invalid="ignore"):
+        np.clip(mean, 0.0, None, out=mean)
+        mean /= np.clip(mean.sum(1, keepdims=True), 1e-12, None)
+    return mean
