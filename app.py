@@ -41,8 +41,9 @@ import pandas as pd
 import streamlit as st
 from streamlit import config as st_config
 
+from audit import mapview
 from audit import queries as q
-from audit.dashboard import auth
+from audit.dashboard import auth, mapfig
 from audit.dashboard.params import image_from_url, page_from_url
 from audit.dashboard.thumbs import UnsafePath, safe_image_path, thumb_dir, thumbnail
 from audit.dashboard.ui import alert, plain_frame, shown
@@ -51,7 +52,7 @@ from audit.store import ACTIONS, default_db
 
 st.set_page_config(page_title="audit", layout="wide")
 
-PAGES = ("Overview", "Disagreements", "Review", "Impact", "Export")
+PAGES = ("Overview", "Disagreements", "Map", "Review", "Impact", "Export")
 PAGE_SIZE = 24
 PARTNERS = 6  # partner images (duplicates) shown on the review page
 NEIGHBOUR_COUNTS = (4, 8, 12, 16, 20)  # how many nearest images the review page can show (20 are stored)
@@ -79,13 +80,18 @@ DEFAULTS: dict[str, Any] = {
     "f_quality": (0.0, 1.0),
     "f_reviewed": "unreviewed",
     "f_sort": "quality",
+    "f_images": None,
     "g_page": 1,
     "c_model": q.ENSEMBLE,
     "d_view": "Gallery",
     "reason": "",
     "advance": True,
     "n_k": q.NEIGHBOURS_K,
+    "m_colour": "given",
+    "m_highlight": True,
 }
+# Read-side modules the pages query through load("module:function", ...); a bare name is audit.queries'.
+_QUERIES = {"q": q, "mapview": mapview}
 
 
 def _db() -> Path:
@@ -106,7 +112,8 @@ def _reader() -> q.Reader:
 
 @st.cache_data(ttl=300, max_entries=256, show_spinner=False)
 def _cached(name: str, db: str, version: tuple[int, ...], args: tuple[Any, ...], _reader: q.Reader) -> Any:
-    return getattr(q, name)(_reader, *args)
+    mod, _, fn = name.rpartition(":")
+    return getattr(_QUERIES[mod or "q"], fn)(_reader, *args)
 
 
 @st.cache_resource
@@ -212,6 +219,7 @@ def filters() -> q.Filters:
         quality=(float(ss["f_quality"][0]), float(ss["f_quality"][1])),
         reviewed=ss["f_reviewed"],
         sort=ss["f_sort"],
+        images=tuple(ss["f_images"]) if ss["f_images"] is not None else None,
     )
 
 
@@ -451,6 +459,9 @@ def filter_bar(models: list[str], labels: list[str]) -> None:
     f.radio("Reviewed", ["unreviewed", "reviewed", "all"], key="f_reviewed", horizontal=True, on_change=reset_page)
     sorts = [k for k in q.SORTS if extra or k != "score"]
     g.selectbox("Sort", sorts, format_func=lambda k: q.SORTS[k][0], key="f_sort", on_change=reset_page)
+    if ss["f_images"] is not None:
+        st.info(f"Only the {len(ss['f_images']):,} images selected on the Map page.")
+        st.button("Clear the map selection", on_click=lambda: (ss.__setitem__("f_images", None), reset_page()))
     if ss["f_pair"]:
         pa, pb = ss["f_pair"]
         st.info("Only the images of one class pair (given label and a model's top-1, either way):")
@@ -566,6 +577,80 @@ def pairs_view(models: list[str]) -> None:
         reset_page()
 
     st.button("Show these images in the gallery", on_click=show_pair)
+
+
+def send_to_review(images: list[int]) -> None:
+    """The Map page's selection becomes the review queue (every selected image, flagged or not)."""
+    ss = st.session_state
+    ss["f_images"] = [int(i) for i in images]
+    ss["f_kinds"] = []
+    ss["g_page"] = 1
+    ss["image"] = None
+    ss["page"] = "Review"
+
+
+def show_in_gallery(images: list[int]) -> None:
+    ss = st.session_state
+    ss["f_images"] = [int(i) for i in images]
+    ss["f_kinds"] = []
+    ss["g_page"] = 1
+    ss["_to_gallery"] = True
+    ss["page"] = "Disagreements"
+
+
+def page_map() -> None:
+    ss = st.session_state
+    st.header("Map")
+    info = load("mapview:map_maps")
+    maps = [tuple(m) for m in info["maps"]]
+    if not maps:
+        st.text(shown(info["note"]))
+        return
+    if ss.get("m_map") not in maps:
+        ss["m_map"] = maps[0]
+    top = st.columns([3, 3, 2])
+    top[0].selectbox(
+        "Map (features of one model)", maps, format_func=lambda m: f"{shown(m[0])} · {m[1].upper()}", key="m_map"
+    )
+    top[1].selectbox("Colour by", list(mapview.COLOURS), format_func=mapview.COLOURS.get, key="m_colour")
+    top[2].toggle(
+        "Outline the gallery's filter",
+        key="m_highlight",
+        help="images the Disagreements filters keep (by default: flagged, unreviewed) drawn on top, outlined",
+    )
+    model, method = ss["m_map"]
+    pts = load("mapview:map_points", model, method)
+    if pts.empty:
+        st.text("map: no image could be placed (no finite features)")
+        return
+    hl = load("mapview:selected_images", filters()) if ss["m_highlight"] else None
+    st.caption(
+        f"{len(pts):,} images. Draw a lasso or a box (toolbar, top right), or click a point, to see those images; "
+        "hover a point for its id and labels."
+    )
+    event = st.plotly_chart(
+        mapfig.map_figure(pts, ss["m_colour"], hl),
+        key="m_chart",
+        on_select="rerun",
+        selection_mode=("points", "box", "lasso"),
+        width="stretch",
+    )
+    sel = mapfig.selected_from_event(event)
+    if not sel:
+        return
+    bar = st.columns([2, 3, 3])
+    bar[0].metric("selected images", f"{len(sel):,}")
+    bar[1].button("Send these to the review queue", type="primary", on_click=send_to_review, args=(sel,))
+    bar[2].button("Show them in the gallery", on_click=show_in_gallery, args=(sel,))
+    f = q.Filters(kinds=(), checks=(), reviewed="all", sort="image", images=tuple(sel))
+    total, rows = load("gallery", f, 0, PAGE_SIZE)
+    if total > len(rows):
+        st.caption(f"The first {len(rows)} of {total:,}; the gallery pages through all of them.")
+    cols = st.columns(4)
+    extra = other_checks()
+    for k, row in enumerate(rows.itertuples(index=False)):
+        with cols[k % 4]:
+            card(row, extra)
 
 
 def write_policy() -> auth.WritePolicy:
@@ -1034,6 +1119,7 @@ def main() -> None:
             {
                 "Overview": page_overview,
                 "Disagreements": page_disagreements,
+                "Map": page_map,
                 "Review": page_review,
                 "Impact": page_impact,
                 "Export": page_export,

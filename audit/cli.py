@@ -100,7 +100,7 @@ def _check_options(items: Sequence[str] | None) -> dict[str, dict[str, Any]]:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from audit.config import ChecksConfig, HeadsConfig, RunConfig, ScoringConfig
+    from audit.config import ChecksConfig, HeadsConfig, MapConfig, RunConfig, ScoringConfig
     from audit.datasets import load_dataset
     from audit.pipeline import check_workspace_outside, last_run_inputs, run_audit
     from audit.zoo import resolve_model
@@ -143,6 +143,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         ),
         heads=HeadsConfig(enabled=heads, folds=folds if folds is not None else 10),
         checks=ChecksConfig(names=checks, options=check_options),
+        map=MapConfig(enabled=a.map, model=a.map_model, method=a.map_method),
         sigmoid_threshold=a.sigmoid_threshold,
     )
     # Before the dataset is read: a workspace inside it would change what is read.
@@ -485,6 +486,18 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not record each model's penultimate features beside its logits (on by default; ~no extra time)",
     )
+    r.add_argument(
+        "--map",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="store a 2-D map of the images from one model's features for the dashboard's Map page (default on; "
+        "needs features and at least 100 images; recomputed only when the features change)",
+    )
+    r.add_argument(
+        "--map-model",
+        help="the model whose features make the map (default: the one whose predictions agree most with the labels)",
+    )
+    r.add_argument("--map-method", choices=["umap", "tsne"], default="umap", help="umap (default) or t-SNE")
     r.add_argument(
         "--sigmoid-threshold",
         type=_typed(_options.check_probability, "--sigmoid-threshold"),

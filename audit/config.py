@@ -20,7 +20,7 @@ from typing import Any
 from audit import _options
 from audit.errors import OptionError
 
-__all__ = ["ChecksConfig", "HeadsConfig", "RunConfig", "ScoringConfig"]
+__all__ = ["ChecksConfig", "HeadsConfig", "MapConfig", "RunConfig", "ScoringConfig"]
 
 
 def _set(obj: object, name: str, value: Any) -> None:
@@ -101,6 +101,29 @@ class ChecksConfig:
         return make_checks(self.names, params=self.options)
 
 
+@dataclass(frozen=True)
+class MapConfig:
+    """The 2-D map of the dataset the run stores for the dashboard's Map page (:mod:`audit.featuremap`)."""
+
+    enabled: bool = True  # compute it (when the run records features and has enough images)
+    model: str | None = None  # the zoo model whose features make it; None: the one whose predictions fit best
+    method: str = "umap"  # "umap" (umap-learn) or "tsne" (scikit-learn)
+    seed: int = 0  # PCA / UMAP / t-SNE seed: the same features and settings give the same map
+
+    def __post_init__(self) -> None:
+        _set(self, "enabled", _options.check_bool("--map", self.enabled))
+        if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
+            raise OptionError(f"--map-model must name a model of the run, got {self.model!r}")
+        _set(self, "seed", _options.check_int("--map-seed", self.seed, lo=0))
+        self.settings()  # the method's rule lives with the computation
+
+    def settings(self) -> Any:
+        """The :class:`audit.featuremap.MapSettings` of this config."""
+        from audit.featuremap import MapSettings
+
+        return MapSettings(method=self.method, seed=self.seed)
+
+
 # The flat keyword names of run_audit(**options): which part of the config each belongs to, as which field.
 _FLAT = {
     **{f: ("scoring", f) for f in ("batch_size", "workers", "device", "backend", "precision", "features", "crop")},
@@ -109,6 +132,9 @@ _FLAT = {
     "checks": ("checks", "names"),
     "check_options": ("checks", "options"),
     "sigmoid_threshold": ("run", "sigmoid_threshold"),
+    "map": ("map", "enabled"),
+    "map_model": ("map", "model"),
+    "map_method": ("map", "method"),
 }
 
 
@@ -119,11 +145,13 @@ class RunConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
+    map: MapConfig = field(default_factory=MapConfig)
     # Sigmoid evaluation's threshold on sigmoid(logit); None: cross-fitted on the images themselves.
     sigmoid_threshold: float | None = None
 
     def __post_init__(self) -> None:
-        for name, cls in (("scoring", ScoringConfig), ("heads", HeadsConfig), ("checks", ChecksConfig)):
+        parts = (("scoring", ScoringConfig), ("heads", HeadsConfig), ("checks", ChecksConfig), ("map", MapConfig))
+        for name, cls in parts:
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"RunConfig.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
         if self.sigmoid_threshold is not None:
@@ -138,7 +166,7 @@ class RunConfig:
         TypeError
             A keyword that is no setting (a typo would otherwise be ignored).
         """
-        parts: dict[str, dict[str, Any]] = {"scoring": {}, "heads": {}, "checks": {}, "run": {}}
+        parts: dict[str, dict[str, Any]] = {"scoring": {}, "heads": {}, "checks": {}, "map": {}, "run": {}}
         for key, value in options.items():
             if key not in _FLAT:
                 raise TypeError(f"unknown run option {key!r}; known: {', '.join(sorted(_FLAT))}")
@@ -150,13 +178,14 @@ class RunConfig:
             scoring=ScoringConfig(**parts["scoring"]),
             heads=HeadsConfig(**parts["heads"]),
             checks=ChecksConfig(**parts["checks"]),
+            map=MapConfig(**parts["map"]),
             **parts["run"],
         )
 
     def to_params(self) -> dict[str, Any]:
         """The whole config as JSON-able values (what ``runs.params["config"]`` holds)."""
         out: dict[str, Any] = {}
-        for part in ("scoring", "heads"):
+        for part in ("scoring", "heads", "map"):
             obj = getattr(self, part)
             out[part] = {f.name: getattr(obj, f.name) for f in fields(obj)}
         out["checks"] = {
@@ -173,5 +202,6 @@ class RunConfig:
             scoring=ScoringConfig(**dict(params.get("scoring") or {})),
             heads=HeadsConfig(**dict(params.get("heads") or {})),
             checks=ChecksConfig(**dict(params.get("checks") or {})),
+            map=MapConfig(**dict(params.get("map") or {})),
             sigmoid_threshold=params.get("sigmoid_threshold"),
         )

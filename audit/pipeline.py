@@ -353,6 +353,9 @@ def run_audit(
     _check_compatible(ds, specs)
     if len({s.name for s in specs}) != len(specs):
         raise ModelError("the same model is listed twice in --models; list each once")
+    if config.map.model is not None and config.map.model not in {s.name for s in specs}:
+        names = ", ".join(s.name for s in specs)
+        raise OptionError(f"--map-model {config.map.model!r} is not one of --models: {names}")
     # Weights problems surface here, before the workspace (even its lock) is touched or any image scored.
     models = load_models(specs)
     run_id = now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -533,6 +536,9 @@ def _run_audit(
     # The review page's nearest images, from the graph the feature checks shared (audit.neighbours): written
     # before the run's tables and naming this run, so a run that fails after it leaves no neighbours in use.
     write_neighbours(db, run_id, inputs_)
+    map_note = _write_map(db, run_id, config, scored, evaluable, feats, ds, valid)
+    if map_note:
+        notes.append(map_note)
     label = next((r for r in results if r.check == "label"), None)
     if label is not None and ds.truth is not None:
         metric_rows += [(ENSEMBLE, m) for m in flag_metrics(label.score, label.is_issue, ds.labels, ds.truth, valid)]
@@ -567,6 +573,33 @@ def _run_audit(
     _ingest(db, run_id, ds, arrays, pred_frames, metrics, label, bad, notes, stats, head_params, heads_info, check_rows)
     n_flag = int(np.count_nonzero(label.is_issue)) if label is not None else 0
     return RunResult(run_id, db, metrics, n_flag, len(bad), tuple(notes), tuple(warnings), outcomes)
+
+
+def _write_map(
+    db: Path,
+    run_id: str,
+    config: RunConfig,
+    scored: Sequence[ModelArrays],
+    evaluable: Sequence[ModelArrays],
+    feats: Mapping[str, np.ndarray | None],
+    ds: AuditDataset,
+    valid: np.ndarray,
+) -> str | None:
+    """The dashboard's map (audit.featuremap): the chosen model's, or the one whose predictions fit best."""
+    from audit.featuremap import strongest_model, write_maps
+
+    have = {a.spec.name: f for a in scored if (f := feats.get(a.spec.name)) is not None}
+    mc = config.map
+    if mc.model is not None and have and mc.model not in have:
+        raise OptionError(f"--map-model {mc.model!r} has no features in this run; choose one of: {', '.join(have)}")
+    default = mc.model
+    if default is None and have:
+        probs = {a.spec.name: np.load(a.probs, mmap_mode="r") for a in evaluable}
+        arch_of = {a.spec.name: a.spec.arch for a in evaluable if a.spec.arch}
+        default = strongest_model(list(have), probs, arch_of, np.asarray(ds.labels), valid)
+    return write_maps(
+        db, run_id, have, valid, default=default, settings=mc.settings(), enabled=mc.enabled, log=_log.info
+    )
 
 
 def _check_inputs(

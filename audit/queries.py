@@ -41,6 +41,7 @@ import pyarrow as pa
 
 from audit.errors import StoreError, UserError
 from audit.evaluate import wilson_interval
+from audit.featuremap import maps_dir
 from audit.neighbours import neighbours_path, read_neighbours
 from audit.store import append_decision, connect, current_labels_sql, current_sql, fetch_one, given_sql
 
@@ -202,8 +203,9 @@ def data_version(db: str | Path) -> tuple[int, ...]:
     """
     p = Path(db)
     out: list[int] = []
-    # The neighbours file too: the one workspace file the read side reads besides the database.
-    for f in (p, p.with_name(p.name + ".wal"), neighbours_path(p)):
+    # The neighbours file and the maps' index too: the workspace files the read side reads besides the database
+    # (every run that records features rewrites the maps' index, and a new map is written before it).
+    for f in (p, p.with_name(p.name + ".wal"), neighbours_path(p), maps_dir(p) / "current.json"):
         try:
             st = os.stat(f)
             out += [st.st_mtime_ns, st.st_size, st.st_ino]
@@ -842,6 +844,7 @@ class Filters:
     quality : (low, high) range of cleanlab's label quality; (0, 1) keeps every image.
     reviewed : ``"all"``, ``"unreviewed"`` or ``"reviewed"``.
     sort : key of :data:`SORTS`.
+    images : keep only these image indices (a selection on the Map page); None = no such restriction.
     """
 
     kinds: tuple[str, ...] = ("flagged",)
@@ -853,6 +856,7 @@ class Filters:
     quality: tuple[float, float] = (0.0, 1.0)
     reviewed: str = "unreviewed"
     sort: str = "quality"
+    images: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         bad = [k for k in self.kinds if k not in DISAGREEMENTS]
@@ -909,6 +913,10 @@ def _selection(run: _Run, f: Filters) -> tuple[str, list[Any]]:
     if (lo, hi) != (0.0, 1.0):
         where.append("f.label_quality BETWEEN ? AND ?")
         params += [lo, hi]
+    if f.images is not None:
+        # A semi-join, not list_contains: a selection may hold 50,000 images.
+        where.append("f.image_index IN (SELECT unnest(?::INTEGER[]))")
+        params.append([int(i) for i in f.images])
     if f.reviewed == "unreviewed":
         where.append("NOT f.reviewed")
     elif f.reviewed == "reviewed":

@@ -1,0 +1,105 @@
+"""The read side of the dataset map (the dashboard's Map page): points, their labels and flags, and selections.
+
+One query joins the stored map (:mod:`audit.featuremap`) with each image's facts as every other
+reader sees them (the review log's fold for the current label, :func:`audit.store.current_sql`;
+the checks' issues), and a second gives the images the current filters keep (the same
+selection the gallery and the review queue use, :func:`audit.queries._selection`), which the
+page highlights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from audit.featuremap import current_maps, read_current, read_map
+from audit.queries import ENSEMBLE, Filters, Reader, _open, _path, _selection, _with_facts
+
+__all__ = ["COLOURS", "map_maps", "map_points", "selected_images"]
+
+# What the points can be coloured by: key -> label shown in the dashboard.
+COLOURS = {
+    "given": "given label",
+    "current": "current label",
+    "flagged": "flagged (label check)",
+    "check": "flagged by any check",
+    "reviewed": "reviewed",
+    "confidence": "model confidence",
+}
+NO_FIT = "(no class fits)"
+NO_MAP = "map: none stored in this workspace; rerun audit run (with features, 100 images or more) to compute it"
+
+
+def map_maps(db: str | Path | Reader) -> dict[str, Any]:
+    """The maps this workspace can show: ``maps`` [(model, method)], the default first, and ``note`` (why none)."""
+    p = _path(db)
+    cur = read_current(p)
+    maps = current_maps(p)
+    note = None
+    if not maps:
+        note = (cur or {}).get("note") or NO_MAP
+    return {"maps": maps, "note": note}
+
+
+def map_points(db: str | Path | Reader, model: str, method: str) -> pd.DataFrame:
+    """Every placed image of one map with what the page colours and shows on hover.
+
+    Columns: image_index, x, y, image_id, label (given class index), given (its name), current (the
+    current label's name; ``(no class fits)`` when excluded; several joined by ``; ``), reviewed,
+    flagged (the label check's flag), checks (names of the checks that flagged it, ``, ``-joined),
+    confidence (the ensemble's top-1 probability, else the map model's). Images the map could not place
+    (no finite features) are left out. Empty when the map is not stored for the current features.
+    """
+    p = _path(db)
+    cur = read_current(p) or {}
+    digest = (cur.get("digests") or {}).get(model)
+    stored = read_map(p, model, method, digest) if digest else None
+    cols = ["image_index", "x", "y", "image_id", "label", "given", "current", "reviewed", "flagged", "checks"]
+    if stored is None:
+        return pd.DataFrame(columns=[*cols, "confidence"])
+    xy = stored.coords
+    placed = np.flatnonzero(np.isfinite(xy).all(axis=1))
+    pts = pd.DataFrame({"image_index": placed.astype(np.int64), "x": xy[placed, 0], "y": xy[placed, 1]})
+    with _open(db) as con:
+        run = _with_facts(con, p)
+        sql, params = _selection(run, Filters(kinds=(), checks=(), reviewed="all"))
+        con.register("map_pts", pts)
+        # Every check's issues, for the "flagged by" colour and the hover line.
+        df = con.execute(
+            sql
+            + """,
+            chk AS (SELECT image_index, string_agg("check", ', ' ORDER BY "check") AS checks
+                    FROM issues WHERE is_issue GROUP BY image_index),
+            conf AS (SELECT image_index, max(top1_prob) FILTER (WHERE model = ?) AS ens,
+                            max(top1_prob) FILTER (WHERE model = ?) AS own
+                     FROM predictions GROUP BY image_index)
+            SELECT m.image_index, m.x, m.y, s.image_id, s.label, g.name AS given,
+                   s.current_labels,
+                   s.reviewed, s.is_label_issue AS flagged, coalesce(chk.checks, '') AS checks,
+                   coalesce(conf.ens, conf.own) AS confidence
+            FROM map_pts m JOIN sel s USING (image_index)
+            LEFT JOIN classes g ON g.class_index = s.label
+            LEFT JOIN chk USING (image_index) LEFT JOIN conf USING (image_index)
+            ORDER BY m.image_index
+            """,
+            [*params, ENSEMBLE, model],
+        ).df()
+        con.unregister("map_pts")
+        names = dict(con.execute("SELECT class_index, name FROM classes").fetchall())
+    df["current"] = [
+        "; ".join(names.get(int(c), str(c)) for c in cl) if len(cl) else NO_FIT for cl in df.pop("current_labels")
+    ]
+    return df[[*cols, "confidence"]]
+
+
+def selected_images(db: str | Path | Reader, filters: Filters) -> np.ndarray:
+    """Image indices the filters keep (the gallery's and the review queue's selection), sorted."""
+    p = _path(db)
+    with _open(db) as con:
+        run = _with_facts(con, p)
+        sql, params = _selection(run, filters)
+        rows = con.execute(sql + " SELECT image_index FROM sel ORDER BY image_index", params).fetchnumpy()
+    return np.asarray(rows["image_index"], dtype=np.int64)

@@ -1,0 +1,276 @@
+"""The dataset map (audit.featuremap computes and stores it, audit.mapview reads it, mapfig draws it).
+
+Seeded synthetic features with planted classes: the map is reproducible and keeps the classes apart;
+a stored map is reused while the features are unchanged and never shown once they change; a run writes
+the default model's map (the one whose predictions fit best) and says why it wrote none; hostile names
+stay data in the figure; the Map page under Streamlit's AppTest.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _synth import WNIDS, make_imagefolder, make_predictions
+
+from audit import featuremap as fm
+from audit import mapview
+from audit.cli import main
+from audit.config import MapConfig, RunConfig
+from audit.dashboard import mapfig
+from audit.datasets import load_dataset
+from audit.errors import OptionError
+from audit.queries import Filters
+
+
+def _clusters(n_per: int = 40, k: int = 3, d: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (k, d)) * 4
+    y = np.repeat(np.arange(k), n_per)
+    x = np.maximum(centres[y] + rng.normal(0, 1, (len(y), d)), 0)
+    return x.astype(np.float16), y
+
+
+def _centroid_accuracy(xy: np.ndarray, y: np.ndarray) -> float:
+    cents = np.stack([xy[y == c].mean(0) for c in np.unique(y)])
+    pred = np.argmin(((xy[:, None, :] - cents[None]) ** 2).sum(-1), axis=1)
+    return float((pred == y).mean())
+
+
+# --------------------------------------------------------------------------- the computation
+
+
+def test_umap_map_is_seeded_keeps_classes_apart_and_skips_unusable_rows():
+    x, y = _clusters()
+    x[5] = 0  # zero features: no direction, not placed
+    x[6, 0] = np.inf
+    valid = np.ones(len(x), dtype=bool)
+    valid[7] = False
+    a, info = fm.compute_map(x, valid)
+    b, _ = fm.compute_map(x, valid)
+    assert np.array_equal(a, b, equal_nan=True)  # seeded
+    assert np.isnan(a[[5, 6, 7]]).all() and info["placed"] == len(x) - 3
+    ok = np.isfinite(a).all(1)
+    assert _centroid_accuracy(a[ok], y[ok]) > 0.95
+    assert info["method"] == "umap" and info["umap_version"] and info["seconds"] >= 0
+
+
+def test_tsne_is_the_option_and_a_tiny_set_gets_no_map():
+    x, y = _clusters(n_per=15)
+    a, info = fm.compute_map(x, settings=fm.MapSettings(method="tsne"))
+    assert info["method"] == "tsne" and _centroid_accuracy(a, y) > 0.9
+    tiny, info = fm.compute_map(x[:2])
+    assert np.isnan(tiny).all() and info["placed"] == 2
+
+
+def test_settings_and_config_refuse_bad_values_and_round_trip():
+    with pytest.raises(OptionError, match="--map-method"):
+        MapConfig(method="pca")
+    with pytest.raises(OptionError, match="--map-model"):
+        MapConfig(model=" ")
+    with pytest.raises(OptionError, match="n_neighbors"):
+        fm.MapSettings(n_neighbors=1)
+    cfg = RunConfig.from_options(map=False, map_model="m", map_method="tsne")
+    assert cfg.map == MapConfig(enabled=False, model="m", method="tsne")
+    assert RunConfig.from_params(cfg.to_params()) == cfg
+    old = {k: v for k, v in cfg.to_params().items() if k != "map"}  # a run stored before maps
+    assert RunConfig.from_params(old).map == MapConfig()
+
+
+def test_strongest_model_counts_a_heads_predictions_for_its_features_model():
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    good = np.eye(2)[labels]
+    bad = np.eye(2)[1 - labels]
+    valid = np.ones(6, dtype=bool)
+    assert fm.strongest_model(["a", "b"], {"a": bad, "b": good}, {}, labels, valid) == "b"
+    # A custom space: the zoo models predict no class of it, their heads do.
+    probs = {"a.head": good, "b.head": bad}
+    assert fm.strongest_model(["a", "b"], probs, {"a.head": "a", "b.head": "b"}, labels, valid) == "a"
+    assert fm.strongest_model(["a", "b"], {}, {}, labels, valid) == "a"
+    assert fm.strongest_model([], {}, {}, labels, valid) is None
+
+
+# --------------------------------------------------------------------------- storage: recomputed when features change
+
+
+def test_a_map_is_reused_until_its_features_change(tmp_path, monkeypatch):
+    db = tmp_path / "w.duckdb"
+    x, _ = _clusters(n_per=50)
+    valid = np.ones(len(x), dtype=bool)
+    calls: list[str] = []
+
+    def fake(features, valid, *, settings, log=None):
+        calls.append("x")
+        return np.zeros((len(features), 2), np.float32) + len(calls), {**settings.to_params(), "seconds": 0.0}
+
+    monkeypatch.setattr(fm, "compute_map", fake)
+    assert fm.write_maps(db, "r1", {"m": x, "n": x}, valid, default="m") is None
+    assert calls == ["x"] and fm.current_maps(db) == [("m", "umap")]
+    fm.write_maps(db, "r2", {"m": x, "n": x}, valid, default="m")
+    assert calls == ["x"]  # same features, same settings: the stored map is used
+    fm.write_maps(db, "r3", {"m": x, "n": x}, valid, default="m", extra=["n"])
+    assert len(calls) == 2 and fm.current_maps(db) == [("m", "umap"), ("n", "umap")]
+    changed = x.copy()
+    changed[0, 0] += 1
+    fm.write_maps(db, "r4", {"m": x, "n": changed}, valid, default="m")
+    # n's features changed and nobody asked for its map again: the old one is never shown.
+    assert len(calls) == 2 and fm.current_maps(db) == [("m", "umap")]
+    assert fm.read_map(db, "n", "umap", fm.read_current(db)["digests"]["n"]) is None
+    fm.write_maps(db, "r5", {"m": x}, valid, default="m", settings=fm.MapSettings(seed=3))
+    assert len(calls) == 3  # another seed is another map
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "note"),
+    [
+        ({"features": {}, "default": None}, "no features"),
+        ({"enabled": False}, "--no-map"),
+        ({"valid_n": 99}, "at least 100"),
+    ],
+)
+def test_why_no_map_is_recorded_and_shown(tmp_path, kwargs, note):
+    db = tmp_path / "w.duckdb"
+    x, _ = _clusters(n_per=50)
+    valid = np.ones(len(x), dtype=bool)
+    valid[kwargs.pop("valid_n", len(x)) :] = False
+    args = {"features": {"m": x}, "default": "m", **kwargs}
+    got = fm.write_maps(db, "r", args.pop("features"), valid, default=args.pop("default"), **args)
+    assert note in got
+    assert fm.current_maps(db) == [] and note in mapview.map_maps(db)["note"]
+
+
+def test_a_damaged_or_foreign_map_file_reads_as_absent(tmp_path):
+    db = tmp_path / "w.duckdb"
+    assert fm.read_map(db, "m", "umap") is None and fm.read_current(db) is None
+    assert mapview.map_maps(db)["note"] == mapview.NO_MAP
+    p = fm.map_path(db, "m", "umap")
+    p.parent.mkdir(parents=True)
+    p.write_bytes(b"PK\x03\x04 broken")
+    assert fm.read_map(db, "m", "umap") is None
+    (p.parent / "current.json").write_text("{not json")
+    assert fm.read_current(db) is None
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        fm.save_map(db, "r", "m", "d", np.zeros((3, 3)), {"method": "umap"})
+    # Model names may hold any character: the file is named by a hash.
+    assert fm.map_path(db, "../x/y", "umap").parent == fm.maps_dir(db)
+
+
+# --------------------------------------------------------------------------- a run, the read side and the figure
+
+HOSTILE = ("<b>bold</b>", "=1+1", "**x**", "<img src=x onerror=alert(1)>")
+
+
+@pytest.fixture(scope="module")
+def map_ws(tmp_path_factory):
+    """A 120-image ImageFolder with prediction files carrying clustered features, one of them near-random."""
+    base = tmp_path_factory.mktemp("map")
+    root = make_imagefolder(base / "ds", per_class=30)
+    ds = load_dataset(root)
+    good = make_predictions(base / "good.npy", list(ds.image_ids), ds.labels, flip=np.arange(0, 120, 17))
+    weak = make_predictions(base / "weak.npy", list(ds.image_ids), ds.labels, flip=np.arange(0, 120, 2), seed=3)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, (len(WNIDS), 24)) * 4
+    for p in (good, weak):
+        f = np.maximum(centres[ds.labels] + rng.normal(0, 1, (len(ds), 24)), 0).astype(np.float32)
+        np.save(p.with_suffix(".features.npy"), f)
+    db = base / "w.duckdb"
+    models = f"preds:{weak},preds:{good}"
+    assert main(["run", str(root), "--models", models, "--db", str(db), "-q"]) == 0
+    return root, db, ds, good, weak, models
+
+
+def test_a_run_stores_the_best_fitting_models_map_and_the_read_side_joins_labels(map_ws):
+    _, db, ds, good, _, _ = map_ws
+    maps = mapview.map_maps(db)
+    assert maps["note"] is None and len(maps["maps"]) == 1
+    model, method = maps["maps"][0]
+    assert method == "umap" and model == f"preds:{good.stem}"  # the model whose predictions agree most with the labels
+    pts = mapview.map_points(db, model, method)
+    assert len(pts) == len(ds) and pts["image_index"].tolist() == list(range(len(ds)))
+    assert set(pts["given"]) == {ds.label_space.names[i] for i in ds.labels} and pts["confidence"].between(0, 1).all()
+    flagged = set(mapview.selected_images(db, Filters()).tolist())
+    assert flagged == set(pts.loc[pts["flagged"], "image_index"])  # the default filter: flagged, unreviewed
+    assert _centroid_accuracy(pts[["x", "y"]].to_numpy(), ds.labels) > 0.9
+    only = mapview.selected_images(db, Filters(kinds=(), reviewed="all", images=(3, 5, 999)))
+    assert only.tolist() == [3, 5]
+
+
+def test_a_rerun_reuses_the_map_and_map_options_are_checked_first(map_ws, capsys):
+    root, db, _, _, weak, models = map_ws
+    before = {p.name: p.stat().st_mtime_ns for p in fm.maps_dir(db).glob("map-*.npz")}
+    assert main(["run", "--db", str(db), "-q"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in fm.maps_dir(db).glob("map-*.npz")} == before
+    capsys.readouterr()
+    assert main(["run", str(root), "--models", models, "--db", str(db), "--map-model", "nope", "-q"]) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error" in ln]
+    assert len(errors) == 1 and "--map-model 'nope'" in errors[0] and "Traceback" not in err
+    # Another model's map on request: both are offered, the requested one first.
+    assert main(["run", str(root), "--models", models, "--db", str(db), "--map-model", f"preds:{weak.stem}", "-q"]) == 0
+    got = mapview.map_maps(db)["maps"]
+    assert len(got) == 2 and got[0][0] == f"preds:{weak.stem}"
+
+
+def test_the_figure_escapes_names_and_outlines_the_filter():
+    import pandas as pd
+
+    n = 8
+    frame = pd.DataFrame(
+        {
+            "image_index": np.arange(n),
+            "x": np.arange(n, dtype=float),
+            "y": np.arange(n, dtype=float),
+            "image_id": [f"{HOSTILE[i % 4]}.png" for i in range(n)],
+            "label": np.arange(n) % 4,
+            "given": [HOSTILE[i % 4] for i in range(n)],
+            "current": [HOSTILE[(i + 1) % 4] for i in range(n)],
+            "reviewed": np.arange(n) % 2 == 0,
+            "flagged": np.arange(n) % 3 == 0,
+            "checks": ["label" if i % 3 == 0 else "" for i in range(n)],
+            "confidence": np.linspace(0, 1, n),
+        }
+    )
+    for colour in mapview.COLOURS:
+        fig = mapfig.map_figure(frame, colour, highlight=[1, 2])
+        blob = json.dumps(fig.to_plotly_json(), default=str)
+        for h in HOSTILE:
+            if "<" in h:
+                assert h not in blob  # never raw HTML in hover text or legend names
+        assert html.escape(HOSTILE[0]) in blob
+        names = [t.name for t in fig.data]
+        assert any(nm.startswith("filter matches (2)") for nm in names)
+    with pytest.raises(ValueError, match="colour"):
+        mapfig.map_figure(frame, "nope")
+    event = {"selection": {"points": [{"customdata": 4}, {"customdata": [2]}, {"x": 1}]}}
+    assert mapfig.selected_from_event(event) == [2, 4]
+    assert mapfig.selected_from_event(None) == [] and mapfig.selected_from_event({"selection": {}}) == []
+
+
+def test_map_page_draws_and_a_selection_goes_to_review(map_ws, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    _, db, _, _, _, _ = map_ws
+    monkeypatch.setenv("AUDIT_DB", str(db))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=60)
+    at.query_params["page"] = "map"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("images. Draw a lasso" in c.value for c in at.caption)
+    for colour in mapview.COLOURS:
+        at.selectbox(key="m_colour").set_value(colour).run()
+        assert not at.exception, [e.value for e in at.exception]
+    # AppTest cannot drag a lasso: this is what the page's "Send these to the review queue" button does.
+    from importlib import import_module
+
+    assert import_module("audit.dashboard.mapfig").selected_from_event({"selection": {"points": []}}) == []
+    at.session_state["f_images"] = [1, 2, 3]
+    at.session_state["f_kinds"] = []
+    at.session_state["f_reviewed"] = "all"
+    at.sidebar.radio(key="page").set_value("Review").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("of 3" in c.value for c in at.caption)
+    at.sidebar.radio(key="page").set_value("Disagreements").run()
+    assert any("selected on the Map page" in i.value for i in at.info)
