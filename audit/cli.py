@@ -260,6 +260,20 @@ def cmd_metrics(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_map(a: argparse.Namespace) -> int:
+    from audit.featuremap import MapSettings, workspace_map
+
+    settings = MapSettings(method=a.method, seed=a.seed)
+    model, note = workspace_map(
+        a.db, model=a.model, settings=settings, log=lambda m: print(f"audit: {m}", file=sys.stderr)
+    )
+    if note:
+        print(note)
+        return 0
+    print(f"map of {model} ({a.method}) stored in {a.db}; open the dashboard's Map page")
+    return 0
+
+
 def cmd_checks(a: argparse.Namespace) -> int:
     from audit.checks import list_checks
 
@@ -519,6 +533,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
 
+    mp = sub.add_parser(
+        "map", help="compute the dashboard's map of a workspace from its stored features (no rescoring)"
+    )
+    mp.add_argument("--db", default=str(default_db()), help="workspace")
+    mp.add_argument("--model", help="the model whose features make the map (default: the best-fitting one)")
+    mp.add_argument("--method", choices=["umap", "tsne"], default="umap")
+    mp.add_argument("--seed", type=_typed(_options.check_int, "--seed", lo=0), default=0)
+    mp.set_defaults(func=cmd_map)
     k = sub.add_parser("checks", help="list the checks: name, the inputs each needs, default on/off, description")
     k.add_argument("filter", nargs="?", default="*", help="fnmatch filter, e.g. '*duplicate'")
     k.add_argument("--format", choices=["table", "csv", "json"], default="table")

@@ -58,6 +58,7 @@ __all__ = [
     "read_map",
     "save_map",
     "strongest_model",
+    "workspace_map",
     "write_current",
     "write_maps",
 ]
@@ -387,3 +388,68 @@ def write_maps(
     dflt = (default, settings.method) if default is not None and not note else None
     write_current(db, run_id, digests, dflt, note)
     return note
+
+
+def workspace_map(
+    db: str | Path,
+    *,
+    model: str | None = None,
+    settings: MapSettings = MapSettings(),
+    log: Callable[[str], None] | None = None,
+) -> tuple[str | None, str | None]:
+    """``audit map``: compute (or reuse) a map of a finished workspace from its stored features, no rescoring.
+
+    Reads the newest finished run's models, their features beside their logits in the arrays folder, the
+    valid mask and the given labels; ``model`` None takes the best-fitting one, as a run does. Returns
+    ``(model, note)``: the model mapped (None when none could be) and the one-line reason when none was.
+
+    Raises
+    ------
+    StoreError
+        No finished run in the workspace.
+    OptionError
+        ``model`` is not a model of the workspace with features.
+    """
+    from audit.errors import OptionError, StoreError
+    from audit.store import connect, fetch_one
+
+    with connect(db, read_only=True) as con:
+        row = fetch_one(
+            con,
+            "SELECT run_id FROM runs WHERE status = ? ORDER BY finished_at DESC NULLS LAST, started_at DESC LIMIT 1",
+            ["finished"],
+        )
+        if row is None:
+            raise StoreError(f"{db} has no finished run; run audit run first")
+        run_id = str(row[0])
+        models = con.execute(
+            "SELECT model, source, arch, logits_file, probs_file FROM models ORDER BY model"
+        ).fetchall()
+        img = con.execute("SELECT label, valid FROM images ORDER BY image_index").fetchnumpy()
+        n_classes = int(fetch_one(con, "SELECT count(*) FROM classes", [])[0])
+    labels = np.asarray(img["label"], dtype=np.int64)
+    valid = np.asarray(img["valid"], dtype=bool)
+    feats: dict[str, np.ndarray] = {}
+    probs: dict[str, np.ndarray] = {}
+    arch_of: dict[str, str] = {}
+    for name, source, arch, logits_file, probs_file in models:
+        lp = Path(str(logits_file or ""))
+        fp = lp.with_name(lp.name.removesuffix(".logits.npy") + ".features.npy")
+        if source != "head" and lp.name.endswith(".logits.npy") and fp.exists():
+            f = np.load(fp, mmap_mode="r")
+            if f.ndim == 2 and f.shape[0] == len(labels):
+                feats[str(name)] = f
+        if probs_file and Path(probs_file).exists():
+            p = np.load(probs_file, mmap_mode="r")
+            if p.ndim == 2 and p.shape[0] == len(labels):
+                probs[str(name)] = p
+                if source == "head" and arch:
+                    arch_of[str(name)] = str(arch)
+    if model is not None and model not in feats:
+        known = ", ".join(feats) or "(no model of this workspace has stored features)"
+        raise OptionError(f"--model {model!r} has no stored features in {db}; choose one of: {known}")
+    # Only predictions of the set's own classes say how well a model fits its labels (a custom space: the heads).
+    evaluable = {k: v for k, v in probs.items() if v.shape[1] == n_classes}
+    default = model or strongest_model(list(feats), evaluable, arch_of, labels, valid)
+    note = write_maps(db, run_id, feats, valid, default=default, settings=settings, log=log)
+    return (None if note else default), note

@@ -274,3 +274,13 @@ def test_map_page_draws_and_a_selection_goes_to_review(map_ws, monkeypatch):
     assert any("of 3" in c.value for c in at.caption)
     at.sidebar.radio(key="page").set_value("Disagreements").run()
     assert any("selected on the Map page" in i.value for i in at.info)
+
+
+def test_audit_map_computes_from_stored_features_without_rescoring(map_ws, capsys):
+    _, db, _, good, _, _ = map_ws
+    assert main(["map", "--db", str(db)]) == 0
+    assert f"map of preds:{good.stem} (umap)" in capsys.readouterr().out
+    assert main(["map", "--db", str(db), "--model", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--model 'nope' has no stored features" in err and "Traceback" not in err
+    assert main(["map", "--db", str(db.with_name("missing.duckdb"))]) == 2
