@@ -197,8 +197,24 @@ def _write_logits(path: Path, ids: list[str], true_of_id: np.ndarray, seed: int,
     path.with_suffix(".ids.txt").write_text("\n".join(ids) + "\n")
 
 
-def generate(base: Path, n: int = 50_000, seed: int = 0) -> tuple[Path, dict[str, float]]:
-    """Make (or reuse) the synthetic dataset and workspace under ``base``; return the DB and step timings."""
+def _write_features(path: Path, true_of_id: np.ndarray, seed: int, d: int = 256) -> None:
+    """(N, d) float16 features beside a logits file (``<stem>.features.npy``): clustered by true class, as a
+    network's penultimate layer is, so the map, the neighbours and the feature checks have structure."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0.0, 1.0, (N_CLASSES, d)).astype(np.float32)
+    out = np.lib.format.open_memmap(path.with_name(path.stem + ".features.npy"), "w+", np.float16, (len(true_of_id), d))
+    for s in range(0, len(true_of_id), CHUNK):
+        t = true_of_id[s : s + CHUNK]
+        out[s : s + len(t)] = np.maximum(centres[t] + rng.normal(0.0, 1.0, (len(t), d)).astype(np.float32), 0)
+    out.flush()
+    del out
+
+
+def generate(base: Path, n: int = 50_000, seed: int = 0, *, features: bool = False) -> tuple[Path, dict[str, float]]:
+    """Make (or reuse) the synthetic dataset and workspace under ``base``; return the DB and step timings.
+
+    ``features``: each model's prediction file also carries features (so the run stores a map and neighbours).
+    """
     from audit.datasets import imagenet_label_space, load_dataset
     from audit.pipeline import run_audit
     from audit.zoo import resolve_model
@@ -231,6 +247,8 @@ def generate(base: Path, n: int = 50_000, seed: int = 0) -> tuple[Path, dict[str
         f = base / f"{name}.npy"
         if not f.exists():
             _write_logits(f, list(ds.image_ids), true[idx], seed + 10 + k, SKILL[name])
+        if features and not f.with_name(f.stem + ".features.npy").exists():
+            _write_features(f, true[idx], seed + 20 + k)
         specs.append(resolve_model(f"preds:{f}"))
     times["logits"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -475,7 +493,7 @@ def bench(db: Path, gen_times: dict[str, float], a: argparse.Namespace) -> int:
     worst_q = max(r[3] for r in qrows)
     worst_a = max(r[2] for r in arows)
     md = _report(db, s, n_dec, gen, facts, qrows, arows, first, export_build, (load0, load1), worst_q, worst_a)
-    OUT_MD.write_text(md)
+    OUT_MD.write_text(md + _kept_section())
     print(
         f"wrote {OUT_MD}; slowest warm query {worst_q:.3f}s, slowest page/interaction {worst_a:.3f}s", file=sys.stderr
     )
@@ -553,6 +571,17 @@ def _report(db, s, n_dec, gen, facts, qrows, arows, first, export_build, loads, 
         ]
     lines += [DESIGN]
     return "\n".join(lines) + "\n"
+
+
+MAP_BEGIN, MAP_END = "<!-- map-bench: begin -->", "<!-- map-bench: end -->"
+
+
+def _kept_section() -> str:
+    """The Map page's section (written by reports/map_bench.py), carried over when this bench rewrites the file."""
+    old = OUT_MD.read_text() if OUT_MD.exists() else ""
+    if MAP_BEGIN in old and MAP_END in old:
+        return "\n" + old[old.index(MAP_BEGIN) : old.index(MAP_END) + len(MAP_END)] + "\n"
+    return ""
 
 
 def _finished(db: Path) -> bool:
