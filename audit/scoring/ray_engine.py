@@ -667,8 +667,10 @@ def connect(
     from audit.scoring.runners import check_precision, resolve_backend
 
     _require_ray()
-    address = cfg.ray_address
-    _quiet_env(os.environ)  # type: ignore[arg-type]
+    # $RAY_ADDRESS is where a bare ray.init() would connect: checked like --ray-address.
+    address = cfg.ray_address or (check_address(os.environ["RAY_ADDRESS"]) if os.environ.get("RAY_ADDRESS") else None)
+    if not verbose:
+        _quiet_env(os.environ)  # type: ignore[arg-type]
     import ray
 
     own = False
