@@ -146,10 +146,13 @@ class ProcessPeaks:
         """Per kind of process: how many, the largest peak RSS (MiB); the driver's; the total peak PSS."""
         kinds: dict[str, list[int]] = {}
         me = os.getpid()
+        mine = self.titles.get(me, set())
         for p, kib in self.peak.items():
             t = " ".join(self.titles.get(p, ()))
             if p == me:
                 kind = "driver"
+            elif self.titles.get(p, set()) <= mine:
+                kind = "loader worker"  # forked by the driver (the DataLoader's): its command line is the driver's
             elif "_Forward" in t:
                 kind = "model actor"
             elif "ray::" in t:
@@ -157,7 +160,7 @@ class ProcessPeaks:
             elif any(x in t for x in ("gcs_server", "raylet", "dashboard", "monitor.py", "log_monitor", "agent")):
                 kind = "ray system"
             else:
-                kind = "loader worker" if "ray" not in t else "ray system"
+                kind = "other"
             kinds.setdefault(kind, []).append(kib)
         out: dict[str, Any] = {"peak_total_pss_mib": round(self.total_pss_kib / 1024, 1)}
         for kind, vals in sorted(kinds.items()):
@@ -301,7 +304,8 @@ def update_perf(path: Path, body: str) -> None:
     block = f"{_BEGIN}\n## {_SECTION}\n\n{body.rstrip()}\n{_END}\n"
     if _BEGIN in text and _END in text:
         head, rest = text.split(_BEGIN, 1)
-        text = head + block + rest.split(_END, 1)[1].lstrip("\n")
+        tail = rest.split(_END, 1)[1]
+        text = head + block + (tail[1:] if tail.startswith("\n") else tail)  # the block ends with that newline
     elif "\n## Reproduce" in text:
         head, rest = text.split("\n## Reproduce", 1)
         text = head.rstrip("\n") + "\n\n" + block + "\n## Reproduce" + rest

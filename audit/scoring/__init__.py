@@ -484,6 +484,7 @@ class _Collector:
             self.per_shard[b[0] // shard_size] = self.per_shard.get(b[0] // shard_size, 0) + 1
         self.pending: dict[int, _Shard] = {}
         self.pending_px: dict[int, _PendingPixels] = {}
+        self.seen: set[int] = set()  # batches taken (by first index): a batch a retried task delivers again is not
         self.failed: list[tuple[int, str]] = []  # images decoded whose pixel statistics could not be measured
         self.top: dict[int, float] = {}  # model position -> largest |feature| seen
 
@@ -504,6 +505,10 @@ class _Collector:
         ``outputs`` per model that scores it (:meth:`wants`; none when no image is good), ``pixels`` per good
         image in ``index`` order."""
         shard_size, st = self.shard_size, self.st
+        if first in self.seen:
+            _log.debug("batch at image %d delivered twice (a retried task); taken once", first)
+            return
+        self.seen.add(first)
         k = first // shard_size
         start, stop = _bounds(k, shard_size, self.n)
         shard = self.pending.setdefault(k, _Shard(size=stop - start, left=self.per_shard[k]))

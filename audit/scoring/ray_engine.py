@@ -379,8 +379,10 @@ class RayEngine:
             rows.append(row)
         if not rows:
             return
-        # One batch per block: the blocks are what Ray spreads over the cluster and retries one by one.
-        data = ray.data.from_items(rows, override_num_blocks=len(rows))
+        # Blocks of whole batches, a few per CPU: what Ray spreads over the cluster, streams and retries one by one.
+        # (One block per batch costs the driver ~5 ms each: 20,000 batches of a 1.28M-image set would be minutes.)
+        blocks = min(len(rows), max(8, 4 * math.ceil(self.cpus)))
+        data = ray.data.from_items(rows, override_num_blocks=blocks)
         data = data.map_batches(
             _decode,
             batch_size=1,
