@@ -57,6 +57,20 @@ def check_probability(name: str, value: object) -> float:
     return x
 
 
+def check_positive(name: str, value: object, *, hi: float | None = None) -> float:
+    """``value`` as a finite float above 0 (and at most ``hi``): a share of a resource, e.g. 0.5 GPU."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise OptionError(f"{name} takes a number above 0, got {value!r}") from None
+    if not math.isfinite(x) or x <= 0 or (hi is not None and x > hi):
+        span = f"above 0 and at most {hi:g}" if hi is not None else "above 0"
+        raise OptionError(f"{name} must be a number {span}, got {value!r}")
+    return x
+
+
 def check_workers(name: str, value: object) -> int:
     """DataLoader worker processes: 0 (load in this process) up to four per CPU."""
     cpus = os.cpu_count() or 1

@@ -140,6 +140,11 @@ def cmd_run(a: argparse.Namespace) -> int:
             precision=a.precision,
             features=a.features,
             crop=crop or "auto",
+            engine=a.engine,
+            ray_address=a.ray_address,
+            ray_actors=a.ray_actors,
+            ray_cpus_per_actor=a.ray_cpus_per_actor,
+            ray_gpus_per_actor=a.ray_gpus_per_actor,
         ),
         heads=HeadsConfig(enabled=heads, folds=folds if folds is not None else 10),
         checks=ChecksConfig(names=checks, options=check_options),
@@ -499,6 +504,36 @@ def _parser() -> argparse.ArgumentParser:
         dest="features",
         action="store_false",
         help="do not record each model's penultimate features beside its logits (on by default; ~no extra time)",
+    )
+    r.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="where the images are decoded and the models run: local (this machine, default) or ray (a Ray "
+        "cluster: decode tasks and one actor pool per model; same results and shards; needs pip install -e "
+        "'.[ray]'; see README 'Running on a cluster')",
+    )
+    r.add_argument(
+        "--ray-address",
+        help="--engine ray: the cluster, auto (the one 'ray start' runs on this machine), HOST:PORT (its head) or "
+        "ray://HOST:10001 (default: a Ray started on this machine for the run)",
+    )
+    r.add_argument(
+        "--ray-actors",
+        type=_typed(_options.check_int, "--ray-actors", lo=1),
+        help="--engine ray: actors per model (default: 1 on CPUs; on GPUs, the cluster's GPUs shared evenly)",
+    )
+    r.add_argument(
+        "--ray-cpus-per-actor",
+        type=_typed(_options.check_positive, "--ray-cpus-per-actor"),
+        help="--engine ray: CPUs each model actor holds (default: 1 with GPUs; on CPUs, what one decode task "
+        "leaves, shared evenly, at most 1)",
+    )
+    r.add_argument(
+        "--ray-gpus-per-actor",
+        type=_typed(_options.check_positive, "--ray-gpus-per-actor"),
+        help="--engine ray: GPUs each model actor holds (default 1 where the cluster has GPUs; 0.5 or 0.25 put 2 "
+        "or 4 actors on one GPU)",
     )
     r.add_argument(
         "--map",

@@ -39,9 +39,17 @@ class ScoringConfig:
     precision: str = "fp32"  # "fp32", or "bf16" / "fp16" where the backend and device run them
     features: bool = True  # record each zoo model's penultimate features beside its logits (heads, checks)
     crop: str = "auto"  # the weights' centre crop: "auto" (off for images smaller than the input), "weights", "full"
+    # Where the models run: "local" (this machine) or "ray" (a Ray cluster: audit.scoring.ray_engine). Results,
+    # shards and resume are the same either way; the ray_* settings below apply to "ray" only.
+    engine: str = "local"
+    ray_address: str | None = None  # None: a Ray started for this run; "auto", "HOST:PORT" or "ray://HOST:PORT"
+    ray_actors: int | None = None  # actors per model; None: 1 on CPUs, the cluster's GPUs shared evenly on GPUs
+    ray_cpus_per_actor: float | None = None  # None: 1 on a GPU cluster; on CPUs, the CPUs left by decoding, shared
+    ray_gpus_per_actor: float | None = None  # None: 1 where the cluster has GPUs (0.5 puts two actors on a GPU)
 
     def __post_init__(self) -> None:
         from audit import scoring
+        from audit.scoring import ray_engine
         from audit.zoo import CROP_MODES
 
         _set(self, "batch_size", _options.check_int("--batch-size", self.batch_size, lo=1))
@@ -49,6 +57,18 @@ class ScoringConfig:
         _set(self, "features", _options.check_bool("--features", self.features))
         if self.crop not in CROP_MODES:
             raise OptionError(f"--crop {self.crop!r}: expected one of {', '.join(CROP_MODES)}")
+        if self.engine not in ray_engine.ENGINES:
+            raise OptionError(f"--engine {self.engine!r}: expected one of {', '.join(ray_engine.ENGINES)}")
+        if self.engine == "ray":
+            # The whole Ray part is checked here, before the dataset is read; reaching the cluster comes next
+            # (audit.pipeline.run_audit), still before any workspace file is written.
+            for name, value in ray_engine.check_settings(self).items():
+                _set(self, name, value)
+            return
+        given = [f for f in ray_engine.RAY_FIELDS if getattr(self, f) is not None]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise OptionError(f"{flag} applies to the Ray engine only; add --engine ray, or drop {flag}")
         _set(self, "device", _options.check_device("--device", self.device))
         # The backend / precision / device combination, refused here rather than after the run is registered.
         device = self.device
@@ -127,6 +147,7 @@ class MapConfig:
 # The flat keyword names of run_audit(**options): which part of the config each belongs to, as which field.
 _FLAT = {
     **{f: ("scoring", f) for f in ("batch_size", "workers", "device", "backend", "precision", "features", "crop")},
+    **{f: ("scoring", f) for f in ("engine", "ray_address", "ray_actors", "ray_cpus_per_actor", "ray_gpus_per_actor")},
     "heads": ("heads", "enabled"),
     "folds": ("heads", "folds"),
     "checks": ("checks", "names"),

@@ -18,6 +18,7 @@ __all__ = [
     "DISK_ERRNOS",
     "AuditError",
     "CheckError",
+    "ClusterError",
     "DatasetError",
     "DiskError",
     "LabelFileError",
@@ -91,6 +92,14 @@ class OptionError(UserError):
 
 class CheckError(OptionError):
     """A check name (``--checks``) or check option (``--check-option``) is unknown or out of range."""
+
+
+class ClusterError(UserError):
+    """The scale-out engine cannot run: Ray is not installed, the cluster cannot be reached, or it cannot hold the run.
+
+    Raised before any workspace file is written (:mod:`audit.scoring.ray_engine`); the message names the fix
+    (install the extra, start the cluster, put the images where every node sees them, fewer actors).
+    """
 
 
 class DiskError(UserError):

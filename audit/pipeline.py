@@ -8,6 +8,7 @@ transaction at the start (the run is registered) and one at the end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -359,7 +360,8 @@ def run_audit(
     # Weights problems surface here, before the workspace (even its lock) is touched or any image scored.
     models = load_models(specs)
     run_id = now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    with workspace_lock(db):
+    # The cluster is reached and checked (its size, every node seeing the images) before the workspace is touched.
+    with _engine(config, specs, ds, reference) as engine, workspace_lock(db):
         mark_interrupted_runs(db)
         try:
             return _run_audit(
@@ -372,10 +374,23 @@ def run_audit(
                 progress=progress,
                 reference=reference,
                 inputs=inputs,
+                engine=engine,
             )
         except BaseException as e:
             _end_unfinished_run(db, run_id, e)
             raise
+
+
+def _engine(
+    config: RunConfig, specs: Sequence[ModelSpec], ds: AuditDataset, reference: AuditDataset | None
+) -> contextlib.AbstractContextManager[Any]:
+    """The scoring engine of the run: None for this machine, or a connected Ray cluster (audit.scoring.ray_engine)."""
+    if config.scoring.engine != "ray":
+        return contextlib.nullcontext(None)
+    from audit.scoring import ray_engine
+
+    verbose = logging.getLogger("audit").isEnabledFor(logging.INFO)
+    return ray_engine.connect(config.scoring, specs, [ds, reference], verbose=verbose)
 
 
 def wants_heads(ds: AuditDataset, heads: bool | None) -> bool:
@@ -434,6 +449,7 @@ def _run_audit(
     progress: bool = True,
     reference: AuditDataset | None = None,
     inputs: Mapping[str, Any] | None = None,
+    engine: Any = None,
 ) -> RunResult:
     sc, hc = config.scoring, config.heads
     batch_size, workers, device, backend, precision = sc.batch_size, sc.workers, sc.device, sc.backend, sc.precision
@@ -472,6 +488,7 @@ def _run_audit(
         precision=precision,
         stats=stats,
         features=features,
+        engine=engine,
     )
     scored = list(arrays)  # the scored models, before any heads join them
     # Each scored model's features (memory-mapped), asked of the seam once a run: the heads and the checks share them.
@@ -530,6 +547,7 @@ def _run_audit(
             progress=progress,
             backend=backend,
             precision=precision,
+            engine=engine,
         )
         inputs_ = dataclasses.replace(inputs_, reference=ref)
     results, skipped = run_checks(inputs_, selected)

@@ -79,3 +79,20 @@ def test_heads_benchmark_writes_its_report_on_synthetic_and_given_features(tmp_p
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["data"] == "real"
+
+
+def test_ray_benchmark_rewrites_only_its_own_section_of_perf_md(tmp_path):
+    # The arms themselves need a Ray cluster and minutes (tests/test_ray_engine.py covers the engine): here the
+    # report's placement, which must leave every other section of PERF.md as it was.
+    from audit.bench.ray import update_perf
+
+    perf = tmp_path / "PERF.md"
+    before = "# Perf\n\n## 1. A\n\ntext a\n\n## Reproduce\n\n```bash\nx\n```\n"
+    perf.write_text(before)
+    update_perf(perf, "first table")
+    text = perf.read_text()
+    assert text.index("## 1. A") < text.index("first table") < text.index("## Reproduce")
+    update_perf(perf, "second table")
+    again = perf.read_text()
+    assert "first table" not in again and again.count("second table") == 1
+    assert again.replace("second table", "first table") == text  # replaced in place, nothing else moved

@@ -12,4 +12,6 @@ Commands:
 * ``scale``: 50,000 images end to end, and post-processing of 50,000 x 1,000 x 3 predictions.
 * ``checks``: every default check on 50,000 images' inputs after scoring (the 60 s / 4 GiB bars).
 * ``heads``: cross-validated softmax and sigmoid heads on M models' features, and their growth.
+* ``ray``: the local engine vs ``--engine ray`` on one node vs two "nodes" on this host (wall, images/s,
+  overhead, peak memory per process); needs the ``[ray]`` extra.
 """

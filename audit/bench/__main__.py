@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         "post": ("audit.bench.scale", "post"),
         "heads": ("audit.bench.heads", "heads"),
         "checks": ("audit.bench.checks", "checks"),
+        "ray": ("audit.bench.ray", "ray"),
+        "ray-arm": ("audit.bench.ray", "arm"),
     }
     if not argv or argv[0] not in commands:
         import audit.bench

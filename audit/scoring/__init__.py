@@ -60,6 +60,7 @@ The package's modules, one concern each:
 * :mod:`audit.scoring.shards`: the shard cache (format, stamps, checksums, assembly).
 * :mod:`audit.scoring.predictions`: imported ``preds:`` files and their validation.
 * :mod:`audit.scoring.pixels`: pixel statistics from the decode pass, their shards and :func:`load_pixel_stats`.
+* :mod:`audit.scoring.ray_engine`: the same batches decoded and scored on a Ray cluster (``engine=``).
 """
 
 from __future__ import annotations
@@ -201,6 +202,7 @@ def score_dataset(
     stats: ScoreStats | None = None,
     features: bool = True,
     pixels: bool | None = None,
+    engine: Any = None,
 ) -> list[ModelArrays]:
     """Score every image with every model, reusing what is cached and still valid.
 
@@ -255,6 +257,13 @@ def score_dataset(
         (the default): True, except for a run whose every spec is an imported
         prediction file: that run reads no image, and a decode pass over
         every image for its statistics alone is asked for with True.
+    engine : audit.scoring.ray_engine.RayEngine, optional
+        A connected Ray engine (:func:`audit.scoring.ray_engine.connect`): the
+        batches are decoded in Ray Data tasks and scored by per-model actor
+        pools on its cluster, and come back here to the same shards (same
+        batches, same fingerprints: a run resumes on either engine). ``device``
+        is then the actors' (the engine's), and ``workers``, ``threads`` and
+        ``models`` are not used. None: this machine (the DataLoader).
 
     Returns
     -------
@@ -269,6 +278,8 @@ def score_dataset(
         shard_size = int(os.environ.get("AUDIT_SHARD_SIZE", _SHARD_SIZE))
     if shard_size < 1:
         raise ModelError(f"shard size must be at least 1, got {shard_size}")
+    if engine is not None:
+        device = engine.device  # where the actors run, not this machine
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     backend = resolve_backend(backend, device)
     check_precision(precision, backend, device)
@@ -300,13 +311,13 @@ def score_dataset(
         # Build only what still has work: a resumed run skips finished models.
         active = [s for s in run_specs if plans[s.name].todo]
         built: Mapping[str, Any] = {}
-        if active:  # none: the pass decodes for pixel statistics alone
+        if active and engine is None:  # none: the pass decodes for pixel statistics alone; Ray: the actors build
             t = time.perf_counter()
             built = models if models is not None else load_models(active)
             st.build += time.perf_counter() - t
         _score_shards(
             ds, active, built, dirs, plans, sorted(needed), stamps, shard_size, batch_size, workers, device,
-            channels_last, backend, precision, threads, progress, st, features, pplan,
+            channels_last, backend, precision, threads, progress, st, features, pplan, engine,
         )  # fmt: skip
     t = time.perf_counter()
     out = []
@@ -343,6 +354,7 @@ def _score_shards(
     st: ScoreStats,
     features: bool = True,
     pplan: _PixelPlan | None = None,
+    engine: Any = None,
 ) -> None:
     import torch
 
@@ -353,13 +365,23 @@ def _score_shards(
     batches = [
         b for b in _shard_batches(sorted({s // shard_size for s in want}), n, shard_size, batch_size) if b[0] in want
     ]
-    per_shard: dict[int, int] = {}
-    for b in batches:
-        per_shard[b[0] // shard_size] = per_shard.get(b[0] // shard_size, 0) + 1
     # Which images need crops for a model and which their pixels measured, decided per batch as the plans say:
     # a batch loaded for its pixel statistics alone is decoded and measured, never resized for a model.
     for_models = {b for s in specs for starts in plans[s.name].todo.values() for b in starts}
     for_pixels = {b for starts in pplan.todo.values() for b in starts} if pplan is not None else set()
+    what = f"scoring {len(specs)} model(s)" if specs else "decoding for pixel statistics"
+    if engine is not None:
+        what += " on Ray"
+    bar = _progress(sum(len(b) for b in batches), what, progress)
+    sink = _Collector(ds, specs, dirs, plans, stamps, shard_size, batches, pplan, features, st, bar)
+    if engine is not None:
+        try:
+            engine.score(ds, specs, batches, for_models, for_pixels, sink, backend=backend, precision=precision,
+                         channels_last=channels_last, features=features)  # fmt: skip
+        finally:
+            bar.close()
+        sink.finish()
+        return
     crops, measure = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     for b in batches:
         crops[b] = b[0] in for_models
@@ -394,12 +416,6 @@ def _score_shards(
         for s in specs
     ]
     st.prepare += time.perf_counter() - t
-    pending: dict[int, _Shard] = {}
-    pending_px: dict[int, _PendingPixels] = {}
-    failed: list[tuple[int, str]] = []  # images decoded whose pixel statistics could not be measured
-    top: dict[int, float] = {}  # model position -> largest |feature| seen
-    what = f"scoring {len(specs)} model(s)" if specs else "decoding for pixel statistics"
-    bar = _progress(sum(len(b) for b in batches), what, progress)
     try:
         while True:
             t = time.perf_counter()
@@ -409,71 +425,152 @@ def _score_shards(
                 break
             st.wait += time.perf_counter() - t
             first = int(batch["first"])
-            k = first // shard_size
-            start, stop = _bounds(k, shard_size, n)
-            shard = pending.setdefault(k, _Shard(size=stop - start, left=per_shard[k]))
-            rows = batch["index"] - start
-            count = len(rows) + len(batch["bad"])
-            for m, spec in enumerate(specs):
-                if first not in plans[spec.name].todo.get(k, ()):
-                    continue  # cached and valid for this model; the batch is shared with models that need it
-                shard.scored.setdefault(m, np.zeros(shard.size, dtype=bool))[first - start : first - start + count] = (
-                    True
-                )
-                if not len(rows):
-                    continue
-                t = time.perf_counter()
-                (y,) = forward_batch([runners[m]], [batch["inputs"][m]])
-                st.forward[spec.name] = st.forward.get(spec.name, 0.0) + time.perf_counter() - t
-                if features:
-                    y, f = y
-                    if len(f):
-                        top[m] = max(top.get(m, 0.0), float(f.abs().max()))
-                    fm = shard.feats.get(m)
-                    if fm is None:
-                        fm = shard.feats[m] = np.full((shard.size, f.shape[1]), np.nan, dtype=np.float16)
-                    fm[rows] = f.numpy()
-                mat = shard.mats.get(m)
-                if mat is None:
-                    mat = shard.mats[m] = np.full((shard.size, y.shape[1]), np.nan, dtype=np.float32)
-                mat[rows] = y.numpy()
-            if pplan is not None and first in pplan.todo.get(k, ()):
-                px = pending_px.get(k)
-                if px is None:
-                    px = pending_px[k] = _PendingPixels(_empty_columns(shard.size), np.zeros(shard.size, dtype=bool))
-                failed += [(start + r, why) for r, why in _add_batch(px, rows, batch["pixels"], first - start, count)]
-                px.bad.update(batch["bad"])
-                st.pixels += batch["pixel_seconds"]
-                st.pixel_images += count
-            shard.bad.update(batch["bad"])
-            shard.left -= 1
-            st.images += count
-            st.batches += 1
-            bar.update(count)
-            if shard.left == 0:
-                t = time.perf_counter()
-                _write_shard(pending.pop(k), k, start, specs, dirs, plans, stamps, features)
-                if k in pending_px:
-                    _write_pixel_shard(pplan, pending_px.pop(k), k, start, stamps)  # type: ignore[arg-type]
-                st.write += time.perf_counter() - t
+            outputs: dict[int, _Output] = {}
+            if len(batch["index"]):
+                for m, spec in enumerate(specs):
+                    if not sink.wants(m, first):
+                        continue  # cached and valid for this model; the batch is shared with models that need it
+                    t = time.perf_counter()
+                    (y,) = forward_batch([runners[m]], [batch["inputs"][m]])
+                    st.forward[spec.name] = st.forward.get(spec.name, 0.0) + time.perf_counter() - t
+                    outputs[m] = _output(y, features)
+            sink.add(first, batch["index"], batch["bad"], outputs, batch["pixels"], batch["pixel_seconds"])
     finally:
         bar.close()
         del it
-    if pending or pending_px:
-        raise RuntimeError(f"scoring ended with unfinished shards {sorted({*pending, *pending_px})}")
-    if failed:
-        i, why = min(failed)
-        _log.warning(
-            "pixel statistics could not be measured for %d image(s) (e.g. %r: %s); the image checks skip them",
-            len(failed), ds.image_ids[i], why,
-        )  # fmt: skip
-    for m, t in top.items():
-        # float16 keeps 1e-3 relative precision from 6.1e-5 (its smallest normal) to 65504: features whose
-        # largest value is under 6.1e-2 lose their small entries, over 65504 become inf. Trained models sit
-        # well inside (their features are of order 0.1 to 10); untrained weights may not.
-        if not _F16_LOW <= t <= _F16_HIGH:  # info, not a warning: the logits, what runs use today, are unaffected
-            _log.info(
-                "%s: its features reach at most %.3g, outside what float16 storage keeps to 1e-3 (%.3g to %.3g); "
-                "expected of untrained weights, not of a trained model: check the checkpoint",
-                specs[m].name, t, _F16_LOW, _F16_HIGH,
+    sink.finish()
+
+
+# One model's results for the good images of one batch: logits (B, C) float32, features (B, D) float16 or None
+# (features off), and the largest |feature| before float16 rounding (0.0 with features off).
+_Output = tuple[np.ndarray, np.ndarray | None, float]
+
+
+def _output(y: Any, features: bool) -> _Output:
+    """A runner's result (:func:`forward_batch`) as numpy: what both engines hand :meth:`_Collector.add`."""
+    if not features:
+        return y.numpy(), None, 0.0
+    y, f = y
+    # float16 here, as the shard stores it (the same rounding as assigning into the shard's float16 rows).
+    return y.numpy(), f.numpy().astype(np.float16), float(f.abs().max()) if len(f) else 0.0
+
+
+class _Collector:
+    """Where scored batches go, from either engine, in any order: each shard is written once its last batch is in.
+
+    One place for what a batch contributes (rows scored per model, logits, features, unreadable images, pixel
+    statistics) and for writing the shards, so the local and the Ray engine write the same shards.
+    """
+
+    def __init__(
+        self,
+        ds: AuditDataset,
+        specs: Sequence[ModelSpec],
+        dirs: dict[str, Path],
+        plans: dict[str, _Plan],
+        stamps: np.ndarray,
+        shard_size: int,
+        batches: Sequence[Sequence[int]],
+        pplan: _PixelPlan | None,
+        features: bool,
+        st: ScoreStats,
+        bar: Any,
+    ):
+        self.ds, self.specs, self.dirs, self.plans, self.stamps = ds, list(specs), dirs, plans, stamps
+        self.shard_size, self.pplan, self.features, self.st, self.bar = shard_size, pplan, features, st, bar
+        self.n = len(ds)
+        self.per_shard: dict[int, int] = {}
+        for b in batches:
+            self.per_shard[b[0] // shard_size] = self.per_shard.get(b[0] // shard_size, 0) + 1
+        self.pending: dict[int, _Shard] = {}
+        self.pending_px: dict[int, _PendingPixels] = {}
+        self.seen: set[int] = set()  # batches taken (by first index): a batch a retried task delivers again is not
+        self.failed: list[tuple[int, str]] = []  # images decoded whose pixel statistics could not be measured
+        self.top: dict[int, float] = {}  # model position -> largest |feature| seen
+
+    def wants(self, m: int, first: int) -> bool:
+        """Whether model ``m`` scores the batch starting at image ``first`` (False: its cached rows stand)."""
+        return first in self.plans[self.specs[m].name].todo.get(first // self.shard_size, ())
+
+    def add(
+        self,
+        first: int,
+        index: np.ndarray,
+        bad: Sequence[Sequence[Any]],
+        outputs: Mapping[int, _Output],
+        pixels: Sequence[dict[str, Any] | None],
+        pixel_seconds: float,
+    ) -> None:
+        """One batch: ``index`` its good images (global indices), ``bad`` its unreadable ones ``(index, reason)``,
+        ``outputs`` per model that scores it (:meth:`wants`; none when no image is good), ``pixels`` per good
+        image in ``index`` order."""
+        shard_size, st = self.shard_size, self.st
+        if first in self.seen:
+            _log.debug("batch at image %d delivered twice (a retried task); taken once", first)
+            return
+        self.seen.add(first)
+        k = first // shard_size
+        start, stop = _bounds(k, shard_size, self.n)
+        shard = self.pending.setdefault(k, _Shard(size=stop - start, left=self.per_shard[k]))
+        rows = np.asarray(index, dtype=np.int64) - start
+        bad = [(int(i), str(r)) for i, r in bad]
+        count = len(rows) + len(bad)
+        for m in range(len(self.specs)):
+            if not self.wants(m, first):
+                continue
+            shard.scored.setdefault(m, np.zeros(shard.size, dtype=bool))[first - start : first - start + count] = True
+            if not len(rows):
+                continue
+            y, f, top = outputs[m]
+            if self.features:
+                assert f is not None
+                self.top[m] = max(self.top.get(m, 0.0), top)
+                fm = shard.feats.get(m)
+                if fm is None:
+                    fm = shard.feats[m] = np.full((shard.size, f.shape[1]), np.nan, dtype=np.float16)
+                fm[rows] = f
+            mat = shard.mats.get(m)
+            if mat is None:
+                mat = shard.mats[m] = np.full((shard.size, y.shape[1]), np.nan, dtype=np.float32)
+            mat[rows] = y
+        pplan = self.pplan
+        if pplan is not None and first in pplan.todo.get(k, ()):
+            px = self.pending_px.get(k)
+            if px is None:
+                px = self.pending_px[k] = _PendingPixels(_empty_columns(shard.size), np.zeros(shard.size, dtype=bool))
+            self.failed += [(start + r, why) for r, why in _add_batch(px, rows, list(pixels), first - start, count)]
+            px.bad.update(bad)
+            st.pixels += pixel_seconds
+            st.pixel_images += count
+        shard.bad.update(bad)
+        shard.left -= 1
+        st.images += count
+        st.batches += 1
+        self.bar.update(count)
+        if shard.left == 0:
+            t = time.perf_counter()
+            _write_shard(self.pending.pop(k), k, start, self.specs, self.dirs, self.plans, self.stamps, self.features)
+            if k in self.pending_px:
+                _write_pixel_shard(pplan, self.pending_px.pop(k), k, start, self.stamps)  # type: ignore[arg-type]
+            st.write += time.perf_counter() - t
+
+    def finish(self) -> None:
+        """After the last batch: every shard written, and the run's one-line notes on the log."""
+        if self.pending or self.pending_px:
+            raise RuntimeError(f"scoring ended with unfinished shards {sorted({*self.pending, *self.pending_px})}")
+        if self.failed:
+            i, why = min(self.failed)
+            _log.warning(
+                "pixel statistics could not be measured for %d image(s) (e.g. %r: %s); the image checks skip them",
+                len(self.failed), self.ds.image_ids[i], why,
             )  # fmt: skip
+        for m, t in self.top.items():
+            # float16 keeps 1e-3 relative precision from 6.1e-5 (its smallest normal) to 65504: features whose
+            # largest value is under 6.1e-2 lose their small entries, over 65504 become inf. Trained models sit
+            # well inside (their features are of order 0.1 to 10); untrained weights may not.
+            if not _F16_LOW <= t <= _F16_HIGH:  # info, not a warning: the logits, what runs use today, are unaffected
+                _log.info(
+                    "%s: its features reach at most %.3g, outside what float16 storage keeps to 1e-3 (%.3g to %.3g); "
+                    "expected of untrained weights, not of a trained model: check the checkpoint",
+                    self.specs[m].name, t, _F16_LOW, _F16_HIGH,
+                )  # fmt: skip

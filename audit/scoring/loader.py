@@ -20,6 +20,7 @@ statistics are cached is not measured again.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from audit.datasets import AuditDataset, decode_image
 from audit.scoring.pixels import _timed_stats
 from audit.zoo import Preprocess
 
-__all__ = ["resize_crop"]
+__all__ = ["load_batch", "resize_crop"]
 
 
 def resize_crop(img: Any, pre: Preprocess) -> np.ndarray:
@@ -82,13 +83,31 @@ class _Frames:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> _Item:
-        try:
-            img = decode_image(self.root / self.ids[i])
-            crops = [resize_crop(img, p) for p in self.pres] if self.crops is None or self.crops[i] else []
-        except Exception as e:  # any unreadable image is recorded, never fatal
-            return i, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip(), None, 0.0
-        stats, secs = _timed_stats(img) if self.pixels[i] else (None, 0.0)
-        return i, crops, "", stats, secs
+        crop = self.crops is None or bool(self.crops[i])
+        return _load_item(self.root, self.ids[i], i, self.pres, crop, bool(self.pixels[i]))
+
+
+def _load_item(root: Path, image_id: str, i: int, pres: Sequence[Preprocess], crop: bool, measure: bool) -> _Item:
+    """Image ``i`` (``root / image_id``) decoded once: its crop for each model (``crop``), its pixel statistics
+    (``measure``), or why it cannot be read. The one loading step of both engines (local and Ray)."""
+    try:
+        img = decode_image(root / image_id)
+        crops = [resize_crop(img, p) for p in pres] if crop else []
+    except Exception as e:  # any unreadable image is recorded, never fatal
+        return i, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip(), None, 0.0
+    stats, secs = _timed_stats(img) if measure else (None, 0.0)
+    return i, crops, "", stats, secs
+
+
+def load_batch(
+    root: Path, ids: Sequence[str], first: int, pres: Sequence[Preprocess], *, crop: bool, measure: bool
+) -> dict[str, Any]:
+    """One batch as the local loader gives it (:func:`_collate`): images ``first .. first + len(ids) - 1``.
+
+    What a Ray decode task runs (:mod:`audit.scoring.ray_engine`), so that both engines load every batch by
+    the same code.
+    """
+    return _collate([_load_item(root, image_id, first + j, pres, crop, measure) for j, image_id in enumerate(ids)])
 
 
 def _collate(items: list[_Item]) -> dict[str, Any]:
