@@ -624,18 +624,25 @@ def page_map() -> None:
         st.text("map: no image could be placed (no finite features)")
         return
     hl = load("mapview:selected_images", filters()) if ss["m_highlight"] else None
+    drawn = mapfig.shown_points(pts, hl)
+    sampled = (
+        f" Drawn: {len(drawn):,} of them (every flagged and outlined one, a fixed sample of the rest); a lasso or "
+        "box selects every image inside it, drawn or not."
+        if len(drawn) < len(pts)
+        else ""
+    )
     st.caption(
         f"{len(pts):,} images. Draw a lasso or a box (toolbar, top right), or click a point, to see those images; "
-        "hover a point for its id and labels."
+        f"hover a point for its id and labels.{sampled}"
     )
     event = st.plotly_chart(
-        mapfig.map_figure(pts, ss["m_colour"], hl),
+        mapfig.map_figure(drawn, ss["m_colour"], hl),
         key="m_chart",
         on_select="rerun",
         selection_mode=("points", "box", "lasso"),
         width="stretch",
     )
-    sel = mapfig.selected_from_event(event)
+    sel = mapfig.selected_from_event(event, pts)
     if not sel:
         return
     bar = st.columns([2, 3, 3])

@@ -65,6 +65,10 @@ DESIGN = """## Pages
    state, in five sort orders; each card shows the given label, the ReaL labels, every model's top-3 with
    probabilities, the label quality and the suggestion. "Confused classes": the class pairs a model mixes up most,
    as a table and a chart, each openable in the gallery.
+3. **Map**: every image a point of a 2-D map of one model's features (seeded UMAP after a PCA to 50, stored by
+   `audit run` or `audit map`), coloured by given or current label, flags, any check, reviewed or confidence;
+   the gallery filter's images outlined; a lasso, box or click shows the selected images as cards and sends them
+   to the review queue or the gallery. One WebGL scatter; timings below ("Map page at 50,000 points").
 3. **Review**: one image large, its queue position and neighbours (the queue is the gallery's filter and order);
    accept the suggestion (A), keep the original (K), no class fits (N), undo (U), relabel with a class search by
    name or wnid (Ctrl+Enter), several valid labels (Ctrl+M), previous / next (arrow keys); a reason field; the

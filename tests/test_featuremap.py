@@ -284,3 +284,30 @@ def test_audit_map_computes_from_stored_features_without_rescoring(map_ws, capsy
     err = capsys.readouterr().err
     assert "--model 'nope' has no stored features" in err and "Traceback" not in err
     assert main(["map", "--db", str(db.with_name("missing.duckdb"))]) == 2
+
+
+def test_a_sampled_drawing_keeps_flags_and_a_lasso_selects_every_image_inside():
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    n = 400
+    pts = pd.DataFrame(
+        {
+            "image_index": np.arange(n),
+            "x": rng.uniform(-1, 1, n),
+            "y": rng.uniform(-1, 1, n),
+            "flagged": np.arange(n) % 50 == 0,
+            "checks": ["label" if i % 50 == 0 else "" for i in range(n)],
+        }
+    )
+    drawn = mapfig.shown_points(pts, keep=[3, 7], limit=100)
+    assert len(drawn) == 100 and {3, 7} | set(range(0, n, 50)) <= set(drawn["image_index"])
+    assert drawn.equals(mapfig.shown_points(pts, keep=[3, 7], limit=100))  # the same sample on every rerun
+    assert mapfig.shown_points(pts, limit=1000) is pts
+    x, y = pts["x"].to_numpy(), pts["y"].to_numpy()
+    box = {"selection": {"points": [], "box": [{"x": [0.5, -0.5], "y": [-0.5, 0.5]}], "lasso": []}}
+    want = np.flatnonzero((np.abs(x) <= 0.5) & (np.abs(y) <= 0.5)).tolist()
+    assert mapfig.selected_from_event(box, pts) == want and len(want) > 50
+    tri = {"selection": {"points": [], "box": [], "lasso": [{"x": [0, 1, 0], "y": [0, 0, 1]}]}}
+    want = np.flatnonzero((x > 0) & (y > 0) & (x + y < 1)).tolist()
+    assert mapfig.selected_from_event(tri, pts) == want

@@ -17,9 +17,13 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["LEGEND_MAX", "map_figure", "selected_from_event"]
+__all__ = ["LEGEND_MAX", "MAX_POINTS", "map_figure", "selected_from_event", "shown_points"]
 
 LEGEND_MAX = 20  # categories drawn as one legend entry each; more (ImageNet's 1,000) share one colour scale
+# Points drawn at most: each rerun sends every drawn point (coordinates, colour, hover text) to the browser, ~160
+# bytes a point; beyond this the flagged and filtered points are all drawn and the rest sampled (shown_points),
+# and a lasso or box still selects every image inside it (selected_from_event reads its geometry).
+MAX_POINTS = 15_000
 _GREY = "#b8b8b8"
 _FLAG = "#d62728"
 _PALETTE = (
@@ -28,24 +32,41 @@ _PALETTE = (
 )  # fmt: skip
 
 
-def _esc(values: pd.Series) -> list[str]:
-    return [html.escape(str(v)) for v in values]
+def _esc(values: pd.Series) -> pd.Series:
+    """``html.escape`` over a column, vectorised (50,000 names in ~50 ms instead of ~0.5 s)."""
+    v = values.astype(str)
+    for a, b in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ('"', "&quot;"), ("'", "&#x27;")):
+        v = v.str.replace(a, b, regex=False)
+    return v
 
 
-def _hover(pts: pd.DataFrame) -> list[str]:
-    """One hover line per point: id, given and current label, what flagged it (all escaped)."""
-    out = []
-    for iid, given, cur, chk, conf in zip(
-        _esc(pts["image_id"]), _esc(pts["given"]), _esc(pts["current"]), _esc(pts["checks"]), pts["confidence"],
-        strict=True,
-    ):
-        line = f"{iid}<br>given: {given} · current: {cur}"
-        if chk:
-            line += f"<br>flagged by: {chk}"
-        if conf is not None and not pd.isna(conf):
-            line += f"<br>confidence {float(conf):.0%}"
-        out.append(line)
-    return out
+def _hover(pts: pd.DataFrame) -> np.ndarray:
+    """One hover text per point: id, given and current label, what flagged it, confidence (all escaped)."""
+    line = _esc(pts["image_id"]) + "<br>given: " + _esc(pts["given"]) + " · current: " + _esc(pts["current"])
+    chk = _esc(pts["checks"])
+    line = line.where(chk.eq(""), line + "<br>flagged by: " + chk)
+    conf = pd.to_numeric(pts["confidence"], errors="coerce")
+    pct = (conf * 100).round().astype("Int64").astype(str)
+    line = line.where(conf.isna(), line + "<br>confidence " + pct + "%")
+    return line.to_numpy(dtype=object)
+
+
+def shown_points(
+    pts: pd.DataFrame, keep: Sequence[int] | np.ndarray | None = None, *, limit: int = MAX_POINTS, seed: int = 0
+) -> pd.DataFrame:
+    """The points drawn: all of them up to ``limit``; beyond it every flagged point and every one of ``keep``
+    (the filter's images), and a seeded uniform sample of the rest (the same sample on every rerun)."""
+    if len(pts) <= limit:
+        return pts
+    must = pts["flagged"].astype(bool).to_numpy() | pts["checks"].astype(str).str.len().gt(0).to_numpy()
+    if keep is not None:
+        must |= np.isin(pts["image_index"].to_numpy(), np.asarray(keep, dtype=np.int64))
+    rest = np.flatnonzero(~must)
+    room = max(0, limit - int(must.sum()))
+    pick = np.random.default_rng(seed).choice(rest, min(room, len(rest)), replace=False)
+    mask = must.copy()
+    mask[pick] = True
+    return pts[mask]
 
 
 def map_figure(
@@ -67,7 +88,7 @@ def map_figure(
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    hover = np.asarray(_hover(pts), dtype=object) if len(pts) else np.array([], dtype=object)
+    hover = _hover(pts) if len(pts) else np.array([], dtype=object)
     idx = pts["image_index"].to_numpy()
     x, y = pts["x"].to_numpy(), pts["y"].to_numpy()
 
@@ -121,14 +142,46 @@ def map_figure(
     return fig
 
 
-def selected_from_event(event: object) -> list[int]:
-    """Image indices of the points a box, lasso or click selected, from ``st.plotly_chart``'s event (sorted)."""
+def _inside(x: np.ndarray, y: np.ndarray, px: Sequence[float], py: Sequence[float]) -> np.ndarray:
+    """Even-odd rule: which points lie inside the polygon (px, py) (a lasso's path)."""
+    px, py = np.asarray(px, dtype=float), np.asarray(py, dtype=float)
+    inside = np.zeros(len(x), dtype=bool)
+    j = len(px) - 1
+    for i in range(len(px)):
+        xi, yi, xj, yj = px[i], py[i], px[j], py[j]
+        crosses = (yi > y) != (yj > y)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            at = (xj - xi) * (y - yi) / (yj - yi) + xi
+        inside ^= crosses & (x < at)
+        j = i
+    return inside
+
+
+def selected_from_event(event: object, pts: pd.DataFrame | None = None) -> list[int]:
+    """Image indices a box, lasso or click selected, from ``st.plotly_chart``'s event (sorted).
+
+    With ``pts`` (every point of the map, drawn or not), a box or lasso selects every image inside its
+    geometry, so a sampled drawing (:func:`shown_points`) loses nothing; a click selects the points clicked.
+    """
     try:
-        points = event["selection"]["points"]  # type: ignore[index]
+        sel = event["selection"]  # type: ignore[index]
     except (KeyError, TypeError):
         return []
-    out = set()
-    for p in points or ():
+    out: set[int] = set()
+    boxes = sel.get("box") or [] if isinstance(sel, dict) else []
+    lassos = sel.get("lasso") or [] if isinstance(sel, dict) else []
+    if pts is not None and (boxes or lassos) and len(pts):
+        x, y = pts["x"].to_numpy(float), pts["y"].to_numpy(float)
+        idx = pts["image_index"].to_numpy()
+        hit = np.zeros(len(pts), dtype=bool)
+        for b in boxes:
+            (x0, x1), (y0, y1) = sorted(b["x"][:2]), sorted(b["y"][:2])
+            hit |= (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+        for lz in lassos:
+            if len(lz.get("x") or ()) >= 3:
+                hit |= _inside(x, y, lz["x"], lz["y"])
+        return sorted(int(i) for i in idx[hit])
+    for p in (sel.get("points") if isinstance(sel, dict) else None) or ():
         cd = p.get("customdata") if isinstance(p, dict) else None
         if isinstance(cd, list | tuple):
             cd = cd[0] if cd else None
