@@ -53,8 +53,10 @@ __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
     "Decision",
+    "DecisionRequest",
     "LabelState",
     "append_decision",
+    "append_decisions",
     "arrays_dir",
     "check_workspace",
     "connect",
@@ -63,6 +65,7 @@ __all__ = [
     "current_sql",
     "decision_history",
     "default_db",
+    "duplicate_reason",
     "fetch_one",
     "given_sql",
     "init_db",
@@ -86,6 +89,7 @@ ACTIONS = {
     "multi": "several classes are valid",
     "no_fit": "no class fits; leave the image out of evaluation",
     "keep": "the original label is right",
+    "duplicate": "a copy of another image (of the set, or of the reference set); leave it out of evaluation",
     "undo": "withdraw the newest decision still in effect; each undo walks back one more",
 }
 
@@ -625,8 +629,67 @@ def label_state(db: str | Path, image_index: int, *, timeout: float = 30.0) -> L
         return _fold(con, int(image_index))
 
 
-# How many distinct labels each action takes (undo, keep and no_fit take none).
-_ARITY = {"accept": (1, 1), "relabel": (1, 1), "multi": (2, 1000), "no_fit": (0, 0), "keep": (0, 0), "undo": (0, 0)}
+# How many distinct labels each action takes (undo, keep, no_fit and duplicate take none).
+_ARITY = {
+    "accept": (1, 1),
+    "relabel": (1, 1),
+    "multi": (2, 1000),
+    "no_fit": (0, 0),
+    "keep": (0, 0),
+    "duplicate": (0, 0),
+    "undo": (0, 0),
+}
+
+
+@dataclass(frozen=True)
+class DecisionRequest:
+    """One decision to append (:func:`append_decisions`): what :func:`append_decision` takes, as a value.
+
+    ``duplicate`` names the image the copy duplicates: ``of`` (an image index of this workspace) or
+    ``of_reference`` (an image id of the reference set, ``audit run --reference``); no other action takes either.
+    """
+
+    image_index: int
+    action: str
+    labels: tuple[int, ...] = ()
+    of: int | None = None
+    of_reference: str | None = None
+
+
+def duplicate_reason(of_id: str, *, reference: bool = False, note: str = "") -> str:
+    """The reason a ``duplicate`` decision stores, which the export writes: ``duplicate of <image id>``.
+
+    ``reference``: the original is an image of the reference set. A reviewer's ``note`` follows after ``; ``.
+    The ids are data (file names): every writer of this text (the CSV export, the dashboard) treats it as such.
+    """
+    head = f"duplicate of reference image {of_id}" if reference else f"duplicate of {of_id}"
+    return f"{head}; {note}" if note else head
+
+
+def _checked(req: DecisionRequest) -> DecisionRequest:
+    """``req`` with its labels as ints, or :class:`ReviewError` for a mistake visible without the workspace."""
+    action = req.action
+    if action not in ACTIONS:
+        raise ReviewError(f"unknown review action {action!r}; use one of {', '.join(ACTIONS)}")
+    labels = tuple(int(x) for x in req.labels)
+    lo, hi = _ARITY[action]
+    if not lo <= len(set(labels)) <= hi:
+        raise ReviewError(f"action {action!r} takes {lo}..{hi} distinct labels, got {list(labels)}")
+    has_of = req.of is not None or req.of_reference is not None
+    if action == "duplicate":
+        if (req.of is None) == (req.of_reference is None):
+            raise ReviewError(
+                "action 'duplicate' needs the image it copies: --of IMAGE (an image index of this workspace)"
+            )
+        if req.of is not None and int(req.of) == int(req.image_index):
+            raise ReviewError(f"image {req.image_index} cannot be a duplicate of itself; name another image with --of")
+        if req.of_reference is not None and not str(req.of_reference):
+            raise ReviewError("action 'duplicate': the reference image id is empty; name the reference image")
+    elif has_of:
+        raise ReviewError(f"only action 'duplicate' names the image it copies (--of); {action!r} takes none")
+    return DecisionRequest(
+        int(req.image_index), action, labels, None if req.of is None else int(req.of), req.of_reference
+    )
 
 
 def append_decision(
@@ -637,6 +700,8 @@ def append_decision(
     labels: Sequence[int] = (),
     reviewer: str | None = None,
     reason: str = "",
+    of: int | None = None,
+    of_reference: str | None = None,
     timeout: float = 30.0,
 ) -> int:
     """Append one review decision in its own transaction; return its id.
@@ -645,52 +710,122 @@ def append_decision(
     ----------
     action : str
         One of :data:`ACTIONS`. ``accept`` / ``relabel`` take one label in
-        ``labels``; ``multi`` takes two or more; ``no_fit``, ``keep`` and
-        ``undo`` take none. ``undo`` withdraws the newest decision still in
+        ``labels``; ``multi`` takes two or more; ``no_fit``, ``keep``,
+        ``duplicate`` and ``undo`` take none. ``undo`` withdraws the newest decision still in
         effect on the image, so repeated undos walk back to the given label;
         it is appended as a row of its own (the log is never rewritten), and an
         undone decision is not redone by anything but deciding it again.
+    of, of_reference
+        ``duplicate`` only, exactly one of them: the image this one copies, an image index of the
+        workspace (``of``) or an image id of the reference set (``of_reference``). The decision
+        excludes the image (label set ``[]``, as ``no_fit``) and stores :func:`duplicate_reason`
+        as its reason, the reviewer's ``reason`` after it.
 
     Raises
     ------
     ReviewError
         Unknown action, wrong number of labels, labels outside the label space,
-        an image index not in the workspace, or an undo with nothing to undo.
+        an image index not in the workspace, an undo with nothing to undo, or a
+        ``duplicate`` without (or a non-``duplicate`` with) the image it copies.
     """
-    if action not in ACTIONS:
-        raise ReviewError(f"unknown review action {action!r}; use one of {', '.join(ACTIONS)}")
-    labels = [int(x) for x in labels]
-    lo, hi = _ARITY[action]
-    if not lo <= len(set(labels)) <= hi:
-        raise ReviewError(f"action {action!r} takes {lo}..{hi} distinct labels, got {labels}")
+    req = DecisionRequest(int(image_index), action, tuple(labels), of, of_reference)
+    return append_decisions(db, [req], reviewer=reviewer, reason=reason, timeout=timeout)[0]
+
+
+def append_decisions(
+    db: str | Path,
+    requests: Sequence[DecisionRequest],
+    *,
+    reviewer: str | None = None,
+    reason: str = "",
+    timeout: float = 30.0,
+) -> list[int]:
+    """Append several decisions in one transaction, in order: all of them, or (on any error) none; return their ids.
+
+    Each is checked and folded as :func:`append_decision` does one, against the log as the
+    decisions before it in ``requests`` left it (an ``undo`` after a decision on the same image
+    withdraws that decision). Every row carries the same reviewer and time. This is how a
+    duplicate group is resolved in one step (:mod:`audit.duplicates_view`).
+
+    Raises
+    ------
+    ReviewError
+        As :func:`append_decision`, for any of the requests; nothing is written then.
+    """
+    reqs = [_checked(r) for r in requests]  # every mistake visible without the workspace, before it is opened
+    if not reqs:
+        return []
     who = reviewer or getpass.getuser()
+    at = now()
+    ids: list[int] = []
     with connect(db, timeout=timeout) as con, transaction(con):
-        before = _fold(con, image_index)
         n_classes = fetch_one(con, "SELECT count(*) FROM classes")[0]
-        if any(not 0 <= x < n_classes for x in labels):
-            raise ReviewError(f"labels {labels} are outside the {n_classes} classes of this workspace")
-        if action == "undo":
-            if not before.reviewed:
+        wanted = sorted({r.image_index for r in reqs} | {r.of for r in reqs if r.of is not None})
+        states = _fold_many(con, wanted)
+        touched: set[int] = set()
+        for r in reqs:
+            if r.image_index not in states:
                 raise ReviewError(
-                    f"nothing to undo on image {image_index}: no decision on it is in effect "
-                    "(it has its given label); record a decision instead"
+                    f"image index {r.image_index} is not in this workspace; see 'audit issues' for indices"
                 )
-            new = list(_fold(con, image_index, "undo").labels)
-        else:
-            new = {
-                "accept": labels,
-                "relabel": labels,
-                "multi": sorted(set(labels)),
-                "no_fit": [],
-                "keep": list(before.given),
-            }[action]
-        row = fetch_one(
-            con,
-            "INSERT INTO decisions (image_index, image_id, old_labels, new_labels, action, reviewer, "
-            "decided_at, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING decision_id",
-            [image_index, before.image_id, list(before.labels), new, action, who, now(), reason],
+            if r.of is not None and r.of not in states:
+                raise ReviewError(f"--of {r.of}: image index {r.of} is not in this workspace; see 'audit issues'")
+            if any(not 0 <= x < n_classes for x in r.labels):
+                raise ReviewError(f"labels {list(r.labels)} are outside the {n_classes} classes of this workspace")
+            # An image decided earlier in this batch is folded again: its row is in the log now.
+            before = _fold(con, r.image_index) if r.image_index in touched else states[r.image_index]
+            note = reason
+            if r.action == "undo":
+                if not before.reviewed:
+                    raise ReviewError(
+                        f"nothing to undo on image {r.image_index}: no decision on it is in effect "
+                        "(it has its given label); record a decision instead"
+                    )
+                new = list(_fold(con, r.image_index, "undo").labels)
+            else:
+                new = {
+                    "accept": list(r.labels),
+                    "relabel": list(r.labels),
+                    "multi": sorted(set(r.labels)),
+                    "no_fit": [],
+                    "duplicate": [],
+                    "keep": list(before.given),
+                }[r.action]
+            if r.action == "duplicate":
+                of_id = states[r.of].image_id if r.of is not None else str(r.of_reference)
+                note = duplicate_reason(of_id, reference=r.of is None, note=reason)
+            row = fetch_one(
+                con,
+                "INSERT INTO decisions (image_index, image_id, old_labels, new_labels, action, reviewer, "
+                "decided_at, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING decision_id",
+                [r.image_index, before.image_id, list(before.labels), new, r.action, who, at, note],
+            )
+            ids.append(int(row[0]))
+            touched.add(r.image_index)
+    return ids
+
+
+def _fold_many(con: duckdb.DuckDBPyConnection, images: Sequence[int]) -> dict[int, LabelState]:
+    """:func:`_fold` of many images in one query; images not in the workspace are absent from the result."""
+    rows = con.execute(
+        f"""
+        WITH src AS (SELECT image_index, decision_id, action, new_labels, reviewer FROM decisions
+                     WHERE list_contains($images, image_index)),
+        {current_sql("cur", "src")}
+        SELECT i.image_index, i.image_id, i.label, cur.labels, coalesce(cur.reviewed, false), cur.decision_id
+        FROM images i LEFT JOIN cur USING (image_index)
+        WHERE list_contains($images, i.image_index)
+        """,
+        {"images": [int(x) for x in images]},
+    ).fetchall()
+    out = {}
+    for idx, image_id, label, labels, reviewed, decision in rows:
+        given = (int(label),) if label is not None and label >= 0 else ()
+        out[int(idx)] = LabelState(
+            int(idx), str(image_id), given, given if labels is None else tuple(int(x) for x in labels),
+            bool(reviewed), None if decision is None else int(decision),
         )
-    return int(row[0])
+    return out
 
 
 def decision_history(db: str | Path, image_index: int) -> pd.DataFrame:
