@@ -945,11 +945,11 @@ def group_card(g: dict[str, Any], labels: list[str], root: str | None) -> None:
         # The set's images first, then the reference images they copy (at least one of those, when there are any).
         mine = members[:DUP_SHOWN]
         refs = g["reference"][: max(1, DUP_SHOWN - len(mine))]
-        cols = st.columns(max(len(mine) + len(refs), 1))
+        cols = st.columns(max(len(mine) + len(refs), 4))  # at least 4: a pair's thumbnails keep their size
         for col, m in zip(cols, mine, strict=False):
             with col:
                 _dup_member(m)
-        for col, e in zip(cols[len(mine) :], refs, strict=True):
+        for col, e in zip(cols[len(mine) :], refs, strict=False):
             with col:
                 _dup_reference(e, root)
         hidden = g["more"] + len(members) - len(mine)
@@ -964,23 +964,28 @@ def group_card(g: dict[str, Any], labels: list[str], root: str | None) -> None:
 
         current = [int(x) for m in members for x in (m["current_labels"] or [])]
         common = max(set(current), key=current.count) if current else None
-        a, b = st.columns(2)
-        with a:
-            st.selectbox(
+        # A resolved group keeps its controls folded away: its images and their state are what it shows.
+        box = st.expander("Resolve this group again") if g["resolved"] else st.container()
+        with box:
+            a, b, c = st.columns([4, 4, 3], vertical_alignment="bottom")
+            a.selectbox(
                 "Image to keep (the others are excluded as its duplicates)",
                 keep_opts,
+                # A copy of a reference (training) image was seen in training: by default none of the set is kept.
+                index=len(keep_opts) - 1 if g["reference"] else 0,
                 key=f"u_keep_{gid}",
                 format_func=keep_name,
             )
-            st.button(
-                "Keep this one, exclude the others",
+            a.button(
+                "Exclude the copies",
                 key=f"u_x_{gid}",
                 on_click=resolve,
                 args=(gid, "exclude_copies"),
                 type="primary",
+                help="the image chosen above stays; every other image of the group is left out of evaluation, "
+                "recorded as its duplicate (or, with none kept, as a duplicate of the reference image)",
             )
-        with b:
-            st.selectbox(
+            b.selectbox(
                 "One label for the whole group",
                 list(range(len(labels))),
                 index=common if common is not None and 0 <= common < len(labels) else None,
@@ -988,14 +993,15 @@ def group_card(g: dict[str, Any], labels: list[str], root: str | None) -> None:
                 format_func=labels.__getitem__,
                 placeholder=f"search {len(labels):,} classes…",
             )
-            st.button("Set this label for all", key=f"u_l_{gid}", on_click=resolve, args=(gid, "one_label"))
-        st.button(
-            "Keep all (not duplicates to remove)",
-            key=f"u_k_{gid}",
-            on_click=resolve,
-            args=(gid, "keep_all"),
-            help="every image stays in evaluation with its current label; copies excluded earlier come back",
-        )
+            b.button("Set this label for all", key=f"u_l_{gid}", on_click=resolve, args=(gid, "one_label"))
+            c.button(
+                "Keep all",
+                key=f"u_k_{gid}",
+                on_click=resolve,
+                args=(gid, "keep_all"),
+                help="not copies to remove: every image stays in evaluation with its current label; copies "
+                "excluded earlier come back",
+            )
 
 
 def page_duplicates() -> None:

@@ -83,7 +83,8 @@ class _Groups:
     """The duplicate groups of the newest run: what only ``audit run`` changes."""
 
     members: pa.Table  # image_index, grp (the group's lowest image index), checks, similarity, hash_distance, ref
-    groups: pa.Table  # grp, checks, n_ref, ref_labels (the reference partners' known labels, distinct)
+    static: pd.DataFrame  # one row per group: grp, checks (the checks that found it), n_ref (reference partners)
+    ref_codes: pd.DataFrame  # grp, code: each reference partner's known label (-1: a class this set lacks)
     refs: dict[int, list[dict[str, Any]]]  # grp -> reference partners: id, label (None: unknown), checks, of
     ran: dict[str, str | None]  # each duplicate check the run selected -> None (it ran) or why it was skipped
     reference_root: str | None  # the reference set's folder, for its thumbnails
@@ -231,19 +232,19 @@ def _build(con: duckdb.DuckDBPyConnection) -> _Groups:
         by_group.setdefault(gid[i], set()).update(per[i]["checks"])
     gs = sorted(by_group)
     ref_lists = {g: sorted(v.values(), key=lambda e: e["id"]) for g, v in refs.items()}
-    groups = pa.table(
+    static = pd.DataFrame(
         {
-            "grp": pa.array(gs, pa.int32()),
-            "checks": pa.array([sorted(by_group[g]) for g in gs], pa.list_(pa.string())),
-            "n_ref": pa.array([len(ref_lists.get(g, [])) for g in gs], pa.int32()),
-            # Known training labels only; -1 (a class this set lacks) is a label, and one that differs.
-            "ref_labels": pa.array(
-                [sorted({e["label"] for e in ref_lists.get(g, []) if e["label"] is not None}) for g in gs],
-                pa.list_(pa.int32()),
-            ),
+            "grp": np.array(gs, dtype=np.int64),
+            "checks": pd.Series([sorted(by_group[g]) for g in gs], dtype=object),
+            "n_ref": np.array([len(ref_lists.get(g, [])) for g in gs], dtype=np.int64),
         }
     )
-    return _Groups(members, groups, ref_lists, ran, ref_root[0] if ref_root else None, last_checks)
+    # Known training labels only; -1 (a class this set lacks) is a label too, and one that differs from any.
+    known = [(g, e["label"]) for g, es in ref_lists.items() for e in es if e["label"] is not None]
+    ref_codes = pd.DataFrame(
+        {"grp": np.array([g for g, _ in known], dtype=np.int64), "code": pd.array([c for _, c in known], dtype="Int64")}
+    )
+    return _Groups(members, static, ref_codes, ref_lists, ran, ref_root[0] if ref_root else None, last_checks)
 
 
 # --------------------------------------------------------------------------- listing
@@ -268,46 +269,84 @@ def _note(g: _Groups, db: Path) -> str | None:
     )
 
 
-def _summary_sql() -> str:
-    last = current_sql("last")
-    return f"""
-        WITH {last},
-        m AS (
-            SELECT d.grp, d.image_index, i.label, {current_labels_sql("l", "i")} AS labels,
-                   coalesce(l.reviewed, false) AS reviewed, l.action
-            FROM dup_members d JOIN images i USING (image_index) LEFT JOIN last l USING (image_index)),
-        s AS (
-            SELECT grp, count(*) AS size, count(*) FILTER (WHERE len(labels) > 0) AS n_kept,
-                   count(*) FILTER (WHERE action = 'duplicate') AS n_copies,
-                   count(*) FILTER (WHERE reviewed) AS n_reviewed,
-                   count(DISTINCT label) FILTER (WHERE label >= 0) > 1 AS given_differ,
-                   coalesce(list(DISTINCT list_sort(labels)) FILTER (WHERE len(labels) > 0), []) AS sets
-            FROM m GROUP BY grp)
-        SELECT s.grp, s.size, s.n_kept, s.n_copies, s.n_reviewed, s.given_differ, g.n_ref, g.checks,
-               s.n_reviewed = s.size AS resolved,
-               len(list_distinct(list_concat(s.sets, list_transform(g.ref_labels, lambda x: [x])))) > 1
-                   AS labels_differ
-        FROM s JOIN dup_groups g USING (grp)
-        """
+def _members_src(where: str = "") -> str:
+    """SQL: the CTE ``src``, the review log of the images in ``dup_members`` (``where``: of some groups only), for
+    :func:`audit.store.current_sql` to fold: folding only these images' rows is what keeps a page fast."""
+    return f"""src AS (
+        SELECT image_index, decision_id, action, new_labels, reviewer FROM decisions
+        WHERE image_index IN (SELECT image_index FROM dup_members {where}))"""
 
 
-def _summaries(con: duckdb.DuckDBPyConnection, g: _Groups) -> pd.DataFrame:
-    """One row per group, with what review has made of it, in listing order (see the module docstring)."""
+_SUMMARY_COLUMNS = ["grp", "size", "n_kept", "n_copies", "n_reviewed", "given_differ", "labels_differ", "resolved"]
+_MULTI = 1 << 40  # codes of label sets of two or more classes start here (a single class's code is its index)
+_SUMMARY_CACHE: OrderedDict[tuple[Any, ...], pd.DataFrame] = OrderedDict()
+
+
+def _summaries(con: duckdb.DuckDBPyConnection, g: _Groups, db: Path) -> pd.DataFrame:
+    """One row per group, with what review has made of it, in listing order (see the module docstring).
+
+    Cached per data version (:func:`audit.queries.data_version`): paging through the groups costs nothing more.
+    """
+    key = (str(db.resolve()), q.data_version(db))  # a new run or decision changes the version
+    with _CACHE_LOCK:
+        hit = _SUMMARY_CACHE.get(key)
+    if hit is not None:
+        return hit
     con.register("dup_members", g.members)
-    con.register("dup_groups", g.groups)
     try:
-        df = con.execute(_summary_sql()).df()
+        got = con.execute(
+            f"""
+            WITH {_members_src()}, {current_sql("last", "src")}
+            SELECT d.grp, i.label, l.labels, coalesce(l.reviewed, false), coalesce(l.action = 'duplicate', false)
+            FROM dup_members d JOIN images i USING (image_index) LEFT JOIN last l USING (image_index)
+            """
+        ).fetchall()
     finally:
         con.unregister("dup_members")
-        con.unregister("dup_groups")
-    df = df.sort_values(
-        ["resolved", "labels_differ", "n_ref", "size", "grp"],
-        ascending=[True, False, False, False, True],
-        kind="stable",
-    ).reset_index(drop=True)
-    for col in ("resolved", "labels_differ", "given_differ"):
-        df[col] = df[col].astype(bool)
-    return df
+    # Each member's current label set as one code: its class where it has one class, a code per distinct set of
+    # several (rare), None where it is left out; the groups' "labels differ" is then a count of distinct codes.
+    sets: dict[tuple[int, ...], int] = {}
+    grp = np.fromiter((r[0] for r in got), dtype=np.int64, count=len(got))
+    given = np.fromiter((-1 if r[1] is None else r[1] for r in got), dtype=np.int64, count=len(got))
+    code = np.full(len(got), -2, dtype=np.int64)  # -2: left out of evaluation
+    for k, (_, label, labels, _, _) in enumerate(got):
+        cur = ([label] if label is not None and label >= 0 else []) if labels is None else sorted(set(labels))
+        if len(cur) == 1:
+            code[k] = cur[0]
+        elif cur:
+            code[k] = sets.setdefault(tuple(cur), _MULTI + len(sets))
+    df = pd.DataFrame(
+        {
+            "grp": grp,
+            "given": np.where(given >= 0, given, np.nan),
+            "code": pd.Series(code, dtype="Int64").where(code != -2),
+            "reviewed": np.fromiter((r[3] for r in got), dtype=bool, count=len(got)),
+            "copy": np.fromiter((r[4] for r in got), dtype=bool, count=len(got)),
+        }
+    )
+    by = df.groupby("grp", sort=True)
+    out = pd.DataFrame(
+        {
+            "size": by.size(),
+            "n_kept": by["code"].count(),
+            "n_copies": by["copy"].sum(),
+            "n_reviewed": by["reviewed"].sum(),
+            "given_differ": by["given"].nunique() > 1,
+        }
+    )
+    # Labels differ: distinct codes among the images in evaluation and the reference partners' labels together.
+    codes = pd.concat([df[["grp", "code"]].dropna(), g.ref_codes], ignore_index=True)
+    out["labels_differ"] = (codes.groupby("grp")["code"].nunique() > 1).reindex(out.index, fill_value=False)
+    out["resolved"] = out["n_reviewed"] == out["size"]
+    out = out.reset_index().merge(g.static, on="grp", how="left")
+    order = ["resolved", "labels_differ", "n_ref", "size", "grp"]
+    out = out.sort_values(order, ascending=[True, False, False, False, True], kind="stable").reset_index(drop=True)
+    out = out.astype({"size": int, "n_kept": int, "n_copies": int, "n_reviewed": int, "n_ref": int})
+    with _CACHE_LOCK:
+        _SUMMARY_CACHE[key] = out
+        while len(_SUMMARY_CACHE) > 8:
+            _SUMMARY_CACHE.popitem(last=False)
+    return out
 
 
 def _shown(df: pd.DataFrame, show: str) -> pd.DataFrame:
@@ -326,7 +365,7 @@ def _member_rows(con: duckdb.DuckDBPyConnection, g: _Groups, groups: Sequence[in
     try:
         df = con.execute(
             f"""
-            WITH {current_sql("last")}
+            WITH {_members_src("WHERE list_contains($groups, grp)")}, {current_sql("last", "src")}
             SELECT d.grp, d.image_index, i.image_id, i.label, i.valid,
                    {current_labels_sql("l", "i")} AS current_labels,
                    coalesce(l.reviewed, false) AS reviewed, l.action, x.reason, e.depth,
@@ -350,16 +389,18 @@ def _member_rows(con: duckdb.DuckDBPyConnection, g: _Groups, groups: Sequence[in
     return df
 
 
-def _reference_rows(con: duckdb.DuckDBPyConnection, g: _Groups, grp: int) -> list[dict[str, Any]]:
-    """A group's reference partners with their labels' names (None: unlabelled or not known)."""
-    refs = g.refs.get(int(grp), [])
-    names = q._names(con, {e["label"] for e in refs if e["label"] is not None and e["label"] >= 0})
-    out = []
-    for e in refs:
-        lab = e["label"]
-        name = None if lab is None else "(a class this set lacks)" if lab < 0 else names.get(lab, str(lab))
-        out.append({**e, "label_name": name})
-    return out
+def _reference_rows(
+    con: duckdb.DuckDBPyConnection, g: _Groups, groups: Sequence[int]
+) -> dict[int, list[dict[str, Any]]]:
+    """Each group's reference partners with their labels' names (None: unlabelled or not known)."""
+    refs = {int(x): g.refs.get(int(x), []) for x in groups}
+    known = {e["label"] for es in refs.values() for e in es if e["label"] is not None and e["label"] >= 0}
+    names = q._names(con, known)
+
+    def name(lab: int | None) -> str | None:
+        return None if lab is None else "(a class this set lacks)" if lab < 0 else names.get(lab, str(lab))
+
+    return {grp: [{**e, "label_name": name(e["label"])} for e in es] for grp, es in refs.items()}
 
 
 def duplicate_groups(
@@ -397,13 +438,13 @@ def duplicate_groups(
     with q._open(db) as con:
         g = _groups(con, q._path(db))
         note = _note(g, q._path(db))
-        summary = _summaries(con, g)
+        summary = _summaries(con, g, q._path(db))
         sel = _shown(summary, show)
         last_page = max(0, (len(sel) - 1) // page_size)
         page = min(page, last_page)
         rows = sel.iloc[page * page_size : (page + 1) * page_size]
         mem = _member_rows(con, g, rows["grp"].tolist()) if len(rows) else None
-        refs = {int(x): _reference_rows(con, g, int(x)) for x in rows["grp"]}
+        refs = _reference_rows(con, g, rows["grp"].tolist())
     groups = []
     for r in rows.itertuples(index=False):
         mine = mem[mem["grp"] == r.grp].reset_index(drop=True) if mem is not None else pd.DataFrame()
@@ -463,9 +504,9 @@ def group_of(db: str | Path | q.Reader, image_index: int) -> dict[str, Any]:
                 + (note if note else "see 'audit duplicates' for the groups and their ids")
             )
         grp = int(m.column("grp")[int(hit[0])].as_py())
-        summary = _summaries(con, g)
+        summary = _summaries(con, g, q._path(db))
         mem = _member_rows(con, g, [grp])
-        refs = _reference_rows(con, g, grp)
+        refs = _reference_rows(con, g, [grp])[grp]
     r = summary[summary["grp"] == grp].iloc[0]
     return {
         "group": grp,
@@ -619,14 +660,15 @@ def plan_resolution(
                 reqs.append(DecisionRequest(idx, "keep"))
             continue
         if keep is not None:
-            want = duplicate_reason(str(by_index[int(keep)]["image_id"]), note=note)
+            head = duplicate_reason(str(by_index[int(keep)]["image_id"]))
             req = DecisionRequest(idx, "duplicate", of=int(keep))
         else:
             ref = own_ref.get(idx, first_ref)
-            want = duplicate_reason(str(ref), reference=True, note=note)
+            head = duplicate_reason(str(ref), reference=True)
             req = DecisionRequest(idx, "duplicate", of_reference=str(ref))
-        if m["action"] == "duplicate" and m["reason"] == want:
-            continue  # already recorded just so
+        stored = str(m["reason"] or "")
+        if m["action"] == "duplicate" and (stored == head or stored.startswith(head + "; ")):
+            continue  # already excluded as a copy of that image (whatever note it was saved with)
         reqs.append(req)
     return reqs
 

@@ -92,9 +92,17 @@ def _relabeled_n(db: Path) -> int:
     return int(m[(m.evaluation == "relabeled") & (m.metric == "top1")]["n"].iloc[0])
 
 
-def _export(db: Path, out: Path) -> dict[str, dict[str, str]]:
-    assert main(["export", "--db", str(db), "--out", str(out)]) == 0
-    return {r["image"]: r for r in csv.DictReader(io.StringIO((out / "excluded.csv").read_text()))}
+def _export(db: Path) -> tuple[dict[str, dict[str, str]], list[dict]]:
+    """excluded.csv by image, and labels.jsonl, as ``audit export`` writes them (the same code)."""
+    files = q.export_files(db)
+    excluded = {r["image"]: r for r in csv.DictReader(io.StringIO(files["excluded.csv"].decode()))}
+    return excluded, [json.loads(x) for x in files["labels.jsonl"].decode().splitlines()]
+
+
+def _images(db: Path) -> dict[int, tuple[str, int]]:
+    """image index -> (image id, given label)."""
+    with connect(db, read_only=True) as con:
+        return {i: (n, lab) for i, n, lab in con.execute("SELECT image_index, image_id, label FROM images").fetchall()}
 
 
 # --------------------------------------------------------------------------- the group query
@@ -152,7 +160,7 @@ def test_pages_and_selections(dup_ws):
 # --------------------------------------------------------------------------- resolving
 
 
-def test_excluding_copies_is_one_step_that_reaches_metrics_and_export_and_undoes_per_image(dup_ws, tmp_path):
+def test_excluding_copies_is_one_step_that_reaches_metrics_and_export_and_undoes_per_image(dup_ws):
     db, ix = dup_ws
     n0 = _relabeled_n(db)
     triple = [ix["triple_copy"], ix["triple_copy_copy"], ix["reencoded"]]
@@ -160,9 +168,10 @@ def test_excluding_copies_is_one_step_that_reaches_metrics_and_export_and_undoes
     ids = dv.resolve_group(db, ix["reencoded"], "exclude_copies", keep=keep, reviewer="r", reason="same shot")
     assert len(ids) == 3
     rows = _decisions(db)
-    kept_id = q.image_detail(db, keep)["image_id"]
+    images = _images(db)
+    kept_id = images[keep][0]
     assert {(i, a, tuple(lab)) for i, a, lab, _ in rows} == {
-        (keep, "keep", (q.image_detail(db, keep)["label"],)),
+        (keep, "keep", (images[keep][1],)),
         *((i, "duplicate", ()) for i in triple if i != keep),
     }
     assert {r for i, a, _, r in rows if a == "duplicate"} == {f"duplicate of {kept_id}; same shot"}
@@ -172,20 +181,19 @@ def test_excluding_copies_is_one_step_that_reaches_metrics_and_export_and_undoes
     counts = q.decision_counts(db)
     assert counts["duplicates"] == 2 and counts["by_action"]["duplicate"] == 2
     assert q.export_summary(db)["excluded"] == 2
-    excluded = _export(db, tmp_path / "out1")
-    names = {q.image_detail(db, i)["image_id"] for i in triple if i != keep}
+    excluded, jsonl = _export(db)
+    names = {images[i][0] for i in triple if i != keep}
     assert set(excluded) == names and {r["reason"] for r in excluded.values()} == {f"duplicate of {kept_id}; same shot"}
-    jsonl = [json.loads(x) for x in (tmp_path / "out1" / "labels.jsonl").read_text().splitlines()]
     assert {o["image"]: o["status"] for o in jsonl if o["image"] in names} == dict.fromkeys(names, "excluded")
     # Resolving it again the same way changes nothing, so writes nothing.
     assert dv.resolve_group(db, keep, "exclude_copies", keep=keep, reviewer="r", reason="same shot") == []
     # Undo, per image as ever: that copy is back in evaluation, and in the export.
     back = ix["reencoded"]
     append_decision(db, back, "undo", reviewer="r")
-    assert label_state(db, back).labels == (q.image_detail(db, back)["label"],)
+    assert label_state(db, back).labels == (images[back][1],)
     assert _relabeled_n(db) == n0 - 1
-    excluded = _export(db, tmp_path / "out2")
-    assert q.image_detail(db, back)["image_id"] not in excluded and len(excluded) == 1
+    excluded, _ = _export(db)
+    assert images[back][0] not in excluded and len(excluded) == 1
     assert not dv.group_of(db, keep)["resolved"]  # one image has no decision in effect again
 
 
@@ -201,7 +209,7 @@ def test_keep_all_brings_copies_back_and_one_label_settles_the_group(dup_ws):
     assert g["resolved"] and g["n_copies"] == 0 and g["labels_differ"] and _relabeled_n(db) == n0
     assert dv.resolve_group(db, a, "keep_all") == []
     # One label for the group: where it is the given label, a keep; otherwise a relabel.
-    target = q.image_detail(db, a)["label"]
+    target = _images(db)[a][1]
     dv.resolve_group(db, b, "one_label", label=target)
     assert _decisions(db)[-1][:3] == (b, "relabel", [target])
     g = dv.group_of(db, a)
@@ -308,7 +316,7 @@ def test_cli_lists_and_resolves_groups(dup_ws, capsys):
     assert "2 decision(s) recorded" in capsys.readouterr().out
     assert main(["duplicates", str(a), "--db", str(db), "--format", "csv"]) == 0
     listed = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    kept = q.image_detail(db, a)["image_id"]
+    kept = _images(db)[a][0]
     assert {r["image_index"]: r["status"] for r in listed} == {
         str(a): "reviewed (keep)",
         str(b): f"excluded: duplicate of {kept}",
