@@ -1070,7 +1070,7 @@ def page_impact() -> None:
         "several labels, no class fits) rather than kept",
     )
     k[6].metric(
-        "excluded as duplicates",
+        "copies excluded",
         f"{c['duplicates']:,}",
         help="copies left out of evaluation on the Duplicates page (not counted as reviewed flags: leaving a copy "
         "out says nothing about its label)",

@@ -214,7 +214,7 @@ def _build(con: duckdb.DuckDBPyConnection) -> _Groups:
                 e["label"] = lab
             if chk not in e["checks"]:
                 e["checks"].append(str(chk))
-            if i not in e["of"]:
+            if not e["of"] or e["of"][-1] != i:  # rows come by image: a repeat is the last one
                 e["of"].append(i)
     order = sorted(per)
     members = pa.table(

@@ -1385,12 +1385,13 @@ def record_decision(
     labels: Sequence[int] = (),
     reviewer: str | None = None,
     reason: str = "",
+    of: int | None = None,
     timeout: float = 30.0,
 ) -> int:
     """Append one review decision (:func:`audit.store.append_decision`), serialised with this process's reads."""
     with DB_LOCK:
         return append_decision(
-            db, int(image_index), action, labels=labels, reviewer=reviewer, reason=reason, timeout=timeout
+            db, int(image_index), action, labels=labels, reviewer=reviewer, reason=reason, of=of, timeout=timeout
         )
 
 
