@@ -57,6 +57,8 @@ PAGE_SIZE = 24
 PARTNERS = 6  # partner images (duplicates) shown on the review page
 NEIGHBOUR_COUNTS = (4, 8, 12, 16, 20)  # how many nearest images the review page can show (20 are stored)
 NEIGHBOUR_COLUMNS = 8  # thumbnails per row of the neighbours section
+DUP_GROUPS = 8  # duplicate groups per page
+DUP_SHOWN = 6  # images of one group shown side by side (with its reference images); the rest are counted
 THUMB = 192
 LARGE = 512
 # Seconds a page waits for another process's write before showing its last data.
@@ -89,8 +91,8 @@ DEFAULTS: dict[str, Any] = {
     "u_show": "all",
     "u_page": 1,
 }
-DUP_GROUPS = 8  # duplicate groups per page
-DUP_SHOWN = 6  # images of one group shown side by side (with its reference images); the rest are counted
+# Read-side modules the pages query through load("module:function", ...); a bare name is audit.queries'.
+_QUERIES = {"q": q, "duplicates_view": dv}
 
 
 def _db() -> Path:
@@ -109,14 +111,10 @@ def _reader() -> q.Reader:
 # --------------------------------------------------------------------------- data access
 
 
-# The query modules ``load`` reads from: a bare name is in audit.queries, "dv.<name>" in audit.duplicates_view.
-_SOURCES = {"q": q, "dv": dv}
-
-
 @st.cache_data(ttl=300, max_entries=256, show_spinner=False)
 def _cached(name: str, db: str, version: tuple[int, ...], args: tuple[Any, ...], _reader: q.Reader) -> Any:
-    module, _, func = name.rpartition(".")
-    return getattr(_SOURCES[module or "q"], func)(_reader, *args)
+    mod, _, fn = name.rpartition(":")
+    return getattr(_QUERIES[mod or "q"], fn)(_reader, *args)
 
 
 @st.cache_resource
@@ -125,8 +123,7 @@ def _last_good() -> tuple[threading.Lock, OrderedDict[Any, Any]]:
 
 
 def load(name: str, *args: Any) -> Any:
-    """``audit.queries.<name>(db, *args)`` (``dv.<name>``: of audit.duplicates_view), cached; the last result when
-    the workspace stays locked."""
+    """``audit.queries.<name>(db, *args)``, cached; the last result when the workspace stays locked."""
     db = _db()
     key = (name, str(db), args)
     lock, last = _last_good()
@@ -954,8 +951,10 @@ def group_card(g: dict[str, Any], labels: list[str], root: str | None) -> None:
                 _dup_reference(e, root)
         hidden = g["more"] + len(members) - len(mine)
         hidden_refs = len(g["reference"]) - len(refs)
-        if hidden or hidden_refs:
-            st.text(f"and {hidden:,} more image(s) of the set, {hidden_refs:,} more of the reference set")
+        more = [f"{hidden:,} more image(s) of the set"] * bool(hidden)
+        more += [f"{hidden_refs:,} more of the reference set"] * bool(hidden_refs)
+        if more:
+            st.text(f"and {', '.join(more)} ('audit duplicates {gid} --db ...' lists them all)")
         keep_opts = [int(m["image_index"]) for m in members] + ([-1] if g["reference"] else [])
         ids = {int(m["image_index"]): m["image_id"] for m in members}
 
@@ -1007,7 +1006,7 @@ def group_card(g: dict[str, Any], labels: list[str], root: str | None) -> None:
 def page_duplicates() -> None:
     ss = st.session_state
     st.header("Duplicates")
-    res = load("dv.duplicate_groups", ss["u_show"], max(1, int(ss["u_page"])) - 1, DUP_GROUPS, DUP_SHOWN)
+    res = load("duplicates_view:duplicate_groups", ss["u_show"], max(1, int(ss["u_page"])) - 1, DUP_GROUPS, DUP_SHOWN)
     if res["note"]:
         st.info("The duplicate checks have not run on this workspace, so there are no groups to show.")
         st.text(shown(res["note"]))
