@@ -336,8 +336,10 @@ def cmd_duplicates(a: argparse.Namespace) -> int:
     db = Path(a.db)
     if a.resolution is None:
         if a.keep is not None or a.label is not None:
-            raise UserError("--keep and --label go with a resolution, e.g. 'audit duplicates GROUP exclude_copies "
-                            "--keep IMAGE'; see 'audit duplicates --help'")
+            raise UserError(
+                "--keep and --label go with a resolution, e.g. 'audit duplicates GROUP exclude_copies --keep IMAGE'; "
+                "see 'audit duplicates --help'"
+            )
         if a.group is not None:  # one group, every member
             _emit(dv.group_rows([dv.group_of(db, a.group)]), a.format)
             return 0
