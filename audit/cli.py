@@ -1,4 +1,5 @@
-"""Command line: ``audit run | models | checks | metrics | issues | runs | heads | export | review | dashboard``.
+"""Command line: ``audit run | models | checks | metrics | issues | runs | heads | export | review | duplicates |
+dashboard``.
 
 Machine-readable output goes to stdout; progress and logs go to stderr. A
 mistake the user can fix prints one line naming it and the fix, and exits 2.
@@ -337,12 +338,58 @@ def cmd_review(a: argparse.Namespace) -> int:
     from audit.store import append_decision, label_state
 
     labels = [resolve_label(Path(a.db), t) for t in (a.labels or "").split(",") if t.strip()]
-    did = append_decision(Path(a.db), a.image, a.action, labels=labels, reviewer=a.reviewer, reason=a.reason or "")
+    did = append_decision(
+        Path(a.db), a.image, a.action, labels=labels, reviewer=a.reviewer, reason=a.reason or "", of=a.of
+    )
     # What the image's label set is now, by the same fold of the log that the dashboard and export read.
     now = label_state(Path(a.db), a.image)
     shown = " ".join(map(str, now.labels)) if now.labels else "none (excluded)"
     state = "a decision is in effect" if now.reviewed else "no decision in effect, the given label"
     print(f"decision {did} recorded; image {a.image} labels now: {shown} ({state})")
+    return 0
+
+
+def cmd_duplicates(a: argparse.Namespace) -> int:
+    from audit import duplicates_view as dv
+    from audit.queries import resolve_label
+
+    db = Path(a.db)
+    if a.resolution is None:
+        if a.keep is not None or a.label is not None:
+            raise UserError(
+                "--keep and --label go with a resolution, e.g. 'audit duplicates GROUP exclude_copies --keep IMAGE'; "
+                "see 'audit duplicates --help'"
+            )
+        if a.group is not None:  # one group, every member
+            _emit(dv.group_rows([dv.group_of(db, a.group)]), a.format)
+            return 0
+        res = dv.duplicate_groups(db, a.show, 0, a.limit or 2**31 - 1)
+        if res["note"]:
+            print(f"audit: note: {res['note']}", file=sys.stderr)
+        elif not res["counts"]["groups"]:
+            print("audit: note: the duplicate checks found no duplicates in this workspace", file=sys.stderr)
+        else:
+            c = res["counts"]
+            print(
+                f"audit: {c['groups']:,} duplicate group(s) of {c['images']:,} images: {c['differ']:,} with different "
+                f"labels, {c['reference']:,} with copies in the reference set, {c['unresolved']:,} unresolved; "
+                f"listing {res['total']:,} ({dv.SHOWS[a.show]})",
+                file=sys.stderr,
+            )
+        _emit(dv.group_rows(res["groups"]), a.format)
+        return 0
+    if a.group is None:
+        raise UserError("a resolution needs the group: 'audit duplicates GROUP RESOLUTION' (GROUP: any image of it)")
+    label = resolve_label(db, a.label) if a.label is not None else None
+    ids = dv.resolve_group(
+        db, a.group, a.resolution, keep=a.keep, label=label, reviewer=a.reviewer, reason=a.reason or ""
+    )
+    g = dv.group_of(db, a.group)
+    state = f"{g['n_kept']} of {g['size']} images in evaluation, {g['n_copies']} excluded as duplicates"
+    if ids:
+        print(f"group {g['group']}: {len(ids)} decision(s) recorded ({ids[0]}..{ids[-1]}); {state}")
+    else:
+        print(f"group {g['group']}: nothing to record, it already stands so; {state}")
     return 0
 
 
@@ -402,7 +449,8 @@ def _typed(check: Callable[..., Any], name: str, **kw: Any) -> Callable[[str], A
 
 
 def _parser() -> argparse.ArgumentParser:
-    from audit.store import default_db
+    from audit.duplicates_view import RESOLUTIONS, SHOWS
+    from audit.store import ACTIONS, default_db
 
     p = _Parser(prog="audit", description="Audit the labels of an image-classification validation set.")
     p.add_argument("--version", action="version", version=f"audit {__version__}")
@@ -624,12 +672,44 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("review", help="record one review decision from the command line")
     v.add_argument("image", type=_typed(_options.check_int, "image", lo=0), help="image index (see 'audit issues')")
-    v.add_argument("action", choices=["accept", "relabel", "multi", "no_fit", "keep", "undo"])
+    v.add_argument("action", choices=list(ACTIONS), help="; ".join(f"{k}: {v}" for k, v in ACTIONS.items()))
     v.add_argument("--labels", help="comma-separated classes (wnid, index or name)")
+    v.add_argument(
+        "--of",
+        type=_typed(_options.check_int, "--of", lo=0),
+        help="with duplicate: the image index it is a copy of (the export's reason: 'duplicate of <its id>')",
+    )
     v.add_argument("--reviewer")
     v.add_argument("--reason")
     v.add_argument("--db", default=str(default_db()), help=db_help)
     v.set_defaults(func=cmd_review)
+
+    u = sub.add_parser(
+        "duplicates",
+        help="list the duplicate groups (exact_duplicate, near_duplicate; with --reference, copies of its images), "
+        "different labels first; or resolve one group in one step",
+    )
+    u.add_argument(
+        "group",
+        nargs="?",
+        type=_typed(_options.check_int, "group", lo=0),
+        help="a group: any of its image indices (its id is the lowest); alone, lists that group's images",
+    )
+    u.add_argument(
+        "resolution",
+        nargs="?",
+        choices=list(RESOLUTIONS),
+        help="; ".join(f"{k}: {v}" for k, v in RESOLUTIONS.items()),
+    )
+    u.add_argument("--keep", type=_typed(_options.check_int, "--keep", lo=0), help="exclude_copies: the image to keep")
+    u.add_argument("--label", help="one_label: the class (wnid, index or name)")
+    u.add_argument("--show", choices=list(SHOWS), default="all", help="which groups to list (default all)")
+    u.add_argument("--limit", type=_typed(_options.check_int, "--limit", lo=1), help="list at most this many groups")
+    u.add_argument("--reviewer")
+    u.add_argument("--reason")
+    u.add_argument("--db", default=str(default_db()), help=db_help)
+    u.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    u.set_defaults(func=cmd_duplicates)
 
     d = sub.add_parser("dashboard", help="open the review dashboard (Streamlit)")
     d.add_argument("--db", default=str(default_db()), help=db_help)

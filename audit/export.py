@@ -7,7 +7,9 @@ Files written into ``--out``:
   ``labels`` every valid class index separated by spaces. It loads back as a
   label file (``audit run --labels labels.csv``).
 * ``classes.csv`` — ``index,key,name`` of the label space.
-* ``excluded.csv`` — ``image,reason`` for images left out.
+* ``excluded.csv`` — ``image,reason`` for images left out: unreadable (the decoder's message), no class
+  fits (review), no label, or ``duplicate of <image id>`` (a copy excluded in review, the reviewer's note
+  after ``;``; ``duplicate of reference image <id>`` for a copy of a reference-set image).
 * ``labels.jsonl`` / ``classes.jsonl`` — the same rows (labels.jsonl adds ``reason``)
   as JSON lines: the lossless machine-readable form.
 * ``real.json`` — ReaL-style list of label lists in file-name order, when every
@@ -59,7 +61,7 @@ def cleaned_labels(db: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     Returns
     -------
     images : DataFrame, one row per image sorted by image id, with columns
-        image, label, labels (list of int), status, source, reason.
+        image, label, labels (list of int), status, source, reason (why an excluded image is left out).
     classes : DataFrame with index, key, name.
     """
     with connect(db, read_only=True) as con:
@@ -68,10 +70,11 @@ def cleaned_labels(db: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             f"""
             WITH {current_sql("l")}
             SELECT i.image_id AS image, i.label AS given, {current_labels_sql("l", "i")} AS labels,
-                   coalesce(l.reviewed, false) AS reviewed, l.reviewer, l.decision_id,
-                   b.reason AS bad_reason, coalesce(li.is_label_issue, false) AS flagged
+                   coalesce(l.reviewed, false) AS reviewed, l.reviewer, l.decision_id, l.action,
+                   d.reason AS decision_reason, b.reason AS bad_reason, coalesce(li.is_label_issue, false) AS flagged
             FROM images i
             LEFT JOIN l USING (image_index)
+            LEFT JOIN decisions d ON d.decision_id = l.decision_id
             LEFT JOIN bad_images b USING (image_index)
             LEFT JOIN label_issues li USING (image_index)
             ORDER BY i.image_id
@@ -85,6 +88,9 @@ def cleaned_labels(db: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         labels = [int(x) for x in r.labels]
         if isinstance(r.bad_reason, str):
             status, labels, reason = "bad_image", [], r.bad_reason
+        elif not labels and decided and r.action == "duplicate":
+            # "duplicate of <image id>" (audit.store.duplicate_reason): written as data, like every name here.
+            status, reason = "excluded", str(r.decision_reason or "duplicate")
         elif not labels:
             status, reason = "excluded", "no class fits (review)" if decided else "no label"
         elif not decided:

@@ -105,6 +105,7 @@ ISSUE_KINDS = ("wrong_label", "multi_label", "no_fit", "model_disagreement")
 # The name shown for a flag's suggestion when it is that no class fits (label_issues.suggested_label -1 on a
 # flagged image, the no_fit kind): fixed text in brackets, so it never reads as a class of the label space.
 NO_FIT_SUGGESTED = "(no class fits)"
+_DUP_EXCLUDED = "(excluded: a duplicate)"  # the label set a duplicate decision leaves: none, for a stated reason
 # Kinds of disagreement an image can show; a filter keeps images showing any of those selected.
 DISAGREEMENTS = {
     "flagged": "flagged by cleanlab",
@@ -1162,7 +1163,11 @@ def image_detail(db: str | Path | Reader, image_index: int) -> dict[str, Any] | 
         imagenet = _imagenet_top(con, idx)
         findings = _findings(con, [idx])[idx]
     for col in ("old_labels", "new_labels"):
-        hist[col.replace("_labels", "")] = [_joined(names, v, "(no class fits)") for v in hist[col]]
+        # An empty set is "no class fits", or for a duplicate decision a copy left out (its reason says of what).
+        hist[col.replace("_labels", "")] = [
+            _joined(names, v, _DUP_EXCLUDED if col == "new_labels" and a == "duplicate" else "(no class fits)")
+            for v, a in zip(hist[col], hist["action"], strict=True)
+        ]
     row = {k: _plain(v) for k, v in df.iloc[0].items()}
     row["predictions"] = top
     row["history"] = hist
@@ -1388,12 +1393,13 @@ def record_decision(
     labels: Sequence[int] = (),
     reviewer: str | None = None,
     reason: str = "",
+    of: int | None = None,
     timeout: float = 30.0,
 ) -> int:
     """Append one review decision (:func:`audit.store.append_decision`), serialised with this process's reads."""
     with DB_LOCK:
         return append_decision(
-            db, int(image_index), action, labels=labels, reviewer=reviewer, reason=reason, timeout=timeout
+            db, int(image_index), action, labels=labels, reviewer=reviewer, reason=reason, of=of, timeout=timeout
         )
 
 
@@ -1405,9 +1411,13 @@ def decision_counts(db: str | Path | Reader) -> dict[str, Any]:
     none where the suggestion is that no class fits),
     rejected (flagged images kept as given), other_change (flagged images
     relabeled otherwise, multi-labelled or excluded), by_action (action of the
-    decision in effect -> images; an undone decision no longer counts), and
+    decision in effect -> images; an undone decision no longer counts), duplicates
+    (images excluded as copies of another, action ``duplicate``), and
     precision = (accepted + other_change) / reviewed_flagged with its Wilson
     interval (precision_low, precision_high).
+
+    An image excluded as a duplicate is reviewed, but not a reviewed flag: leaving a copy out says
+    nothing about whether its label was wrong, so it counts in neither the flag precision nor its sample.
     """
     with _open(db) as con:
         rows = con.execute(
@@ -1427,11 +1437,14 @@ def decision_counts(db: str | Path | Reader) -> dict[str, Any]:
         n_dec = fetch_one(con, "SELECT count(*) FROM decisions")[0]
         n_flag = fetch_one(con, "SELECT count(*) FROM label_issues WHERE is_label_issue")[0]
     by_action: dict[str, int] = {}
-    reviewed = reviewed_flagged = accepted = rejected = other = 0
+    reviewed = reviewed_flagged = accepted = rejected = other = duplicates = 0
     for flagged, action, kept, took, n in rows:
         n = int(n)
         reviewed += n
         by_action[action] = by_action.get(action, 0) + n
+        if action == "duplicate":
+            duplicates += n
+            continue
         if not flagged:
             continue
         reviewed_flagged += n
@@ -1452,6 +1465,7 @@ def decision_counts(db: str | Path | Reader) -> dict[str, Any]:
         "rejected": rejected,
         "other_change": other,
         "by_action": by_action,
+        "duplicates": duplicates,
         "precision": changed / reviewed_flagged if reviewed_flagged else math.nan,
         "precision_low": low,
         "precision_high": high,

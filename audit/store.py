@@ -53,8 +53,10 @@ __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
     "Decision",
+    "DecisionRequest",
     "LabelState",
     "append_decision",
+    "append_decisions",
     "arrays_dir",
     "check_workspace",
     "connect",
@@ -63,6 +65,7 @@ __all__ = [
     "current_sql",
     "decision_history",
     "default_db",
+    "duplicate_reason",
     "fetch_one",
     "given_sql",
     "init_db",
@@ -86,6 +89,7 @@ ACTIONS = {
     "multi": "several classes are valid",
     "no_fit": "no class fits; leave the image out of evaluation",
     "keep": "the original label is right",
+    "duplicate": "a copy of another image (of the set, or of the reference set); leave it out of evaluation",
     "undo": "withdraw the newest decision still in effect; each undo walks back one more",
 }
 
@@ -597,26 +601,10 @@ class LabelState:
 
 def _fold(con: duckdb.DuckDBPyConnection, image_index: int, extra_action: str | None = None) -> LabelState:
     """The state of one image from its log, plus one hypothetical row of ``extra_action`` when given."""
-    row = fetch_one(con, "SELECT label, image_id FROM images WHERE image_index = ?", [image_index])
-    if row is None:
-        raise ReviewError(f"image index {image_index} is not in this workspace; see 'audit issues' for indices")
-    given = (int(row[0]),) if row[0] is not None and row[0] >= 0 else ()
-    src = (
-        "src AS (SELECT image_index, decision_id, action, new_labels, reviewer FROM decisions WHERE image_index = ?"
-        " UNION ALL SELECT ?::INTEGER, ?::BIGINT, ?::VARCHAR, NULL::INTEGER[], NULL::VARCHAR WHERE ?)"
-    )
-    got = fetch_one(
-        con,
-        f"WITH {src}, {current_sql('cur', 'src')} SELECT labels, reviewed, decision_id FROM cur",
-        # The hypothetical row sorts after every stored one (ids come from a sequence).
-        [image_index, image_index, 2**62, extra_action or "", extra_action is not None],
-    )
+    got = _fold_many(con, [int(image_index)], extra_action).get(int(image_index))
     if got is None:
-        return LabelState(image_index, str(row[1]), given, given, False, None)
-    return LabelState(
-        image_index, str(row[1]), given, tuple(int(x) for x in got[0]), bool(got[1]),
-        None if got[2] is None else int(got[2]),
-    )
+        raise ReviewError(f"image index {image_index} is not in this workspace; see 'audit issues' for indices")
+    return got
 
 
 def label_state(db: str | Path, image_index: int, *, timeout: float = 30.0) -> LabelState:
@@ -625,8 +613,67 @@ def label_state(db: str | Path, image_index: int, *, timeout: float = 30.0) -> L
         return _fold(con, int(image_index))
 
 
-# How many distinct labels each action takes (undo, keep and no_fit take none).
-_ARITY = {"accept": (1, 1), "relabel": (1, 1), "multi": (2, 1000), "no_fit": (0, 0), "keep": (0, 0), "undo": (0, 0)}
+# How many distinct labels each action takes (undo, keep, no_fit and duplicate take none).
+_ARITY = {
+    "accept": (1, 1),
+    "relabel": (1, 1),
+    "multi": (2, 1000),
+    "no_fit": (0, 0),
+    "keep": (0, 0),
+    "duplicate": (0, 0),
+    "undo": (0, 0),
+}
+
+
+@dataclass(frozen=True)
+class DecisionRequest:
+    """One decision to append (:func:`append_decisions`): what :func:`append_decision` takes, as a value.
+
+    ``duplicate`` names the image the copy duplicates: ``of`` (an image index of this workspace) or
+    ``of_reference`` (an image id of the reference set, ``audit run --reference``); no other action takes either.
+    """
+
+    image_index: int
+    action: str
+    labels: tuple[int, ...] = ()
+    of: int | None = None
+    of_reference: str | None = None
+
+
+def duplicate_reason(of_id: str, *, reference: bool = False, note: str = "") -> str:
+    """The reason a ``duplicate`` decision stores, which the export writes: ``duplicate of <image id>``.
+
+    ``reference``: the original is an image of the reference set. A reviewer's ``note`` follows after ``; ``.
+    The ids are data (file names): every writer of this text (the CSV export, the dashboard) treats it as such.
+    """
+    head = f"duplicate of reference image {of_id}" if reference else f"duplicate of {of_id}"
+    return f"{head}; {note}" if note else head
+
+
+def _checked(req: DecisionRequest) -> DecisionRequest:
+    """``req`` with its labels as ints, or :class:`ReviewError` for a mistake visible without the workspace."""
+    action = req.action
+    if action not in ACTIONS:
+        raise ReviewError(f"unknown review action {action!r}; use one of {', '.join(ACTIONS)}")
+    labels = tuple(int(x) for x in req.labels)
+    lo, hi = _ARITY[action]
+    if not lo <= len(set(labels)) <= hi:
+        raise ReviewError(f"action {action!r} takes {lo}..{hi} distinct labels, got {list(labels)}")
+    has_of = req.of is not None or req.of_reference is not None
+    if action == "duplicate":
+        if (req.of is None) == (req.of_reference is None):
+            raise ReviewError(
+                "action 'duplicate' needs the image it copies: --of IMAGE (an image index of this workspace)"
+            )
+        if req.of is not None and int(req.of) == int(req.image_index):
+            raise ReviewError(f"image {req.image_index} cannot be a duplicate of itself; name another image with --of")
+        if req.of_reference is not None and not str(req.of_reference):
+            raise ReviewError("action 'duplicate': the reference image id is empty; name the reference image")
+    elif has_of:
+        raise ReviewError(f"only action 'duplicate' names the image it copies (--of); {action!r} takes none")
+    return DecisionRequest(
+        int(req.image_index), action, labels, None if req.of is None else int(req.of), req.of_reference
+    )
 
 
 def append_decision(
@@ -637,6 +684,8 @@ def append_decision(
     labels: Sequence[int] = (),
     reviewer: str | None = None,
     reason: str = "",
+    of: int | None = None,
+    of_reference: str | None = None,
     timeout: float = 30.0,
 ) -> int:
     """Append one review decision in its own transaction; return its id.
@@ -645,52 +694,183 @@ def append_decision(
     ----------
     action : str
         One of :data:`ACTIONS`. ``accept`` / ``relabel`` take one label in
-        ``labels``; ``multi`` takes two or more; ``no_fit``, ``keep`` and
-        ``undo`` take none. ``undo`` withdraws the newest decision still in
+        ``labels``; ``multi`` takes two or more; ``no_fit``, ``keep``,
+        ``duplicate`` and ``undo`` take none. ``undo`` withdraws the newest decision still in
         effect on the image, so repeated undos walk back to the given label;
         it is appended as a row of its own (the log is never rewritten), and an
         undone decision is not redone by anything but deciding it again.
+    of, of_reference
+        ``duplicate`` only, exactly one of them: the image this one copies, an image index of the
+        workspace (``of``) or an image id of the reference set (``of_reference``). The decision
+        excludes the image (label set ``[]``, as ``no_fit``) and stores :func:`duplicate_reason`
+        as its reason, the reviewer's ``reason`` after it.
 
     Raises
     ------
     ReviewError
         Unknown action, wrong number of labels, labels outside the label space,
-        an image index not in the workspace, or an undo with nothing to undo.
+        an image index not in the workspace, an undo with nothing to undo, or a
+        ``duplicate`` without (or a non-``duplicate`` with) the image it copies.
     """
-    if action not in ACTIONS:
-        raise ReviewError(f"unknown review action {action!r}; use one of {', '.join(ACTIONS)}")
-    labels = [int(x) for x in labels]
-    lo, hi = _ARITY[action]
-    if not lo <= len(set(labels)) <= hi:
-        raise ReviewError(f"action {action!r} takes {lo}..{hi} distinct labels, got {labels}")
+    req = DecisionRequest(int(image_index), action, tuple(labels), of, of_reference)
+    return append_decisions(db, [req], reviewer=reviewer, reason=reason, timeout=timeout)[0]
+
+
+def append_decisions(
+    db: str | Path,
+    requests: Sequence[DecisionRequest],
+    *,
+    reviewer: str | None = None,
+    reason: str = "",
+    timeout: float = 30.0,
+) -> list[int]:
+    """Append several decisions in one transaction: all of them, or (on any error) none; return their ids.
+
+    Each is checked and folded as :func:`append_decision` does one, against the log as the
+    decisions before it in ``requests`` left it (an ``undo`` after a decision on the same image
+    withdraws that decision); ids are returned in the order of ``requests``, and each image's
+    rows are appended in that order. Every row carries the same reviewer and time. This is how a
+    duplicate group is resolved in one step (:mod:`audit.duplicates_view`).
+
+    Speed: the rows are folded and written in rounds (the first request on each image, then the
+    second, ...), each one query through the fold and one insert, so a group of thousands of
+    images costs a few queries, not thousands.
+
+    Raises
+    ------
+    ReviewError
+        As :func:`append_decision`, for any of the requests; nothing is written then.
+    """
+    reqs = [_checked(r) for r in requests]  # every mistake visible without the workspace, before it is opened
+    if not reqs:
+        return []
     who = reviewer or getpass.getuser()
+    at = now()
+    seen: dict[int, int] = {}
+    rounds: list[list[int]] = []  # positions in reqs, round by round: at most one request per image in each
+    for pos, r in enumerate(reqs):
+        k = seen.get(r.image_index, 0)
+        seen[r.image_index] = k + 1
+        if k == len(rounds):
+            rounds.append([])
+        rounds[k].append(pos)
+    ids: list[int] = [0] * len(reqs)
     with connect(db, timeout=timeout) as con, transaction(con):
-        before = _fold(con, image_index)
         n_classes = fetch_one(con, "SELECT count(*) FROM classes")[0]
-        if any(not 0 <= x < n_classes for x in labels):
-            raise ReviewError(f"labels {labels} are outside the {n_classes} classes of this workspace")
-        if action == "undo":
-            if not before.reviewed:
+        others = sorted({r.of for r in reqs if r.of is not None})
+        of_ids = dict(
+            con.execute("SELECT image_index, image_id FROM images WHERE list_contains(?, image_index)", [others])
+        .fetchall()) if others else {}
+        for r in reqs:
+            if r.of is not None and r.of not in of_ids:
+                raise ReviewError(f"--of {r.of}: image index {r.of} is not in this workspace; see 'audit issues'")
+            if any(not 0 <= x < n_classes for x in r.labels):
+                raise ReviewError(f"labels {list(r.labels)} are outside the {n_classes} classes of this workspace")
+        for positions in rounds:
+            batch = [reqs[p] for p in positions]
+            states = _fold_many(con, [r.image_index for r in batch])
+            missing = [r.image_index for r in batch if r.image_index not in states]
+            if missing:
                 raise ReviewError(
-                    f"nothing to undo on image {image_index}: no decision on it is in effect "
-                    "(it has its given label); record a decision instead"
+                    f"image index {missing[0]} is not in this workspace; see 'audit issues' for indices"
                 )
-            new = list(_fold(con, image_index, "undo").labels)
-        else:
-            new = {
-                "accept": labels,
-                "relabel": labels,
-                "multi": sorted(set(labels)),
-                "no_fit": [],
-                "keep": list(before.given),
-            }[action]
-        row = fetch_one(
-            con,
-            "INSERT INTO decisions (image_index, image_id, old_labels, new_labels, action, reviewer, "
-            "decided_at, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING decision_id",
-            [image_index, before.image_id, list(before.labels), new, action, who, now(), reason],
+            undos = [r.image_index for r in batch if r.action == "undo"]
+            undone = _fold_many(con, undos, "undo") if undos else {}
+            rows = []
+            for r in batch:
+                before = states[r.image_index]
+                note = reason
+                if r.action == "undo":
+                    if not before.reviewed:
+                        raise ReviewError(
+                            f"nothing to undo on image {r.image_index}: no decision on it is in effect "
+                            "(it has its given label); record a decision instead"
+                        )
+                    new = list(undone[r.image_index].labels)
+                else:
+                    new = {
+                        "accept": list(r.labels),
+                        "relabel": list(r.labels),
+                        "multi": sorted(set(r.labels)),
+                        "no_fit": [],
+                        "duplicate": [],
+                        "keep": list(before.given),
+                    }[r.action]
+                if r.action == "duplicate":
+                    of_id = of_ids[r.of] if r.of is not None else str(r.of_reference)
+                    note = duplicate_reason(str(of_id), reference=r.of is None, note=reason)
+                rows.append((r.image_index, before.image_id, list(before.labels), new, r.action, note))
+            got = _insert_decisions(con, rows, who, at)
+            for p, r in zip(positions, batch, strict=True):
+                ids[p] = got[r.image_index]
+    return ids
+
+
+def _insert_decisions(
+    con: duckdb.DuckDBPyConnection,
+    rows: Sequence[tuple[int, str, list[int], list[int], str, str]],
+    reviewer: str,
+    at: datetime,
+) -> dict[int, int]:
+    """Append rows (image_index, image_id, old_labels, new_labels, action, reason), at most one per image.
+
+    Returns each image's new decision id.
+    """
+    import pyarrow as pa
+
+    table = pa.table(
+        {
+            "image_index": pa.array([r[0] for r in rows], pa.int32()),
+            "image_id": pa.array([r[1] for r in rows], pa.string()),
+            "old_labels": pa.array([r[2] for r in rows], pa.list_(pa.int32())),
+            "new_labels": pa.array([r[3] for r in rows], pa.list_(pa.int32())),
+            "action": pa.array([r[4] for r in rows], pa.string()),
+            "reason": pa.array([r[5] for r in rows], pa.string()),
+        }
+    )
+    view = f"_decisions_{uuid.uuid4().hex[:8]}"
+    con.register(view, table)
+    try:
+        # Identifiers cannot be parameters: the view's name is made here.
+        got = con.execute(
+            "INSERT INTO decisions (image_index, image_id, old_labels, new_labels, action, reviewer, decided_at, "
+            f'reason) SELECT image_index, image_id, old_labels, new_labels, action, ?, ?, reason FROM "{view}" '
+            "RETURNING image_index, decision_id",
+            [reviewer, at],
+        ).fetchall()
+    finally:
+        con.unregister(view)
+    return {int(i): int(d) for i, d in got}
+
+
+def _fold_many(
+    con: duckdb.DuckDBPyConnection, images: Sequence[int], extra_action: str | None = None
+) -> dict[int, LabelState]:
+    """The state of each image from its log (plus one hypothetical row of ``extra_action`` each, when given),
+    by the one fold (:func:`current_sql`) in one query; images not in the workspace are absent from the result."""
+    rows = con.execute(
+        f"""
+        WITH src AS (
+            SELECT image_index, decision_id, action, new_labels, reviewer FROM decisions
+            WHERE list_contains($images, image_index)
+            -- The hypothetical rows sort after every stored one (ids come from a sequence).
+            UNION ALL SELECT unnest($images)::INTEGER, (2::BIGINT << 61), $extra::VARCHAR, NULL::INTEGER[],
+                             NULL::VARCHAR WHERE $hypothetical),
+        {current_sql("cur", "src")}
+        SELECT i.image_index, i.image_id, i.label, cur.labels, coalesce(cur.reviewed, false), cur.decision_id
+        FROM images i LEFT JOIN cur USING (image_index)
+        WHERE list_contains($images, i.image_index)
+        """,
+        {"images": [int(x) for x in images], "extra": extra_action or "", "hypothetical": extra_action is not None},
+    ).fetchall()
+    out = {}
+    for idx, image_id, label, labels, reviewed, decision in rows:
+        given = (int(label),) if label is not None and label >= 0 else ()
+        out[int(idx)] = LabelState(
+            int(idx), str(image_id), given, given if labels is None else tuple(int(x) for x in labels),
+            bool(reviewed), None if decision is None else int(decision),
         )
-    return int(row[0])
+    return out
 
 
 def decision_history(db: str | Path, image_index: int) -> pd.DataFrame:

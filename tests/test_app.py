@@ -35,7 +35,7 @@ from audit.pipeline import ENSEMBLE
 from audit.store import connect
 
 APP = str(ROOT / "app.py")
-PAGES = ("Overview", "Disagreements", "Review", "Impact", "Export")
+PAGES = ("Overview", "Disagreements", "Review", "Duplicates", "Impact", "Export")
 
 
 @pytest.fixture(autouse=True)
@@ -588,7 +588,7 @@ def test_user_text_never_reaches_markdown_on_any_page(built, tmp_path, monkeypat
 
     at = start()
     check(at)
-    for page in ("Overview", "Disagreements", "Review", "Impact", "Export"):
+    for page in PAGES:
         check(goto(at, page))
     goto(at, "Disagreements")
     at.multiselect(key="f_kinds").set_value([])

@@ -145,6 +145,8 @@ def test_val_images_identical_to_reference_images_are_leakage_without_scoring_th
     assert r.is_issue[i] and r.is_issue[j] and r.score[i] == 0.5
     assert r.info[i]["reference"] == ["dog/t0.png"] and r.info[i]["reference_labels_differ"] is True
     assert r.info[j]["reference"] == ["dog/t1.png"] and r.info[j]["reference_labels_differ"] is False
+    dog = ref_ds.label_space.keys.index("dog")
+    assert r.info[i]["reference_labels"] == [dog] == r.info[j]["reference_labels"]  # the training labels, named
     assert r.suggestion[i] == -1, "suggestions name images of the set; reference partners are in info"
     assert len(r.score) == len(ds), "the reference set is not scored"
     assert r.summary["reference"] == {"images": 2, "reference_images": 2, "different_labels": 1}

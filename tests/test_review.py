@@ -211,7 +211,7 @@ class Model:
         if action == "undo":
             stack.pop()
             return
-        new = {"multi": sorted(set(labels)), "no_fit": [], "keep": self.given[img]}.get(action, labels)
+        new = {"multi": sorted(set(labels)), "no_fit": [], "duplicate": [], "keep": self.given[img]}.get(action, labels)
         stack.append((did, action, new, who))
 
     def can_undo(self, img: int) -> bool:
@@ -228,19 +228,26 @@ class Model:
 
 _step = st.tuples(
     st.sampled_from(IMAGES),
-    st.sampled_from(["accept", "relabel", "multi", "no_fit", "keep", "undo", "undo"]),
+    st.sampled_from(["accept", "relabel", "multi", "no_fit", "keep", "duplicate", "undo", "undo"]),
     st.lists(st.integers(0, 3), min_size=2, max_size=2, unique=True),
     st.sampled_from(["cli", "app", "store"]),
 )
 
 
+def _of(img: int) -> int | None:
+    """The image a ``duplicate`` decision on ``img`` names: the next of IMAGES."""
+    return IMAGES[(IMAGES.index(img) + 1) % len(IMAGES)]
+
+
 def _write(db: Path, img: int, action: str, labels: list[int], via: str) -> tuple[int | None, str]:
     """Record one decision through ``via``; (decision id or None when refused, what the CLI printed)."""
     labels = labels[:1] if action in ("accept", "relabel") else labels if action == "multi" else []
+    of = _of(img) if action == "duplicate" else None
     if via == "cli":
         out, err = io.StringIO(), io.StringIO()
         argv = ["review", str(img), action, "--db", str(db), "--reviewer", "cli"]
         argv += ["--labels", ",".join(map(str, labels))] if labels else []
+        argv += ["--of", str(of)] if of is not None else []
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             rc = main(argv)
         if rc != 0:
@@ -249,7 +256,7 @@ def _write(db: Path, img: int, action: str, labels: list[int], via: str) -> tupl
         return int(re.match(r"decision (\d+) recorded", out.getvalue()).group(1)), out.getvalue()
     write = q.record_decision if via == "app" else append_decision
     try:
-        return write(db, img, action, labels=labels, reviewer=via), ""
+        return write(db, img, action, labels=labels, reviewer=via, of=of), ""
     except StoreError as e:
         assert "nothing to undo" in str(e)
         return None, ""
@@ -332,7 +339,9 @@ def test_random_decisions_and_undos_agree_everywhere(ws, facts, steps):
     for i in reviewed:
         by_action[tops[i][1]] = by_action.get(tops[i][1], 0) + 1
     assert c["by_action"] == by_action
-    rf = [i for i in reviewed if i in facts.flagged]
+    # A copy excluded as a duplicate is reviewed, but says nothing of its flag: not a reviewed flag.
+    rf = [i for i in reviewed if i in facts.flagged and tops[i][1] != "duplicate"]
+    assert c["duplicates"] == sum(tops[i][1] == "duplicate" for i in reviewed)
     kept = sum(sorted(current[i]) == facts.given[i] for i in rf)
     took = sum(current[i] == [facts.suggested[i]] and sorted(current[i]) != facts.given[i] for i in rf)
     assert (c["reviewed_flagged"], c["rejected"], c["accepted"]) == (len(rf), kept, took)
@@ -349,6 +358,9 @@ def test_random_decisions_and_undos_agree_everywhere(ws, facts, steps):
     ids = facts.ids
     js = _labels_jsonl(files)
     assert {i: js[ids[i]]["labels"] for i in images} == current
+    assert {i: js[ids[i]]["reason"] for i in reviewed if tops[i][1] == "duplicate"} == {
+        i: f"duplicate of {ids[_of(i)]}" for i in reviewed if tops[i][1] == "duplicate"
+    }
     assert {i: js[ids[i]]["source"] for i in images} == {
         i: f"decision {t[0]} by {t[3]}" if t else "given" for i, t in tops.items()
     }

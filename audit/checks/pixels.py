@@ -199,9 +199,10 @@ class ExactDuplicateCheck(Check):
     in order of first appearance), ``partners`` (indices in the set, at most
     50, ``n_partners`` counts them all), ``labels_differ`` (its group's given
     labels disagree); with a reference set, ``reference`` (its partners'
-    ids, or indices when the reference has no ids), ``n_reference`` and
-    ``reference_labels_differ`` (when the reference has labels, in this run's
-    label space).
+    ids, or indices when the reference has no ids), ``n_reference``, and where
+    the reference has labels, ``reference_labels`` (theirs, aligned with
+    ``reference``, in this run's label space; -1: a class the set lacks) and
+    ``reference_labels_differ``.
     """
 
     name = "exact_duplicate"
@@ -268,6 +269,9 @@ class ExactDuplicateCheck(Check):
                 if refs:
                     row["reference"] = [ref.name(j) for j in refs[:_MAX_LISTED]]
                     row["n_reference"] = len(refs)
+                    if ref.labels is not None:
+                        # Their labels, aligned with "reference", in this run's classes (-1: a class the set lacks).
+                        row["reference_labels"] = [int(ref.labels[j]) for j in refs[:_MAX_LISTED]]
                     if ref.labels is not None and labels is not None and labels[i] >= 0:
                         theirs = {int(ref.labels[j]) for j in refs if ref.labels[j] >= 0}
                         row["reference_labels_differ"] = bool(theirs - {int(labels[i])})

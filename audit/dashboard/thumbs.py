@@ -9,7 +9,7 @@ outside the root is ever read or served, and every image scored can be shown.
 
 Thumbnails are JPEG bytes, made with Pillow (draft decoding, so large JPEGs
 decode at a fraction of their size) and cached on disk beside the workspace in
-``<db>.thumbs/`` keyed by id, size and the file's mtime and length; the app
+``<db>.thumbs/`` keyed by the resolved file, size and its mtime and length; the app
 adds an in-memory cache on top.
 """
 
@@ -70,7 +70,8 @@ def thumbnail(root: str | Path, image_id: str, size: int, *, cache: str | Path |
     st = path.stat()
     target = None
     if cache is not None:
-        key = hashlib.sha256(f"{image_id}\0{size}\0{st.st_mtime_ns}\0{st.st_size}".encode()).hexdigest()
+        # The resolved file, not the id: the same id under two roots (the set and its reference set) is two files.
+        key = hashlib.sha256(f"{path}\0{size}\0{st.st_mtime_ns}\0{st.st_size}".encode()).hexdigest()
         target = Path(cache) / str(size) / key[:2] / f"{key}.jpg"
         try:
             return target.read_bytes()
