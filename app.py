@@ -585,23 +585,17 @@ def pairs_view(models: list[str]) -> None:
     st.button("Show these images in the gallery", on_click=show_pair)
 
 
-def send_to_review(images: list[int]) -> None:
-    """The Map page's selection becomes the review queue (every selected image, flagged or not)."""
+def take_selection(images: list[int], page: str) -> None:
+    """The Map page's selection becomes the gallery's and the review queue's images (flagged or not), then ``page``."""
     ss = st.session_state
     ss["f_images"] = [int(i) for i in images]
     ss["f_kinds"] = []
     ss["g_page"] = 1
-    ss["image"] = None
-    ss["page"] = "Review"
-
-
-def show_in_gallery(images: list[int]) -> None:
-    ss = st.session_state
-    ss["f_images"] = [int(i) for i in images]
-    ss["f_kinds"] = []
-    ss["g_page"] = 1
-    ss["_to_gallery"] = True
-    ss["page"] = "Disagreements"
+    if page == "Review":
+        ss["image"] = None  # the queue's first image
+    else:
+        ss["_to_gallery"] = True
+    ss["page"] = page
 
 
 def page_map() -> None:
@@ -653,8 +647,8 @@ def page_map() -> None:
         return
     bar = st.columns([2, 3, 3])
     bar[0].metric("selected images", f"{len(sel):,}")
-    bar[1].button("Send these to the review queue", type="primary", on_click=send_to_review, args=(sel,))
-    bar[2].button("Show them in the gallery", on_click=show_in_gallery, args=(sel,))
+    bar[1].button("Send these to the review queue", type="primary", on_click=take_selection, args=(sel, "Review"))
+    bar[2].button("Show them in the gallery", on_click=take_selection, args=(sel, "Disagreements"))
     f = q.Filters(kinds=(), checks=(), reviewed="all", sort="image", images=tuple(sel))
     total, rows = load("gallery", f, 0, PAGE_SIZE)
     if total > len(rows):
