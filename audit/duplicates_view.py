@@ -96,23 +96,8 @@ _CACHE_LOCK = threading.Lock()
 
 
 def _groups(con: duckdb.DuckDBPyConnection, db: Path) -> _Groups:
-    """The run's groups, built once per run (the key is the one :mod:`audit.queries` keys its per-run facts on)."""
-    key = (
-        str(db.resolve()),
-        tuple(con.execute("SELECT value FROM meta WHERE key = ?", ["dataset_fingerprint"]).fetchall()),
-        tuple(con.execute("SELECT run_id, status, finished_at FROM runs ORDER BY run_id").fetchall()),
-    )
-    with _CACHE_LOCK:
-        hit = _CACHE.get(key)
-        if hit is not None:
-            _CACHE.move_to_end(key)
-            return hit
-    built = _build(con)
-    with _CACHE_LOCK:
-        _CACHE[key] = built
-        while len(_CACHE) > 4:
-            _CACHE.popitem(last=False)
-    return built
+    """The run's groups, built once per run (keyed as :mod:`audit.queries` keys its per-run facts)."""
+    return q.per_run(_CACHE, _CACHE_LOCK, con, db, _build)
 
 
 def _json(text: Any) -> Any:

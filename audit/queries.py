@@ -239,23 +239,41 @@ _RUNS: OrderedDict[tuple[Any, ...], _Run] = OrderedDict()
 _RUNS_LOCK = threading.Lock()
 
 
-def _run(con: duckdb.DuckDBPyConnection, db: Path) -> _Run:
-    key = (
+def run_key(con: duckdb.DuckDBPyConnection, db: Path) -> tuple[Any, ...]:
+    """What identifies a workspace's run state: its file, its dataset and every run's status (a finished or new
+    run changes it; a review decision does not). Per-run facts are cached under it."""
+    return (
         str(db.resolve()),
         tuple(con.execute("SELECT value FROM meta WHERE key = ?", ["dataset_fingerprint"]).fetchall()),
         tuple(con.execute("SELECT run_id, status, finished_at FROM runs ORDER BY run_id").fetchall()),
     )
-    with _RUNS_LOCK:
-        hit = _RUNS.get(key)
+
+
+def per_run(
+    cache: OrderedDict[tuple[Any, ...], Any],
+    lock: threading.Lock,
+    con: duckdb.DuckDBPyConnection,
+    db: Path,
+    build: Any,
+    keep: int = 4,
+) -> Any:
+    """``build(con)`` once per :func:`run_key`, kept in ``cache`` for the ``keep`` most recent workspaces."""
+    key = run_key(con, db)
+    with lock:
+        hit = cache.get(key)
         if hit is not None:
-            _RUNS.move_to_end(key)
+            cache.move_to_end(key)
             return hit
-    run = _build_run(con)
-    with _RUNS_LOCK:
-        _RUNS[key] = run
-        while len(_RUNS) > 4:
-            _RUNS.popitem(last=False)
-    return run
+    built = build(con)
+    with lock:
+        cache[key] = built
+        while len(cache) > keep:
+            cache.popitem(last=False)
+    return built
+
+
+def _run(con: duckdb.DuckDBPyConnection, db: Path) -> _Run:
+    return per_run(_RUNS, _RUNS_LOCK, con, db, _build_run)
 
 
 def _build_run(con: duckdb.DuckDBPyConnection) -> _Run:
