@@ -29,8 +29,9 @@ ARGS = [
 ]
 
 
-def lasso(page, frac: float = 0.35) -> None:
-    """Drag a closed loop around the middle of the plot (its drag layer): plotly's lasso or box selection."""
+def lasso(page, frac: float = 0.35, *, release: bool = True) -> None:
+    """Drag a closed loop around the middle of the plot (its drag layer): plotly's lasso or box selection;
+    ``release=False`` leaves the button down (the caller releases it: reports/map_bench.py times the two apart)."""
     box = page.locator(".js-plotly-plot .nsewdrag").first.bounding_box()
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     rx, ry = box["width"] * frac, box["height"] * frac
@@ -38,7 +39,8 @@ def lasso(page, frac: float = 0.35) -> None:
     page.mouse.down()
     for x, y in ((cx + rx, cy - ry), (cx + rx, cy + ry), (cx - rx, cy + ry), (cx - rx, cy - ry)):
         page.mouse.move(x, y, steps=6)
-    page.mouse.up()
+    if release:
+        page.mouse.up()
 
 
 def test_map_select_review_neighbour_decide_impact(map_ws, tmp_path):  # noqa: F811 - the fixture

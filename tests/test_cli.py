@@ -72,7 +72,9 @@ def test_run_metrics_issues_export(synth_ws, capsys, tmp_path):
         (["export", "--db", "{tmp}/missing.duckdb", "--out", "{tmp}/o"], "no audit workspace"),
     ],
 )
-def test_user_mistakes_are_one_line_and_exit_2(tmp_path, argv, needle):
+def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, needle):
+    # In-process through the console script's own main() (a fresh interpreter per case cost ~1.5 min of the
+    # suite in imports); test_a_user_mistake_in_a_real_process covers the real process once.
     ds_root = make_imagefolder(tmp_path / "ds", per_class=1)
     ds = load_dataset(ds_root)
     preds = make_predictions(tmp_path / "m.npy", list(ds.image_ids), ds.labels)
@@ -88,12 +90,22 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path, argv, needle):
     args = [a.format(ds=ds_root, tmp=tmp_path, preds=preds) for a in argv]
     if args[0] == "run":
         args += ["--db", str(tmp_path / "w.duckdb")]
-    res = run_cli(*args)
-    assert res.returncode == 2, res.stderr
-    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("audit: error:")]
-    assert len(lines) == 1 and needle in lines[0], res.stderr
-    assert "Traceback" not in res.stderr
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("audit: error:")]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err
     assert _workspace_files(tmp_path) == [], "a refused run must write nothing: no db, wal or arrays folder"
+
+
+def test_a_user_mistake_in_a_real_process(tmp_path):
+    """The installed entry point, in its own interpreter: one line on stderr, exit 2, no traceback."""
+    res = run_cli("run", str(tmp_path / "nope"), "--db", str(tmp_path / "w.duckdb"))
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("audit: error:") and "does not exist" in lines[0], res.stderr
+    assert _workspace_files(tmp_path) == []
 
 
 def test_review_mistakes_exit_2(synth_ws, capsys):
