@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import string
 from pathlib import Path
 
 import numpy as np
+import pytest
 from _synth import WNIDS, make_imagefolder, make_named_images, make_parquet_predictions, make_predictions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,13 +17,16 @@ from audit.datasets import load_dataset
 from audit.errors import UserError
 from audit.export import export_labels
 from audit.pipeline import run_audit
-from audit.store import append_decision
+from audit.store import append_decision, arrays_dir
 from audit.zoo import resolve_model
 
 _SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def _workspace(tmp: Path):
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    """One audited workspace; each example decides on its own copy (a run per example was ~50 s of the suite)."""
+    tmp = tmp_path_factory.mktemp("rt-base")
     ds = load_dataset(make_imagefolder(tmp / "ds", per_class=3))
     preds = make_predictions(tmp / "m.npy", list(ds.image_ids), ds.labels)
     db = tmp / "w.duckdb"
@@ -29,11 +34,18 @@ def _workspace(tmp: Path):
     return ds, db
 
 
+def _copy(db: Path, tmp: Path) -> Path:
+    """The workspace file and its arrays folder, copied beside each other (a workspace is those two)."""
+    shutil.copy2(db, tmp / db.name)
+    shutil.copytree(arrays_dir(db), arrays_dir(tmp / db.name))
+    return tmp / db.name
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(changes=st.dictionaries(st.integers(0, 11), st.integers(0, 3), max_size=8))
-def test_export_then_reimport_is_identity(tmp_path_factory, changes):
+def test_export_then_reimport_is_identity(tmp_path_factory, audited, changes):
     tmp = tmp_path_factory.mktemp("rt")
-    ds, db = _workspace(tmp)
+    ds, db = audited[0], _copy(audited[1], tmp)
     expected = ds.labels.copy()
     for i, lab in changes.items():
         append_decision(db, i, "relabel", labels=[lab], reviewer="prop")
