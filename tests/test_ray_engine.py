@@ -116,21 +116,67 @@ def test_ray_options_without_the_ray_engine_are_refused():
 
 def test_sizing_shares_the_gpus_and_cpus_and_refuses_what_does_not_fit():
     # The README's worked example: 4 models on 8 GPUs -> 2 actors each, one GPU and one CPU apiece.
-    s = plan_sizing(4, 64, 8, "cuda")
-    assert (s.actors, s.gpus, s.cpus) == (2, 1.0, 1.0)
-    assert plan_sizing(4, 64, 8, "cuda", gpus=0.5).actors == 4
+    s = plan_sizing(4, [64], [8], "cuda")
+    assert (s.actors, s.gpus, s.cpus, s.decode_cpus) == (2, 1.0, 1.0, 1.0)
+    assert plan_sizing(4, [64], [8], "cuda", gpus=0.5).actors == 4
     with pytest.raises(ClusterError, match=r"need 12 GPUs but the Ray cluster has 8; pass --ray-gpus-per-actor 0\.66"):
-        plan_sizing(4, 64, 8, "cuda", actors=3)
+        plan_sizing(4, [64], [8], "cuda", actors=3)
     # CPUs only: one decode task's CPU kept free, the rest shared by the actors, at most 1 each.
-    s = plan_sizing(3, 2, 0, "cpu")
-    assert (s.actors, s.cpus, s.gpus, s.threads) == (1, 0.33, 0.0, 1)
-    assert plan_sizing(2, 16, 0, "cpu").cpus == 1.0
-    assert plan_sizing(2, 16, 0, "cpu", cpus=4).threads == 4
-    with pytest.raises(ClusterError, match=r"has 1 CPU\(s\): decoding needs 1"):
-        plan_sizing(3, 1, 0, "cpu")
+    s = plan_sizing(3, [2], [0], "cpu")
+    assert (s.actors, s.cpus, s.gpus, s.threads, s.decode_cpus) == (1, 0.33, 0.0, 1, 1.0)
+    assert plan_sizing(2, [16], [0], "cpu").cpus == 1.0
+    assert plan_sizing(2, [16], [0], "cpu", cpus=4).threads == 4
     with pytest.raises(ClusterError, match=r"pass --ray-cpus-per-actor 0\.33"):
-        plan_sizing(3, 2, 0, "cpu", cpus=1)
-    assert plan_sizing(0, 1, 0, "cpu").actors == 0  # decode-only: no actor
+        plan_sizing(3, [2], [0], "cpu", cpus=1)
+    assert plan_sizing(0, [1], [0], "cpu").actors == 0  # decode-only: no actor
+
+
+def _worst_free(node_cpus, k, c):
+    """The largest CPU left free on any node, minimised over every way Ray could place k actors of c CPUs."""
+    best = None
+
+    def place(i, free):
+        nonlocal best
+        if i == k:
+            best = max(free) if best is None else min(best, max(free))
+            return
+        for j, f in enumerate(free):
+            if f >= c - 1e-9:
+                place(i + 1, [*free[:j], f - c, *free[j + 1 :]])
+
+    place(0, list(node_cpus))
+    return best
+
+
+@pytest.mark.parametrize(
+    "nodes", [[1, 1], [1, 1, 1], [2, 2], [1], [2], [4, 1], [8, 8, 8, 8], [1.5, 1.5], [3, 1, 1]]
+)
+@pytest.mark.parametrize("n_models", [1, 2, 3, 4])
+def test_sizing_leaves_a_decode_task_room_on_some_node_wherever_ray_places_the_actors(nodes, n_models):
+    """Checked per node, not in total: on two 1-CPU nodes three 0.33-CPU actors and a 1-CPU decode task fit the
+    cluster's 2 CPUs but not its nodes (0.66 + 0.33 used leaves no node a whole CPU); that run waited for ever."""
+    s = plan_sizing(n_models, nodes, [0] * len(nodes), "cpu")
+    k = n_models * s.actors
+    worst = _worst_free(nodes, k, s.cpus)
+    assert worst is not None, "the actors themselves do not fit the nodes"
+    assert worst >= s.decode_cpus - 1e-9, (s, worst)
+    assert 0 < s.decode_cpus <= 1 and 0 < s.cpus <= 1
+
+
+def test_sizing_refuses_what_fits_the_cluster_in_total_but_not_its_nodes():
+    s = plan_sizing(3, [1, 1], [0, 0], "cpu")
+    assert (s.cpus, s.decode_cpus) == (0.33, 0.5)
+    # 0.6-CPU actors: 1.8 of the 2 CPUs, but one per 1-CPU node; the message says what to pass.
+    with pytest.raises(ClusterError, match=r"plus 1 to decode need 2\.8 CPUs .* pass --ray-cpus-per-actor 0\.33"):
+        plan_sizing(3, [1, 1], [0, 0], "cpu", cpus=0.6)
+    # An actor larger than any node: 1.2 of 4 CPUs fits the total, not a 1-CPU node.
+    with pytest.raises(ClusterError, match=r"1 model actor\(s\) of 1\.2 CPU each fit only 0 at a time .* 1, 1, 1, 1"):
+        plan_sizing(1, [1, 1, 1, 1], [0] * 4, "cpu", cpus=1.2)
+    # GPUs: two 1-GPU nodes hold two 0.6-GPU actors, not three, although 1.8 <= 2 GPUs.
+    with pytest.raises(ClusterError, match=r"fit only 2 at a time .*--ray-gpus-per-actor"):
+        plan_sizing(3, [8, 8], [1, 1], "cuda", gpus=0.6)
+    with pytest.raises(ClusterError, match=r"no CPU to decode images on"):
+        plan_sizing(1, [0], [1], "cuda")
 
 
 def test_a_node_that_does_not_see_the_images_or_the_checkpoint_is_named_in_one_line():

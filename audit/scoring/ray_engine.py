@@ -77,6 +77,13 @@ _NODE_TIMEOUT_S = 180.0  # for every node to answer the start-up check (a fresh 
 _DECODE_CPUS = 1.0  # each decode task: one image at a time, PIL is single-threaded
 
 
+def _tr(what):  # TEMP trace
+    f = os.environ.get("AUDIT_RAY_TRACE")
+    if f:
+        with open(f, "a") as fh:
+            fh.write(f"{time.time():.3f} {os.getpid()} {what}\n")
+
+
 # --------------------------------------------------------------------------- settings (no Ray needed)
 
 
@@ -150,74 +157,122 @@ def check_settings(cfg: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Sizing:
-    """Each model's actor pool: ``actors`` actors of ``cpus`` CPUs and ``gpus`` GPUs; ``threads`` for a CPU backend."""
+    """Each model's actor pool: ``actors`` actors of ``cpus`` CPUs and ``gpus`` GPUs; ``threads`` for a CPU backend;
+    ``decode_cpus`` for each decode task."""
 
     actors: int
     cpus: float
     gpus: float
     threads: int
+    decode_cpus: float = _DECODE_CPUS
+
+
+def _floor2(x: float) -> float:
+    """Down to hundredths: a share that, summed over the actors, never exceeds what it was cut from."""
+    return math.floor(x * 100 + 1e-6) / 100
+
+
+def _slots(node_cpus: Sequence[float], node_gpus: Sequence[float], cpus: float, gpus: float) -> int:
+    """How many actors of ``cpus`` CPUs and ``gpus`` GPUs the nodes hold: equal actors, so however Ray places
+    them, each node ends up with as many as fit in it."""
+    total = 0
+    for c, g in zip(node_cpus, node_gpus, strict=True):
+        fit = math.floor(c / cpus + 1e-6) if cpus > 0 else math.inf
+        if gpus > 0:
+            fit = min(fit, math.floor(g / gpus + 1e-6))
+        total += int(fit) if fit != math.inf else 1 << 30
+    return total
 
 
 def plan_sizing(
     n_models: int,
-    cluster_cpus: float,
-    cluster_gpus: float,
+    node_cpus: Sequence[float],
+    node_gpus: Sequence[float],
     device: str,
     *,
     actors: int | None = None,
     cpus: float | None = None,
     gpus: float | None = None,
 ) -> Sizing:
-    """How many actors each model gets and what each holds, checked against what the cluster has.
+    """How many actors each model gets and what each holds, checked against the cluster's nodes.
+
+    ``node_cpus`` and ``node_gpus``: what each node that runs work has. Ray
+    places each actor and task on one node, so what must fit is checked
+    node by node, not only in total: two 1-CPU nodes are not one 2-CPU node.
+
+    Decoding: each decode task takes ``decode_cpus`` (1, or half the average
+    node where nodes are smaller than 2 CPUs), and the actors together leave
+    that much free per node: then the free CPUs average at least one decode
+    task's per node, so some node can always run one, wherever Ray has put
+    the actors (a node left with 0.34 CPU beside its actors and another with
+    0.67 cannot run a 1-CPU task: the run would wait for ever).
 
     Defaults: on GPUs, one GPU and one CPU per actor and the cluster's GPUs
     shared evenly among the models (8 GPUs, 4 models: 2 actors each); on CPUs,
-    one actor per model and the CPUs left after one decode task shared
-    evenly, at most 1 each (2 CPUs, 3 models: 0.33 each). Whatever the
-    actors hold, one decode task must still fit beside them.
+    one actor per model and the CPUs left for decoding shared evenly, at most
+    1 each (one 2-CPU node, 3 models: 0.33 each; two 1-CPU nodes: 0.33 each
+    and 0.5 per decode task).
 
     Raises
     ------
     ClusterError
-        The actors (and one decode task) need more than the cluster has; the message says what to pass.
+        The actors (and decoding) need more than the cluster's nodes have; the message says what to pass.
     """
     on_gpu = device != "cpu"
+    node_cpus = [float(c) for c in node_cpus]
+    node_gpus = [float(g) for g in node_gpus] or [0.0] * len(node_cpus)
+    with_cpus = [c for c in node_cpus if c > 0]
+    if not with_cpus:
+        raise ClusterError("the Ray cluster has no CPU to decode images on; start its nodes with --num-cpus 1")
+    total_cpus, total_gpus = sum(with_cpus), sum(node_gpus)
+    decode = min(_DECODE_CPUS, _floor2(total_cpus / len(with_cpus) / 2))
+    if decode <= 0:
+        raise ClusterError(f"the Ray cluster's nodes have {total_cpus:g} CPU(s) in all: too few to decode on")
     if n_models == 0:  # a decode-only pass for pixel statistics: no actor at all
-        if cluster_cpus < _DECODE_CPUS:
-            raise ClusterError("the Ray cluster has no CPU to decode images on; start its nodes with --num-cpus 1")
-        return Sizing(0, 0.0, 0.0, 1)
+        return Sizing(0, 0.0, 0.0, 1, decode)
+    keep = decode * len(with_cpus)  # CPUs the actors leave for decoding
     if on_gpu:
         g = gpus if gpus is not None else 1.0
-        a = actors if actors is not None else max(1, int(cluster_gpus // (n_models * g)))
+        a = actors if actors is not None else max(1, int(total_gpus // (n_models * g)))
         need = n_models * a * g
-        if need > cluster_gpus + 1e-9:
-            share = math.floor(cluster_gpus / (n_models * a) * 100) / 100
+        if need > total_gpus + 1e-9:
+            share = _floor2(total_gpus / (n_models * a))
             fix = f"--ray-gpus-per-actor {share:g}" if share > 0 else "--device cpu"
             raise ClusterError(
                 f"{n_models} model(s) x {a} actor(s) x {g:g} GPU need {need:g} GPUs but the Ray cluster has "
-                f"{cluster_gpus:g}; pass {fix} or fewer --ray-actors, or add GPU nodes"
+                f"{total_gpus:g}; pass {fix} or fewer --ray-actors, or add GPU nodes"
             )
         c = cpus if cpus is not None else 1.0
     else:
+        g = 0.0
         a = actors if actors is not None else 1
         if cpus is not None:
             c = cpus
         else:
-            c = min(1.0, math.floor((cluster_cpus - _DECODE_CPUS) / (n_models * a) * 100) / 100)
+            c = min(1.0, _floor2((total_cpus - keep) / (n_models * a)))
             if c <= 0:
                 raise ClusterError(
-                    f"the Ray cluster has {cluster_cpus:g} CPU(s): decoding needs {_DECODE_CPUS:g} and each of the "
+                    f"the Ray cluster has {total_cpus:g} CPU(s): decoding needs {keep:g} and each of the "
                     f"{n_models * a} model actor(s) a share; add CPUs (ray start --num-cpus) or use --engine local"
                 )
-    need_cpus = n_models * a * c + _DECODE_CPUS
-    if need_cpus > cluster_cpus + 1e-9:
-        share = math.floor((cluster_cpus - _DECODE_CPUS) / (n_models * a) * 100) / 100
+    k = n_models * a
+    need_cpus = k * c + keep
+    if need_cpus > total_cpus + 1e-9:
+        share = _floor2((total_cpus - keep) / k)
         fix = f"--ray-cpus-per-actor {share:g}" if share > 0 else "fewer --ray-actors"
         raise ClusterError(
-            f"{n_models} model(s) x {a} actor(s) x {c:g} CPU plus {_DECODE_CPUS:g} to decode need {need_cpus:g} CPUs "
-            f"but the Ray cluster has {cluster_cpus:g}; pass {fix}, or add CPUs"
+            f"{n_models} model(s) x {a} actor(s) x {c:g} CPU plus {keep:g} to decode need {need_cpus:g} CPUs "
+            f"but the Ray cluster has {total_cpus:g}; pass {fix}, or add CPUs"
         )
-    return Sizing(a, c, g if on_gpu else 0.0, max(1, round(c)))
+    fit = _slots(node_cpus, node_gpus, c, g)
+    if fit < k:
+        nodes = ", ".join(f"{x:g}" for x in node_cpus)
+        raise ClusterError(
+            f"{k} model actor(s) of {c:g} CPU{f' and {g:g} GPU' if g else ''} each fit only {fit} at a time on the "
+            f"Ray cluster's nodes (CPUs per node: {nodes}); pass a smaller --ray-cpus-per-actor"
+            f"{' or --ray-gpus-per-actor' if g else ''}, or fewer --ray-actors"
+        )
+    return Sizing(a, c, g, max(1, round(c)), decode)
 
 
 # --------------------------------------------------------------------------- reaching the cluster
@@ -334,16 +389,27 @@ class RayEngine:
 
     address: str  # what was connected to ("local": a Ray started for this run)
     device: str  # where the model actors run: "cpu" or "cuda"
-    cpus: float  # the cluster's CPUs and GPUs when connected
-    gpus: float
+    node_cpus: tuple[float, ...]  # each node's CPUs and GPUs when connected (the nodes that run work)
+    node_gpus: tuple[float, ...]
     actors: int | None = None  # the run's settings (None: plan_sizing's defaults)
     cpus_per_actor: float | None = None
     gpus_per_actor: float | None = None
-    nodes: int = 1
+
+    @property
+    def nodes(self) -> int:
+        return len(self.node_cpus)
+
+    @property
+    def cpus(self) -> float:
+        return float(sum(self.node_cpus))
+
+    @property
+    def gpus(self) -> float:
+        return float(sum(self.node_gpus))
 
     def sizing(self, n_models: int) -> Sizing:
         return plan_sizing(
-            n_models, self.cpus, self.gpus, self.device,
+            n_models, self.node_cpus, self.node_gpus, self.device,
             actors=self.actors, cpus=self.cpus_per_actor, gpus=self.gpus_per_actor,
         )  # fmt: skip
 
@@ -379,6 +445,9 @@ class RayEngine:
             rows.append(row)
         if not rows:
             return
+        _tr("export start")
+        graphs = _export_graphs(specs, backend, features, sink.st)
+        _tr("export end")
         # Blocks of whole batches, a few per CPU: what Ray spreads over the cluster, streams and retries one by one.
         # (One block per batch costs the driver ~5 ms each: 20,000 batches of a 1.28M-image set would be minutes.)
         blocks = min(len(rows), max(8, 4 * math.ceil(self.cpus)))
@@ -388,7 +457,7 @@ class RayEngine:
             batch_size=1,
             batch_format="numpy",
             fn_kwargs={"root": str(ds.root), "pres": [s.preprocess for s in specs]},
-            num_cpus=_DECODE_CPUS,
+            num_cpus=size.decode_cpus,
         )
         for m, spec in enumerate(specs):
             data = data.map_batches(
@@ -398,6 +467,7 @@ class RayEngine:
                 fn_constructor_kwargs={
                     "spec": spec, "m": m, "backend": backend, "device": self.device, "precision": precision,
                     "threads": size.threads, "channels_last": channels_last, "features": features,
+                    "graph": graphs.get(m),
                 },
                 concurrency=size.actors,
                 num_cpus=size.cpus,
@@ -407,7 +477,9 @@ class RayEngine:
         done = dict.fromkeys(range(len(specs)), 0)
         t = time.perf_counter()
         try:
+            _tr("driver iter start")
             for block in data.iter_batches(batch_size=None, batch_format="numpy"):
+                _tr(f"driver got {list(block['first'])}")
                 st.wait += time.perf_counter() - t
                 for j in range(len(block["first"])):
                     self._take(block, j, specs, sink, features, done)
@@ -471,6 +543,7 @@ def _decode(batch: Mapping[str, np.ndarray], *, root: str, pres: Sequence[Any]) 
     from audit.scoring.loader import load_batch
 
     first = int(batch["first"][0])
+    _tr(f"decode start {first}")
     ids = [str(i) for i in batch["ids"][0]]
     got = load_batch(Path(root), ids, first, pres, crop=bool(batch["crop"][0]), measure=bool(batch["measure"][0]))
     out: dict[str, np.ndarray] = {
@@ -484,6 +557,7 @@ def _decode(batch: Mapping[str, np.ndarray], *, root: str, pres: Sequence[Any]) 
         x = got["inputs"][m].numpy() if got["inputs"] else np.zeros((0, pre.crop, pre.crop, 3), dtype=np.uint8)
         out[f"input_{m}"] = x[None]
         out[f"todo_{m}"] = np.asarray(batch[f"todo_{m}"][:1], dtype=bool)
+    _tr(f"decode end {first}")
     return out
 
 
@@ -494,8 +568,52 @@ def _json_scalar(v: Any) -> Any:
     raise TypeError(f"{type(v).__name__} is not JSON serialisable")
 
 
+GRAPH_BACKENDS = ("openvino", "onnxruntime")  # the backends whose actors get the driver's exported graph
+
+
+def _export_graphs(specs: Sequence[Any], backend: str, features: bool, st: Any) -> dict[int, bytes]:
+    """Each model built and exported to ONNX once, here on the driver, for a graph backend: the local engine's
+    own export, so the actors only compile it. Building in every actor instead costs each one the torch and timm
+    imports and the model build (~10 s of CPU apiece, all at once on a small node) and needs the checkpoints on
+    every node. A model whose export fails gets no graph: its actor builds it and falls back to torch."""
+    from audit.scoring.runners import export_onnx, load_models
+
+    if backend not in GRAPH_BACKENDS:
+        return {}
+    out: dict[int, bytes] = {}
+    for m, spec in enumerate(specs):
+        t = time.perf_counter()
+        module = load_models([spec])[spec.name]
+        st.build += time.perf_counter() - t
+        t = time.perf_counter()
+        try:
+            out[m] = export_onnx(module, spec.preprocess.crop, features=features, num_classes=spec.num_classes)
+        except Exception as e:  # exporter gaps are model-specific: the actor's make_runner says so and runs torch
+            _log.debug("%s: ONNX export failed on the driver (%s)", spec.name, str(e).splitlines()[0])
+        st.prepare += time.perf_counter() - t
+        del module
+    return out
+
+
+def _numpy_output(ys: Sequence[np.ndarray], features: bool) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """:func:`audit.scoring._output` for numpy results, value for value: float32 logits, float16 features, and
+    the largest |feature| before rounding."""
+    if not features:
+        return ys[0], None, 0.0
+    y, f = ys
+    return y, f.astype(np.float16), float(np.abs(f).max()) if len(f) else 0.0
+
+
 class _Forward:
-    """One actor of model ``m``'s pool: its weights built once, then its model's crops -> logits (and features)."""
+    """One actor of model ``m``'s pool: its runner made once, then its model's crops -> logits (and features).
+
+    With ``graph`` (the driver's ONNX export, :func:`_export_graphs`) the
+    actor compiles it and, on OpenVINO, runs it without importing torch;
+    without, it builds the model from its weights, as the local engine does.
+    A CPU actor's compute threads are its CPU share (``threads``): the
+    runtime's default, every core of the node, would have each actor fight
+    the others and the decode tasks for them.
+    """
 
     def __init__(
         self,
@@ -507,33 +625,52 @@ class _Forward:
         threads: int,
         channels_last: bool,
         features: bool,
+        graph: bytes | None = None,
     ):
+        _tr(f"actor{m} init start")
+        self.m, self.features = m, features
+        self.numpy = graph is not None and backend == "openvino"
+        if graph is not None:
+            from audit.scoring.runners import graph_runner
+
+            self.runner = graph_runner(graph, spec, backend=backend, precision=precision, threads=threads)
+            _tr(f"actor{m} ready torch={'torch' in sys.modules}")
+            return
+        import torch
+
         from audit.scoring.runners import load_models, make_runner
 
-        self.m, self.features = m, features
+        if device == "cpu":
+            torch.set_num_threads(threads)
         module = load_models([spec])[spec.name]
         self.runner = make_runner(
             module, spec, backend=backend, device=device, precision=precision, threads=threads,
             channels_last=channels_last, features=features,
         )  # fmt: skip
 
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, float]:
+        if self.numpy:
+            return _numpy_output(self.runner.infer(x), self.features)
         import torch
 
         from audit.scoring import _output
         from audit.scoring.runners import forward_batch
 
+        x = x if x.flags.writeable else np.array(x)  # Ray hands read-only views of its object store
+        (res,) = forward_batch([self.runner], [torch.from_numpy(x)])
+        return _output(res, self.features)
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         m = self.m
+        _tr(f"actor{m} call start {int(batch['first'][0])}")
         out = {k: v for k, v in batch.items() if k != f"input_{m}"}
         x = batch[f"input_{m}"][0]
         # A batch this model does not score (cached, or no readable image): empty results, never read.
         y, f, top = np.zeros((0, 0), dtype=np.float32), np.zeros((0, 0), dtype=np.float16), 0.0
         secs = 0.0
         if bool(batch[f"todo_{m}"][0]) and len(x):
-            x = x if x.flags.writeable else np.array(x)  # Ray hands read-only views of its object store
             t = time.perf_counter()
-            (res,) = forward_batch([self.runner], [torch.from_numpy(x)])
-            y, got, top = _output(res, self.features)
+            y, got, top = self._run(x)
             secs = time.perf_counter() - t
             f = got if got is not None else f
         out[f"logits_{m}"] = y[None]
@@ -541,6 +678,7 @@ class _Forward:
         if self.features:
             out[f"features_{m}"] = f[None]
             out[f"top_{m}"] = np.array([top])
+        _tr(f"actor{m} call end {int(batch['first'][0])}")
         return out
 
 
@@ -608,8 +746,18 @@ def compare_reports(
                 )
 
 
-def _check_nodes(datasets: Sequence[Any], specs: Sequence[Any]) -> int:
-    """Every node that can run work answers :func:`_node_report` for each dataset; returns how many nodes."""
+def _work_nodes() -> list[dict[str, Any]]:
+    """The cluster's live nodes that can run work (a head started with ``--num-cpus 0`` runs none)."""
+    import ray
+
+    return [
+        n for n in ray.nodes()
+        if n.get("Alive") and (n.get("Resources", {}).get("CPU", 0) > 0 or n.get("Resources", {}).get("GPU", 0) > 0)
+    ]  # fmt: skip
+
+
+def _check_nodes(datasets: Sequence[Any], specs: Sequence[Any], nodes: Sequence[Mapping[str, Any]]) -> None:
+    """Every node of ``nodes`` answers :func:`_node_report` for each dataset, and sees what the driver sees."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -619,10 +767,6 @@ def _check_nodes(datasets: Sequence[Any], specs: Sequence[Any]) -> int:
         if w and Path(w).is_file():
             with open(w, "rb") as f:
                 weights[str(w)] = hashlib.file_digest(f, "sha256").hexdigest()
-    nodes = [
-        n for n in ray.nodes()
-        if n.get("Alive") and (n.get("Resources", {}).get("CPU", 0) > 0 or n.get("Resources", {}).get("GPU", 0) > 0)
-    ]  # fmt: skip
     task = ray.remote(num_cpus=0)(_node_report)
     for i, ds in enumerate(datasets):
         sample = _sample(len(ds))
@@ -645,7 +789,6 @@ def _check_nodes(datasets: Sequence[Any], specs: Sequence[Any]) -> int:
                 ) from None
             raise
         compare_reports(got, str(ds.root), ds.image_ids, sample, ds.file_stamps(), weights if i == 0 else {})
-    return len(nodes)
 
 
 @contextlib.contextmanager
@@ -669,6 +812,7 @@ def connect(
     from audit.scoring.runners import check_precision, resolve_backend
 
     _require_ray()
+    _tr("connect start")
     # $RAY_ADDRESS is where a bare ray.init() would connect: checked like --ray-address.
     address = cfg.ray_address or (check_address(os.environ["RAY_ADDRESS"]) if os.environ.get("RAY_ADDRESS") else None)
     if not verbose:
@@ -701,24 +845,31 @@ def connect(
         own = True
     try:
         _quiet_ray_data(verbose)
-        res = ray.cluster_resources()
-        cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+        nodes = _work_nodes()
+        node_cpus = tuple(float(n["Resources"].get("CPU", 0)) for n in nodes)
+        node_gpus = tuple(float(n["Resources"].get("GPU", 0)) for n in nodes)
+        cpus, gpus = sum(node_cpus), sum(node_gpus)
         device = cfg.device or ("cuda" if gpus > 0 and cfg.backend in ("auto", "torch") else "cpu")
         if device == "cuda" and gpus == 0:
             raise ClusterError("--device cuda: the Ray cluster has no GPU; pass --device cpu or add GPU nodes")
         check_precision(cfg.precision, resolve_backend(cfg.backend, device), device)
         run = [s for s in specs if s.source != "predictions"]
         engine = RayEngine(
-            address=address or "local", device=device, cpus=cpus, gpus=gpus, actors=cfg.ray_actors,
+            address=address or "local", device=device, node_cpus=node_cpus, node_gpus=node_gpus, actors=cfg.ray_actors,
             cpus_per_actor=cfg.ray_cpus_per_actor, gpus_per_actor=cfg.ray_gpus_per_actor,
         )  # fmt: skip
+        _tr("ray up")
         size = engine.sizing(len(run))
-        engine.nodes = _check_nodes([d for d in datasets if d is not None], run)
+        # The checkpoints are read where the models are built: on the driver for a graph backend, else every node.
+        built_on_nodes = run if resolve_backend(cfg.backend, device) not in GRAPH_BACKENDS else []
+        _check_nodes([d for d in datasets if d is not None], built_on_nodes, nodes)
         _log.info(
-            "Ray: %s, %d node(s), %g CPU(s), %g GPU(s); per model %d actor(s) of %g CPU, %g GPU",
-            engine.address, engine.nodes, cpus, gpus, size.actors, size.cpus, size.gpus,
+            "Ray: %s, %d node(s), %g CPU(s), %g GPU(s); per model %d actor(s) of %g CPU, %g GPU; decode tasks %g CPU",
+            engine.address, engine.nodes, cpus, gpus, size.actors, size.cpus, size.gpus, size.decode_cpus,
         )  # fmt: skip
+        _tr("checked nodes")
         yield engine
+        _tr("run done")
     finally:
         if own:
             ray.shutdown()
