@@ -7,18 +7,23 @@ What runs where, for N images and M models:
    batches are missing, damaged or stale) and makes one Ray Dataset row per
    batch still to do (its first index, its image ids, whether a model needs
    its crops, whether its pixels are measured, which models score it).
-2. **Decode** (Ray Data ``map_batches`` tasks, one CPU each, as many as the
-   cluster's CPUs allow): each row's images are read and decoded once and
-   resized and cropped for every model by :func:`audit.scoring.loader.load_batch`,
-   the local loader's own code; pixel statistics are measured from the same
-   decode.
+2. **Decode** (Ray Data ``map_batches`` tasks, one CPU each, or half the
+   average node on nodes under 2 CPUs, as many as the cluster's CPUs allow,
+   never fused into an actor pool): each row's images are read and decoded
+   once and resized and cropped for every model by
+   :func:`audit.scoring.loader.load_batch`, the local loader's own code; pixel
+   statistics are measured from the same decode.
 3. **Forward** (one actor pool per model: ``map_batches`` with the callable
    class :class:`_Forward`, ``concurrency`` actors, ``num_gpus`` each where
-   the cluster has GPUs, ``num_cpus`` otherwise): each actor builds its
-   model's weights once (:func:`audit.scoring.runners.load_models`,
-   :func:`~audit.scoring.runners.make_runner`: the weights carry their
-   preprocessing) and runs :func:`~audit.scoring.runners.forward_batch` on
-   its model's crops, logits and penultimate features from one pass.
+   the cluster has GPUs, ``num_cpus`` otherwise; :func:`plan_sizing` checks
+   the layout node by node). With OpenVINO or ONNX Runtime the driver builds
+   and exports each model once (the local engine's
+   :func:`~audit.scoring.runners.export_onnx`) and each actor compiles that
+   graph; with torch each actor builds its model's weights once
+   (:func:`audit.scoring.runners.load_models`,
+   :func:`~audit.scoring.runners.make_runner`). Each runs its model's crops,
+   logits and penultimate features from one pass, with as many compute
+   threads as it holds CPUs.
 4. **Shards** (driver): the results stream back (``iter_batches``) in any
    order into the local engine's collector (``audit.scoring._Collector``),
    which writes each shard to ``<db>.arrays/`` once its last batch is in.
@@ -26,7 +31,8 @@ What runs where, for N images and M models:
 So the workspace lives on the driver only; the **images** must be readable
 at the same path from every node (a shared file system), which is checked at
 start (:func:`_check_nodes`: every node that can run work stats a sample of
-them and compares it with the driver's view, and hashes each checkpoint file).
+them and compares it with the driver's view, and, where the actors build their
+models, hashes each checkpoint file).
 The shards are the local engine's, batch for batch and fingerprint for
 fingerprint: an interrupted Ray run resumes on Ray or locally, and a local run
 on Ray, with nothing finished recomputed. Ray retries the tasks of an actor
@@ -40,6 +46,7 @@ until a run asks for the Ray engine.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -74,14 +81,7 @@ _INSTALL = f"pip install -e '.[ray]' (or pip install 'ray[data]=={RAY_VERSION}')
 # Seconds to reach a cluster before saying it cannot be reached; $AUDIT_RAY_CONNECT_TIMEOUT overrides.
 _CONNECT_TIMEOUT_S = 30.0
 _NODE_TIMEOUT_S = 180.0  # for every node to answer the start-up check (a fresh worker process imports torch)
-_DECODE_CPUS = 1.0  # each decode task: one image at a time, PIL is single-threaded
-
-
-def _tr(what):  # TEMP trace
-    f = os.environ.get("AUDIT_RAY_TRACE")
-    if f:
-        with open(f, "a") as fh:
-            fh.write(f"{time.time():.3f} {os.getpid()} {what}\n")
+_DECODE_CPUS = 1.0  # each decode task (at most): one image at a time, PIL is single-threaded
 
 
 # --------------------------------------------------------------------------- settings (no Ray needed)
@@ -445,9 +445,7 @@ class RayEngine:
             rows.append(row)
         if not rows:
             return
-        _tr("export start")
         graphs = _export_graphs(specs, backend, features, sink.st)
-        _tr("export end")
         # Blocks of whole batches, a few per CPU: what Ray spreads over the cluster, streams and retries one by one.
         # (One block per batch costs the driver ~5 ms each: 20,000 batches of a 1.28M-image set would be minutes.)
         blocks = min(len(rows), max(8, 4 * math.ceil(self.cpus)))
@@ -458,6 +456,10 @@ class RayEngine:
             batch_format="numpy",
             fn_kwargs={"root": str(ds.root), "pres": [s.preprocess for s in specs]},
             num_cpus=size.decode_cpus,
+            # Never fused into the first model's actors (Ray Data fuses a task into the actor pool after it when
+            # their resources match, e.g. 1 CPU each): decoding would then run only as wide as that pool, one
+            # actor, with every other CPU idle. Ray Data fuses no op that has a ray_remote_args_fn.
+            ray_remote_args_fn=functools.partial(dict, num_cpus=size.decode_cpus),
         )
         for m, spec in enumerate(specs):
             data = data.map_batches(
@@ -477,9 +479,7 @@ class RayEngine:
         done = dict.fromkeys(range(len(specs)), 0)
         t = time.perf_counter()
         try:
-            _tr("driver iter start")
             for block in data.iter_batches(batch_size=None, batch_format="numpy"):
-                _tr(f"driver got {list(block['first'])}")
                 st.wait += time.perf_counter() - t
                 for j in range(len(block["first"])):
                     self._take(block, j, specs, sink, features, done)
@@ -543,7 +543,6 @@ def _decode(batch: Mapping[str, np.ndarray], *, root: str, pres: Sequence[Any]) 
     from audit.scoring.loader import load_batch
 
     first = int(batch["first"][0])
-    _tr(f"decode start {first}")
     ids = [str(i) for i in batch["ids"][0]]
     got = load_batch(Path(root), ids, first, pres, crop=bool(batch["crop"][0]), measure=bool(batch["measure"][0]))
     out: dict[str, np.ndarray] = {
@@ -557,7 +556,6 @@ def _decode(batch: Mapping[str, np.ndarray], *, root: str, pres: Sequence[Any]) 
         x = got["inputs"][m].numpy() if got["inputs"] else np.zeros((0, pre.crop, pre.crop, 3), dtype=np.uint8)
         out[f"input_{m}"] = x[None]
         out[f"todo_{m}"] = np.asarray(batch[f"todo_{m}"][:1], dtype=bool)
-    _tr(f"decode end {first}")
     return out
 
 
@@ -627,14 +625,12 @@ class _Forward:
         features: bool,
         graph: bytes | None = None,
     ):
-        _tr(f"actor{m} init start")
         self.m, self.features = m, features
         self.numpy = graph is not None and backend == "openvino"
         if graph is not None:
             from audit.scoring.runners import graph_runner
 
             self.runner = graph_runner(graph, spec, backend=backend, precision=precision, threads=threads)
-            _tr(f"actor{m} ready torch={'torch' in sys.modules}")
             return
         import torch
 
@@ -662,7 +658,6 @@ class _Forward:
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         m = self.m
-        _tr(f"actor{m} call start {int(batch['first'][0])}")
         out = {k: v for k, v in batch.items() if k != f"input_{m}"}
         x = batch[f"input_{m}"][0]
         # A batch this model does not score (cached, or no readable image): empty results, never read.
@@ -678,7 +673,6 @@ class _Forward:
         if self.features:
             out[f"features_{m}"] = f[None]
             out[f"top_{m}"] = np.array([top])
-        _tr(f"actor{m} call end {int(batch['first'][0])}")
         return out
 
 
@@ -812,7 +806,6 @@ def connect(
     from audit.scoring.runners import check_precision, resolve_backend
 
     _require_ray()
-    _tr("connect start")
     # $RAY_ADDRESS is where a bare ray.init() would connect: checked like --ray-address.
     address = cfg.ray_address or (check_address(os.environ["RAY_ADDRESS"]) if os.environ.get("RAY_ADDRESS") else None)
     if not verbose:
@@ -858,7 +851,6 @@ def connect(
             address=address or "local", device=device, node_cpus=node_cpus, node_gpus=node_gpus, actors=cfg.ray_actors,
             cpus_per_actor=cfg.ray_cpus_per_actor, gpus_per_actor=cfg.ray_gpus_per_actor,
         )  # fmt: skip
-        _tr("ray up")
         size = engine.sizing(len(run))
         # The checkpoints are read where the models are built: on the driver for a graph backend, else every node.
         built_on_nodes = run if resolve_backend(cfg.backend, device) not in GRAPH_BACKENDS else []
@@ -867,9 +859,7 @@ def connect(
             "Ray: %s, %d node(s), %g CPU(s), %g GPU(s); per model %d actor(s) of %g CPU, %g GPU; decode tasks %g CPU",
             engine.address, engine.nodes, cpus, gpus, size.actors, size.cpus, size.gpus, size.decode_cpus,
         )  # fmt: skip
-        _tr("checked nodes")
         yield engine
-        _tr("run done")
     finally:
         if own:
             ray.shutdown()
