@@ -46,7 +46,6 @@ until a run asks for the Ray engine.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import importlib.util
 import json
@@ -456,10 +455,11 @@ class RayEngine:
             batch_format="numpy",
             fn_kwargs={"root": str(ds.root), "pres": [s.preprocess for s in specs]},
             num_cpus=size.decode_cpus,
-            # Never fused into the first model's actors (Ray Data fuses a task into the actor pool after it when
-            # their resources match, e.g. 1 CPU each): decoding would then run only as wide as that pool, one
-            # actor, with every other CPU idle. Ray Data fuses no op that has a ray_remote_args_fn.
-            ray_remote_args_fn=functools.partial(dict, num_cpus=size.decode_cpus),
+            # A task whose worker dies is retried however often (Ray Data's own default for its tasks), said here
+            # because it also keeps decoding out of the first model's actors: Ray Data fuses a task into the actor
+            # pool after it when their remote arguments match (1 CPU each: one model on a 2-CPU node), and
+            # decoding would then run only as wide as that pool, one batch at a time, every other CPU idle.
+            max_retries=-1,
         )
         for m, spec in enumerate(specs):
             data = data.map_batches(
