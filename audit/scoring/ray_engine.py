@@ -455,11 +455,11 @@ class RayEngine:
             batch_format="numpy",
             fn_kwargs={"root": str(ds.root), "pres": [s.preprocess for s in specs]},
             num_cpus=size.decode_cpus,
-            # A task whose worker dies is retried however often (Ray Data's own default for its tasks), said here
-            # because it also keeps decoding out of the first model's actors: Ray Data fuses a task into the actor
-            # pool after it when their remote arguments match (1 CPU each: one model on a 2-CPU node), and
-            # decoding would then run only as wide as that pool, one batch at a time, every other CPU idle.
-            max_retries=-1,
+            # Ray's own default for a CPU task (0: a worker runs it any number of times), said here because it keeps
+            # decoding out of the first model's actors: Ray Data fuses a task into the actor pool after it when
+            # their remote arguments match (1 CPU each: one model on a 2-CPU node), and decoding would then run
+            # only as wide as that pool, one batch at a time, every other CPU idle.
+            max_calls=0,
         )
         for m, spec in enumerate(specs):
             data = data.map_batches(
