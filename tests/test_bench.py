@@ -96,3 +96,29 @@ def test_ray_benchmark_rewrites_only_its_own_section_of_perf_md(tmp_path):
     again = perf.read_text()
     assert "first table" not in again and again.count("second table") == 1
     assert again.replace("second table", "first table") == text  # replaced in place, nothing else moved
+
+
+def test_a_ray_benchmark_arm_that_hangs_is_stopped_with_its_processes_and_reported(tmp_path):
+    # The two-node arm once waited for ever on a task no node could fit: an arm now has a time limit, and what it
+    # started (the Ray it brought up: here a grandchild) goes with it.
+    import time
+
+    from audit.bench.ray import ArmFailed, _alive, _group_alive, run_bounded
+
+    pidfile = tmp_path / "pids"
+    code = (
+        "import os, subprocess, sys, time\n"
+        "kid = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+        f"open({str(pidfile)!r}, 'w').write(f'{{os.getpid()}} {{kid.pid}}')\n"
+        "time.sleep(300)\n"
+    )
+    t = time.monotonic()
+    with pytest.raises(ArmFailed, match=r"hang did not finish within 3 s \(--arm-timeout\) and was stopped"):
+        run_bounded([sys.executable, "-c", code], 3, "hang")
+    assert time.monotonic() - t < 30
+    me, kid = (int(x) for x in pidfile.read_text().split())
+    assert not _group_alive(me)
+    assert not _alive(me) and not _alive(kid)  # gone, or a zombie its new parent has yet to reap
+    with pytest.raises(ArmFailed, match=r"bad failed \(exit 3\):\n.*boom"):
+        run_bounded([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], 30, "bad")
+    assert run_bounded([sys.executable, "-c", "print('fine')"], 30, "ok").strip() == "fine"

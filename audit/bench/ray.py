@@ -7,8 +7,10 @@
   (even when it fails); the arm connects with ``--ray-address``.
 
 Each arm runs in a fresh process; wall times include building the models and, for Ray, starting or
-reaching the cluster (also reported alone). Peak memory is sampled per process (resident set, every
-0.25 s) over the driver and every process of its Ray cluster, and summed (PSS) over them all. The
+reaching the cluster (also reported alone). Peak memory per process is its kernel high-water mark
+(VmHWM, read every second) over the driver and every process of its Ray cluster, and the PSS summed
+over them all is sampled every second. Each arm runs under ``--arm-timeout`` in its own process
+group, and is stopped with all it started when it fails, times out or the bench is interrupted. The
 table goes to ``reports/perf_ray.{md,csv,json}`` and into its own section of ``reports/PERF.md``.
 
 The two-node cluster is stopped by killing exactly the processes it started (found by its own
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -36,11 +39,11 @@ import numpy as np
 
 from audit.bench.common import (
     REPORTS,
+    ROOT,
     add_run_args,
     machine,
     machine_md,
     md_table,
-    run_child,
     write_csv,
     write_json,
 )
@@ -112,9 +115,12 @@ class ProcessPeaks:
     """Peak resident memory of each process of the run: this one, its descendants, and (``marker``) a cluster
     started elsewhere; plus the peak of their summed PSS (shared pages counted once)."""
 
-    def __init__(self, marker: str | None = None, interval: float = 0.25):
+    # Once a second: the sampler reads every process's smaps and, with a marker, every command line on the
+    # machine; at 4 Hz that was a tenth of a core taken from the Ray arms (20-odd processes) more than from the
+    # local arm (three). The per-process peak is the kernel's high-water mark, so it misses nothing in between.
+    def __init__(self, marker: str | None = None, interval: float = 1.0):
         self.marker, self.interval = marker, interval
-        self.peak: dict[int, int] = {}  # pid -> peak VmRSS, KiB
+        self.peak: dict[int, int] = {}  # pid -> peak resident set (VmHWM), KiB
         self.titles: dict[int, set[str]] = {}
         self.total_pss_kib = 0
         self._stop = threading.Event()
@@ -126,7 +132,7 @@ class ProcessPeaks:
             pids = _tree(roots)
             pss = 0
             for p in pids:
-                rss = _status_kib(p, "VmRSS:")
+                rss = _status_kib(p, "VmHWM:")
                 if rss:
                     self.peak[p] = max(self.peak.get(p, 0), rss)
                     self.titles.setdefault(p, set()).add(_title(p)[:200])
@@ -230,6 +236,96 @@ def two_nodes(cpus: int = 1) -> Iterator[tuple[str, str]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- running an arm, bounded
+
+
+class ArmFailed(RuntimeError):
+    """An arm that failed or ran past its time limit; its processes have been stopped."""
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop the arm's whole process group: the driver and the Ray it started (Ray's processes stay in it)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+            if sig == signal.SIGTERM and not _group_alive(proc.pid):
+                return
+    proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":
+                    return True
+    return False
+
+
+def run_arm(args: list[str], timeout: float) -> dict[str, Any]:
+    """``python -m audit.bench <args> --json OUT`` in a fresh process (:func:`run_bounded`); its JSON."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    try:
+        t = time.perf_counter()
+        run_bounded([sys.executable, "-m", "audit.bench", *args, "--json", str(out)], timeout, args[1])
+        res = json.loads(out.read_text())
+        res["process_wall_s"] = round(time.perf_counter() - t, 2)
+        return res
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def run_bounded(cmd: list[str], timeout: float, name: str) -> str:
+    """Run ``cmd`` in its own process group for at most ``timeout`` seconds; its output.
+
+    Whatever ends it (done, failed, timed out, this process interrupted), nothing of its group is left running:
+    a Ray that an arm started stays in the arm's group.
+
+    Raises
+    ------
+    ArmFailed
+        It exited non-zero (its output's tail in the message) or ran past ``timeout``.
+    """
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop_group(proc)
+            raise ArmFailed(
+                f"{name} did not finish within {timeout:g} s (--arm-timeout) and was stopped; rerun it alone and "
+                "look at 'ray status' for pending tasks or actors"
+            ) from None
+        if proc.returncode != 0:
+            raise ArmFailed(f"{name} failed (exit {proc.returncode}):\n{(stdout or '')[-4000:]}")
+        return stdout
+    finally:
+        if proc.poll() is None or _group_alive(proc.pid):  # interrupted, or something of it outlived it
+            _stop_group(proc)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a CI job cancelled, a terminal closed) unwind like Ctrl-C: the arms' and the two-node
+    cluster's clean-ups run instead of the process vanishing and leaving them behind."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, h in saved.items():
+            signal.signal(sig, h)
+
+
 # --------------------------------------------------------------------------- one arm (in a child process)
 
 
@@ -255,11 +351,10 @@ def ray_arm(
         t0 = time.perf_counter()
         ds = load_dataset(dataset, limit=limit)
         specs = [resolve_model(m) for m in models]
-        built = load_models(specs)
         st = ScoreStats()
         kw: dict[str, Any] = {"batch_size": batch_size, "workers": workers, "progress": False, "stats": st}
         if kind == "local":
-            arrays = score_dataset(ds, specs, Path(tmp) / "arrays", models=built, **kw)
+            arrays = score_dataset(ds, specs, Path(tmp) / "arrays", models=load_models(specs), **kw)
             out["connect_s"] = 0.0
         else:
             cfg = ScoringConfig(engine="ray", ray_address=address)
@@ -322,6 +417,10 @@ def ray(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPORTS / "perf_ray")
     p.add_argument("--perf", type=Path, default=REPORTS / "PERF.md", help="the report whose Ray section is rewritten")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    p.add_argument(
+        "--arm-timeout", type=float, default=1200.0,
+        help="seconds one arm may run before it is stopped and reported as failed (default 1200)",
+    )  # fmt: skip
     a = p.parse_args(argv)
     from audit.scoring.ray_engine import ray_installed
 
@@ -339,24 +438,34 @@ def ray(argv: list[str] | None = None) -> int:
     common = ["--dataset", str(a.dataset), "--models", a.models, "--batch-size", str(a.batch_size)]
     common += ["--workers", str(a.workers)] + (["--limit", str(a.limit)] if a.limit else [])
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    failures: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp, _terminate_as_interrupt():
         for r in range(a.repeats):
             order = arms if r % 2 == 0 else [arms[0], *reversed(arms[1:])]
             for arm in order:
                 probs = Path(tmp) / f"{arm}-{r}"
                 print(f"repeat {r + 1}/{a.repeats}: {arm} ...", flush=True)
                 args = ["ray-arm", arm, *common, "--save-probs", str(probs)]
-                if arm == "ray-2-nodes":
-                    with two_nodes(1) as (address, marker):
-                        res = run_child([*args, "--address", address, "--marker", marker])
-                else:
-                    res = run_child(args)
+                try:
+                    if arm == "ray-2-nodes":
+                        with two_nodes(1) as (address, marker):
+                            res = run_arm([*args, "--address", address, "--marker", marker], a.arm_timeout)
+                    else:
+                        res = run_arm(args, a.arm_timeout)
+                except RuntimeError as e:  # ArmFailed, or the two-node cluster did not start
+                    # One arm's failure is reported and the others still run; PERF.md is left as it was.
+                    why = str(e).strip()
+                    print(f"  FAILED: {why.splitlines()[0]}", flush=True)
+                    failures.append({"repeat": r + 1, "arm": arm, "error": why[-4000:]})
+                    continue
                 res["repeat"], res["probs"] = r + 1, str(probs)
                 runs.append(res)
                 print(f"  {res['wall_s']:.1f} s", flush=True)
         rows = []
         for res in runs:
-            local = next(x for x in runs if x["arm"] == "local" and x["repeat"] == res["repeat"])
+            local = next((x for x in runs if x["arm"] == "local" and x["repeat"] == res["repeat"]), None)
+            if local is None:
+                continue  # nothing to compare it with
             agree, diff = _agreement(Path(local["probs"]), Path(res["probs"]), models)
             n = res["images"]
             rows.append({
@@ -381,10 +490,10 @@ def ray(argv: list[str] | None = None) -> int:
         res.pop("probs", None)
     one = [r for r in rows if r["arm"] == "ray-1-node"]
     overhead = float(np.median([float(r["vs local"].rstrip("%")) for r in one])) if one else None
-    n = runs[0]["images"]
+    n = runs[0]["images"] if runs else 0
     summary = {"images": n, "models": models, "batch_size": a.batch_size, "workers": a.workers,
                "median_overhead_ray_1_node_pct": overhead, "machine": info}  # fmt: skip
-    write_json(a.out.with_suffix(".json"), {"summary": summary, "rows": rows, "runs": runs})
+    write_json(a.out.with_suffix(".json"), {"summary": summary, "rows": rows, "runs": runs, "failures": failures})
     write_csv(a.out.with_suffix(".csv"), rows)
     goal = "" if overhead is None else (
         f"**Ray on one node: median {overhead:+.1f}% wall time vs the local engine (goal: at most +25%"
@@ -406,10 +515,18 @@ def ray(argv: list[str] | None = None) -> int:
         goal + "Argmax agreement and the largest probability difference are against the local arm of the same "
         "repeat. Raw: `reports/perf_ray.json`.",
     ])  # fmt: skip
+    if failures:
+        body += "\n\n**Failed arms** (not in the table):\n\n" + "\n".join(
+            f"- repeat {f['repeat']}, {f['arm']}: {f['error'].splitlines()[0]}" for f in failures
+        )
     md = f"# Ray engine: local vs one node vs two nodes\n\n{body}\n"
     a.out.with_suffix(".md").write_text(md)
-    update_perf(a.perf, body)
     print(md)
+    if failures or set(arms) != set(ARMS):
+        # PERF.md holds the whole comparison or nothing: a partial table there would read as the result.
+        print(f"{a.perf} left as it was: " + ("some arms failed" if failures else f"only {', '.join(arms)} ran"))
+        return 1 if failures else 0
+    update_perf(a.perf, body)
     return 0
 
 

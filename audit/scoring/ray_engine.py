@@ -7,18 +7,23 @@ What runs where, for N images and M models:
    batches are missing, damaged or stale) and makes one Ray Dataset row per
    batch still to do (its first index, its image ids, whether a model needs
    its crops, whether its pixels are measured, which models score it).
-2. **Decode** (Ray Data ``map_batches`` tasks, one CPU each, as many as the
-   cluster's CPUs allow): each row's images are read and decoded once and
-   resized and cropped for every model by :func:`audit.scoring.loader.load_batch`,
-   the local loader's own code; pixel statistics are measured from the same
-   decode.
+2. **Decode** (Ray Data ``map_batches`` tasks, one CPU each, or half the
+   average node on nodes under 2 CPUs, as many as the cluster's CPUs allow,
+   never fused into an actor pool): each row's images are read and decoded
+   once and resized and cropped for every model by
+   :func:`audit.scoring.loader.load_batch`, the local loader's own code; pixel
+   statistics are measured from the same decode.
 3. **Forward** (one actor pool per model: ``map_batches`` with the callable
    class :class:`_Forward`, ``concurrency`` actors, ``num_gpus`` each where
-   the cluster has GPUs, ``num_cpus`` otherwise): each actor builds its
-   model's weights once (:func:`audit.scoring.runners.load_models`,
-   :func:`~audit.scoring.runners.make_runner`: the weights carry their
-   preprocessing) and runs :func:`~audit.scoring.runners.forward_batch` on
-   its model's crops, logits and penultimate features from one pass.
+   the cluster has GPUs, ``num_cpus`` otherwise; :func:`plan_sizing` checks
+   the layout node by node). With OpenVINO or ONNX Runtime the driver builds
+   and exports each model once (the local engine's
+   :func:`~audit.scoring.runners.export_onnx`) and each actor compiles that
+   graph; with torch each actor builds its model's weights once
+   (:func:`audit.scoring.runners.load_models`,
+   :func:`~audit.scoring.runners.make_runner`). Each runs its model's crops,
+   logits and penultimate features from one pass, with as many compute
+   threads as it holds CPUs.
 4. **Shards** (driver): the results stream back (``iter_batches``) in any
    order into the local engine's collector (``audit.scoring._Collector``),
    which writes each shard to ``<db>.arrays/`` once its last batch is in.
@@ -26,7 +31,8 @@ What runs where, for N images and M models:
 So the workspace lives on the driver only; the **images** must be readable
 at the same path from every node (a shared file system), which is checked at
 start (:func:`_check_nodes`: every node that can run work stats a sample of
-them and compares it with the driver's view, and hashes each checkpoint file).
+them and compares it with the driver's view, and, where the actors build their
+models, hashes each checkpoint file).
 The shards are the local engine's, batch for batch and fingerprint for
 fingerprint: an interrupted Ray run resumes on Ray or locally, and a local run
 on Ray, with nothing finished recomputed. Ray retries the tasks of an actor
@@ -74,7 +80,7 @@ _INSTALL = f"pip install -e '.[ray]' (or pip install 'ray[data]=={RAY_VERSION}')
 # Seconds to reach a cluster before saying it cannot be reached; $AUDIT_RAY_CONNECT_TIMEOUT overrides.
 _CONNECT_TIMEOUT_S = 30.0
 _NODE_TIMEOUT_S = 180.0  # for every node to answer the start-up check (a fresh worker process imports torch)
-_DECODE_CPUS = 1.0  # each decode task: one image at a time, PIL is single-threaded
+_DECODE_CPUS = 1.0  # each decode task (at most): one image at a time, PIL is single-threaded
 
 
 # --------------------------------------------------------------------------- settings (no Ray needed)
@@ -150,74 +156,122 @@ def check_settings(cfg: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Sizing:
-    """Each model's actor pool: ``actors`` actors of ``cpus`` CPUs and ``gpus`` GPUs; ``threads`` for a CPU backend."""
+    """Each model's actor pool: ``actors`` actors of ``cpus`` CPUs and ``gpus`` GPUs; ``threads`` for a CPU backend;
+    ``decode_cpus`` for each decode task."""
 
     actors: int
     cpus: float
     gpus: float
     threads: int
+    decode_cpus: float = _DECODE_CPUS
+
+
+def _floor2(x: float) -> float:
+    """Down to hundredths: a share that, summed over the actors, never exceeds what it was cut from."""
+    return math.floor(x * 100 + 1e-6) / 100
+
+
+def _slots(node_cpus: Sequence[float], node_gpus: Sequence[float], cpus: float, gpus: float) -> int:
+    """How many actors of ``cpus`` CPUs and ``gpus`` GPUs the nodes hold: equal actors, so however Ray places
+    them, each node ends up with as many as fit in it."""
+    total = 0
+    for c, g in zip(node_cpus, node_gpus, strict=True):
+        fit = math.floor(c / cpus + 1e-6) if cpus > 0 else math.inf
+        if gpus > 0:
+            fit = min(fit, math.floor(g / gpus + 1e-6))
+        total += int(fit) if fit != math.inf else 1 << 30
+    return total
 
 
 def plan_sizing(
     n_models: int,
-    cluster_cpus: float,
-    cluster_gpus: float,
+    node_cpus: Sequence[float],
+    node_gpus: Sequence[float],
     device: str,
     *,
     actors: int | None = None,
     cpus: float | None = None,
     gpus: float | None = None,
 ) -> Sizing:
-    """How many actors each model gets and what each holds, checked against what the cluster has.
+    """How many actors each model gets and what each holds, checked against the cluster's nodes.
+
+    ``node_cpus`` and ``node_gpus``: what each node that runs work has. Ray
+    places each actor and task on one node, so what must fit is checked
+    node by node, not only in total: two 1-CPU nodes are not one 2-CPU node.
+
+    Decoding: each decode task takes ``decode_cpus`` (1, or half the average
+    node where nodes are smaller than 2 CPUs), and the actors together leave
+    that much free per node: then the free CPUs average at least one decode
+    task's per node, so some node can always run one, wherever Ray has put
+    the actors (a node left with 0.34 CPU beside its actors and another with
+    0.67 cannot run a 1-CPU task: the run would wait for ever).
 
     Defaults: on GPUs, one GPU and one CPU per actor and the cluster's GPUs
     shared evenly among the models (8 GPUs, 4 models: 2 actors each); on CPUs,
-    one actor per model and the CPUs left after one decode task shared
-    evenly, at most 1 each (2 CPUs, 3 models: 0.33 each). Whatever the
-    actors hold, one decode task must still fit beside them.
+    one actor per model and the CPUs left for decoding shared evenly, at most
+    1 each (one 2-CPU node, 3 models: 0.33 each; two 1-CPU nodes: 0.33 each
+    and 0.5 per decode task).
 
     Raises
     ------
     ClusterError
-        The actors (and one decode task) need more than the cluster has; the message says what to pass.
+        The actors (and decoding) need more than the cluster's nodes have; the message says what to pass.
     """
     on_gpu = device != "cpu"
+    node_cpus = [float(c) for c in node_cpus]
+    node_gpus = [float(g) for g in node_gpus] or [0.0] * len(node_cpus)
+    with_cpus = [c for c in node_cpus if c > 0]
+    if not with_cpus:
+        raise ClusterError("the Ray cluster has no CPU to decode images on; start its nodes with --num-cpus 1")
+    total_cpus, total_gpus = sum(with_cpus), sum(node_gpus)
+    decode = min(_DECODE_CPUS, _floor2(total_cpus / len(with_cpus) / 2))
+    if decode <= 0:
+        raise ClusterError(f"the Ray cluster's nodes have {total_cpus:g} CPU(s) in all: too few to decode on")
     if n_models == 0:  # a decode-only pass for pixel statistics: no actor at all
-        if cluster_cpus < _DECODE_CPUS:
-            raise ClusterError("the Ray cluster has no CPU to decode images on; start its nodes with --num-cpus 1")
-        return Sizing(0, 0.0, 0.0, 1)
+        return Sizing(0, 0.0, 0.0, 1, decode)
+    keep = decode * len(with_cpus)  # CPUs the actors leave for decoding
     if on_gpu:
         g = gpus if gpus is not None else 1.0
-        a = actors if actors is not None else max(1, int(cluster_gpus // (n_models * g)))
+        a = actors if actors is not None else max(1, int(total_gpus // (n_models * g)))
         need = n_models * a * g
-        if need > cluster_gpus + 1e-9:
-            share = math.floor(cluster_gpus / (n_models * a) * 100) / 100
+        if need > total_gpus + 1e-9:
+            share = _floor2(total_gpus / (n_models * a))
             fix = f"--ray-gpus-per-actor {share:g}" if share > 0 else "--device cpu"
             raise ClusterError(
                 f"{n_models} model(s) x {a} actor(s) x {g:g} GPU need {need:g} GPUs but the Ray cluster has "
-                f"{cluster_gpus:g}; pass {fix} or fewer --ray-actors, or add GPU nodes"
+                f"{total_gpus:g}; pass {fix} or fewer --ray-actors, or add GPU nodes"
             )
         c = cpus if cpus is not None else 1.0
     else:
+        g = 0.0
         a = actors if actors is not None else 1
         if cpus is not None:
             c = cpus
         else:
-            c = min(1.0, math.floor((cluster_cpus - _DECODE_CPUS) / (n_models * a) * 100) / 100)
+            c = min(1.0, _floor2((total_cpus - keep) / (n_models * a)))
             if c <= 0:
                 raise ClusterError(
-                    f"the Ray cluster has {cluster_cpus:g} CPU(s): decoding needs {_DECODE_CPUS:g} and each of the "
+                    f"the Ray cluster has {total_cpus:g} CPU(s): decoding needs {keep:g} and each of the "
                     f"{n_models * a} model actor(s) a share; add CPUs (ray start --num-cpus) or use --engine local"
                 )
-    need_cpus = n_models * a * c + _DECODE_CPUS
-    if need_cpus > cluster_cpus + 1e-9:
-        share = math.floor((cluster_cpus - _DECODE_CPUS) / (n_models * a) * 100) / 100
+    k = n_models * a
+    need_cpus = k * c + keep
+    if need_cpus > total_cpus + 1e-9:
+        share = _floor2((total_cpus - keep) / k)
         fix = f"--ray-cpus-per-actor {share:g}" if share > 0 else "fewer --ray-actors"
         raise ClusterError(
-            f"{n_models} model(s) x {a} actor(s) x {c:g} CPU plus {_DECODE_CPUS:g} to decode need {need_cpus:g} CPUs "
-            f"but the Ray cluster has {cluster_cpus:g}; pass {fix}, or add CPUs"
+            f"{n_models} model(s) x {a} actor(s) x {c:g} CPU plus {keep:g} to decode need {need_cpus:g} CPUs "
+            f"but the Ray cluster has {total_cpus:g}; pass {fix}, or add CPUs"
         )
-    return Sizing(a, c, g if on_gpu else 0.0, max(1, round(c)))
+    fit = _slots(node_cpus, node_gpus, c, g)
+    if fit < k:
+        nodes = ", ".join(f"{x:g}" for x in node_cpus)
+        raise ClusterError(
+            f"{k} model actor(s) of {c:g} CPU{f' and {g:g} GPU' if g else ''} each fit only {fit} at a time on the "
+            f"Ray cluster's nodes (CPUs per node: {nodes}); pass a smaller --ray-cpus-per-actor"
+            f"{' or --ray-gpus-per-actor' if g else ''}, or fewer --ray-actors"
+        )
+    return Sizing(a, c, g, max(1, round(c)), decode)
 
 
 # --------------------------------------------------------------------------- reaching the cluster
@@ -334,16 +388,27 @@ class RayEngine:
 
     address: str  # what was connected to ("local": a Ray started for this run)
     device: str  # where the model actors run: "cpu" or "cuda"
-    cpus: float  # the cluster's CPUs and GPUs when connected
-    gpus: float
+    node_cpus: tuple[float, ...]  # each node's CPUs and GPUs when connected (the nodes that run work)
+    node_gpus: tuple[float, ...]
     actors: int | None = None  # the run's settings (None: plan_sizing's defaults)
     cpus_per_actor: float | None = None
     gpus_per_actor: float | None = None
-    nodes: int = 1
+
+    @property
+    def nodes(self) -> int:
+        return len(self.node_cpus)
+
+    @property
+    def cpus(self) -> float:
+        return float(sum(self.node_cpus))
+
+    @property
+    def gpus(self) -> float:
+        return float(sum(self.node_gpus))
 
     def sizing(self, n_models: int) -> Sizing:
         return plan_sizing(
-            n_models, self.cpus, self.gpus, self.device,
+            n_models, self.node_cpus, self.node_gpus, self.device,
             actors=self.actors, cpus=self.cpus_per_actor, gpus=self.gpus_per_actor,
         )  # fmt: skip
 
@@ -379,6 +444,7 @@ class RayEngine:
             rows.append(row)
         if not rows:
             return
+        graphs = _export_graphs(specs, backend, features, sink.st)
         # Blocks of whole batches, a few per CPU: what Ray spreads over the cluster, streams and retries one by one.
         # (One block per batch costs the driver ~5 ms each: 20,000 batches of a 1.28M-image set would be minutes.)
         blocks = min(len(rows), max(8, 4 * math.ceil(self.cpus)))
@@ -388,7 +454,12 @@ class RayEngine:
             batch_size=1,
             batch_format="numpy",
             fn_kwargs={"root": str(ds.root), "pres": [s.preprocess for s in specs]},
-            num_cpus=_DECODE_CPUS,
+            num_cpus=size.decode_cpus,
+            # Ray's own default for a CPU task (0: a worker runs it any number of times), said here because it keeps
+            # decoding out of the first model's actors: Ray Data fuses a task into the actor pool after it when
+            # their remote arguments match (1 CPU each: one model on a 2-CPU node), and decoding would then run
+            # only as wide as that pool, one batch at a time, every other CPU idle.
+            max_calls=0,
         )
         for m, spec in enumerate(specs):
             data = data.map_batches(
@@ -398,6 +469,7 @@ class RayEngine:
                 fn_constructor_kwargs={
                     "spec": spec, "m": m, "backend": backend, "device": self.device, "precision": precision,
                     "threads": size.threads, "channels_last": channels_last, "features": features,
+                    "graph": graphs.get(m),
                 },
                 concurrency=size.actors,
                 num_cpus=size.cpus,
@@ -494,8 +566,52 @@ def _json_scalar(v: Any) -> Any:
     raise TypeError(f"{type(v).__name__} is not JSON serialisable")
 
 
+GRAPH_BACKENDS = ("openvino", "onnxruntime")  # the backends whose actors get the driver's exported graph
+
+
+def _export_graphs(specs: Sequence[Any], backend: str, features: bool, st: Any) -> dict[int, bytes]:
+    """Each model built and exported to ONNX once, here on the driver, for a graph backend: the local engine's
+    own export, so the actors only compile it. Building in every actor instead costs each one the torch and timm
+    imports and the model build (~10 s of CPU apiece, all at once on a small node) and needs the checkpoints on
+    every node. A model whose export fails gets no graph: its actor builds it and falls back to torch."""
+    from audit.scoring.runners import export_onnx, load_models
+
+    if backend not in GRAPH_BACKENDS:
+        return {}
+    out: dict[int, bytes] = {}
+    for m, spec in enumerate(specs):
+        t = time.perf_counter()
+        module = load_models([spec])[spec.name]
+        st.build += time.perf_counter() - t
+        t = time.perf_counter()
+        try:
+            out[m] = export_onnx(module, spec.preprocess.crop, features=features, num_classes=spec.num_classes)
+        except Exception as e:  # exporter gaps are model-specific: the actor's make_runner says so and runs torch
+            _log.debug("%s: ONNX export failed on the driver (%s)", spec.name, str(e).splitlines()[0])
+        st.prepare += time.perf_counter() - t
+        del module
+    return out
+
+
+def _numpy_output(ys: Sequence[np.ndarray], features: bool) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """:func:`audit.scoring._output` for numpy results, value for value: float32 logits, float16 features, and
+    the largest |feature| before rounding."""
+    if not features:
+        return ys[0], None, 0.0
+    y, f = ys
+    return y, f.astype(np.float16), float(np.abs(f).max()) if len(f) else 0.0
+
+
 class _Forward:
-    """One actor of model ``m``'s pool: its weights built once, then its model's crops -> logits (and features)."""
+    """One actor of model ``m``'s pool: its runner made once, then its model's crops -> logits (and features).
+
+    With ``graph`` (the driver's ONNX export, :func:`_export_graphs`) the
+    actor compiles it and, on OpenVINO, runs it without importing torch;
+    without, it builds the model from its weights, as the local engine does.
+    A CPU actor's compute threads are its CPU share (``threads``): the
+    runtime's default, every core of the node, would have each actor fight
+    the others and the decode tasks for them.
+    """
 
     def __init__(
         self,
@@ -507,22 +623,40 @@ class _Forward:
         threads: int,
         channels_last: bool,
         features: bool,
+        graph: bytes | None = None,
     ):
+        self.m, self.features = m, features
+        self.numpy = graph is not None and backend == "openvino"
+        if graph is not None:
+            from audit.scoring.runners import graph_runner
+
+            self.runner = graph_runner(graph, spec, backend=backend, precision=precision, threads=threads)
+            return
+        import torch
+
         from audit.scoring.runners import load_models, make_runner
 
-        self.m, self.features = m, features
+        if device == "cpu":
+            torch.set_num_threads(threads)
         module = load_models([spec])[spec.name]
         self.runner = make_runner(
             module, spec, backend=backend, device=device, precision=precision, threads=threads,
             channels_last=channels_last, features=features,
         )  # fmt: skip
 
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, float]:
+        if self.numpy:
+            return _numpy_output(self.runner.infer(x), self.features)
         import torch
 
         from audit.scoring import _output
         from audit.scoring.runners import forward_batch
 
+        x = x if x.flags.writeable else np.array(x)  # Ray hands read-only views of its object store
+        (res,) = forward_batch([self.runner], [torch.from_numpy(x)])
+        return _output(res, self.features)
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         m = self.m
         out = {k: v for k, v in batch.items() if k != f"input_{m}"}
         x = batch[f"input_{m}"][0]
@@ -530,10 +664,8 @@ class _Forward:
         y, f, top = np.zeros((0, 0), dtype=np.float32), np.zeros((0, 0), dtype=np.float16), 0.0
         secs = 0.0
         if bool(batch[f"todo_{m}"][0]) and len(x):
-            x = x if x.flags.writeable else np.array(x)  # Ray hands read-only views of its object store
             t = time.perf_counter()
-            (res,) = forward_batch([self.runner], [torch.from_numpy(x)])
-            y, got, top = _output(res, self.features)
+            y, got, top = self._run(x)
             secs = time.perf_counter() - t
             f = got if got is not None else f
         out[f"logits_{m}"] = y[None]
@@ -608,8 +740,18 @@ def compare_reports(
                 )
 
 
-def _check_nodes(datasets: Sequence[Any], specs: Sequence[Any]) -> int:
-    """Every node that can run work answers :func:`_node_report` for each dataset; returns how many nodes."""
+def _work_nodes() -> list[dict[str, Any]]:
+    """The cluster's live nodes that can run work (a head started with ``--num-cpus 0`` runs none)."""
+    import ray
+
+    return [
+        n for n in ray.nodes()
+        if n.get("Alive") and (n.get("Resources", {}).get("CPU", 0) > 0 or n.get("Resources", {}).get("GPU", 0) > 0)
+    ]  # fmt: skip
+
+
+def _check_nodes(datasets: Sequence[Any], specs: Sequence[Any], nodes: Sequence[Mapping[str, Any]]) -> None:
+    """Every node of ``nodes`` answers :func:`_node_report` for each dataset, and sees what the driver sees."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -619,10 +761,6 @@ def _check_nodes(datasets: Sequence[Any], specs: Sequence[Any]) -> int:
         if w and Path(w).is_file():
             with open(w, "rb") as f:
                 weights[str(w)] = hashlib.file_digest(f, "sha256").hexdigest()
-    nodes = [
-        n for n in ray.nodes()
-        if n.get("Alive") and (n.get("Resources", {}).get("CPU", 0) > 0 or n.get("Resources", {}).get("GPU", 0) > 0)
-    ]  # fmt: skip
     task = ray.remote(num_cpus=0)(_node_report)
     for i, ds in enumerate(datasets):
         sample = _sample(len(ds))
@@ -645,7 +783,6 @@ def _check_nodes(datasets: Sequence[Any], specs: Sequence[Any]) -> int:
                 ) from None
             raise
         compare_reports(got, str(ds.root), ds.image_ids, sample, ds.file_stamps(), weights if i == 0 else {})
-    return len(nodes)
 
 
 @contextlib.contextmanager
@@ -701,22 +838,26 @@ def connect(
         own = True
     try:
         _quiet_ray_data(verbose)
-        res = ray.cluster_resources()
-        cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+        nodes = _work_nodes()
+        node_cpus = tuple(float(n["Resources"].get("CPU", 0)) for n in nodes)
+        node_gpus = tuple(float(n["Resources"].get("GPU", 0)) for n in nodes)
+        cpus, gpus = sum(node_cpus), sum(node_gpus)
         device = cfg.device or ("cuda" if gpus > 0 and cfg.backend in ("auto", "torch") else "cpu")
         if device == "cuda" and gpus == 0:
             raise ClusterError("--device cuda: the Ray cluster has no GPU; pass --device cpu or add GPU nodes")
         check_precision(cfg.precision, resolve_backend(cfg.backend, device), device)
         run = [s for s in specs if s.source != "predictions"]
         engine = RayEngine(
-            address=address or "local", device=device, cpus=cpus, gpus=gpus, actors=cfg.ray_actors,
+            address=address or "local", device=device, node_cpus=node_cpus, node_gpus=node_gpus, actors=cfg.ray_actors,
             cpus_per_actor=cfg.ray_cpus_per_actor, gpus_per_actor=cfg.ray_gpus_per_actor,
         )  # fmt: skip
         size = engine.sizing(len(run))
-        engine.nodes = _check_nodes([d for d in datasets if d is not None], run)
+        # The checkpoints are read where the models are built: on the driver for a graph backend, else every node.
+        built_on_nodes = run if resolve_backend(cfg.backend, device) not in GRAPH_BACKENDS else []
+        _check_nodes([d for d in datasets if d is not None], built_on_nodes, nodes)
         _log.info(
-            "Ray: %s, %d node(s), %g CPU(s), %g GPU(s); per model %d actor(s) of %g CPU, %g GPU",
-            engine.address, engine.nodes, cpus, gpus, size.actors, size.cpus, size.gpus,
+            "Ray: %s, %d node(s), %g CPU(s), %g GPU(s); per model %d actor(s) of %g CPU, %g GPU; decode tasks %g CPU",
+            engine.address, engine.nodes, cpus, gpus, size.actors, size.cpus, size.gpus, size.decode_cpus,
         )  # fmt: skip
         yield engine
     finally:

@@ -48,6 +48,7 @@ __all__ = [
     "check_precision",
     "export_onnx",
     "forward_batch",
+    "graph_runner",
     "load_models",
     "make_runner",
     "normalize",
@@ -368,14 +369,19 @@ class OpenVINORunner:
     def __call__(self, x: Any) -> Any:
         import torch
 
-        arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.uint8)
+        ys = [torch.from_numpy(y) for y in self.infer(x.detach().cpu().numpy())]
+        return tuple(ys) if self.features else ys[0]
+
+    def infer(self, x: np.ndarray) -> list[np.ndarray]:
+        """A uint8 ``(B, H, W, 3)`` array -> ``[logits]`` or ``[logits, features]``, float32 numpy: what a Ray actor
+        calls, without torch (the import alone is seconds of CPU for each actor)."""
+        arr = np.ascontiguousarray(x, dtype=np.uint8)
         outs: list[list[np.ndarray]] = [[] for _ in range(2 if self.features else 1)]
         for s in range(0, len(arr), self.chunk):
             res = self.request.infer({0: arr[s : s + self.chunk]})
             for j, o in enumerate(outs):
                 o.append(np.array(res[j], dtype=np.float32))  # copied: the request reuses its buffer
-        ys = [torch.from_numpy(np.concatenate(o) if len(o) > 1 else o[0]) for o in outs]
-        return tuple(ys) if self.features else ys[0]
+        return [np.concatenate(o) if len(o) > 1 else o[0] for o in outs]
 
 
 class OnnxRuntimeRunner:
@@ -430,15 +436,7 @@ def make_runner(
         except Exception as e:  # exporter gaps are model-specific; torch still runs it
             _log.warning("%s: ONNX export failed (%s); running it with torch", spec.name, str(e).splitlines()[0])
         else:
-            if backend == "openvino":
-                runner = OpenVINORunner(onnx, pre, threads=threads, precision=precision)
-                if precision != "fp32" and runner.inference_precision == "f32":
-                    _log.warning(
-                        "%s: OpenVINO has no %s on this CPU and runs f32; --backend torch gives %s autocast",
-                        spec.name, precision, precision,
-                    )  # fmt: skip
-                return runner
-            return OnnxRuntimeRunner(onnx, pre, threads=threads)
+            return graph_runner(onnx, spec, backend=backend, precision=precision, threads=threads)
     return TorchRunner(
         module,
         pre,
@@ -448,6 +446,27 @@ def make_runner(
         features=features,
         num_classes=spec.num_classes,
     )
+
+
+def graph_runner(
+    onnx: bytes, spec: ModelSpec, *, backend: str, precision: str = "fp32", threads: int | None = None
+) -> OpenVINORunner | OnnxRuntimeRunner:
+    """The runner of ``backend`` (``"openvino"`` or ``"onnxruntime"``) for a graph :func:`export_onnx` made of
+    ``spec``'s model: the part of :func:`make_runner` after the export, for a graph exported elsewhere."""
+    pre = spec.preprocess
+    if pre is None:
+        raise ModelError(f"{spec.name} is imported predictions, not a model to run")
+    if backend == "openvino":
+        runner = OpenVINORunner(onnx, pre, threads=threads, precision=precision)
+        if precision != "fp32" and runner.inference_precision == "f32":
+            _log.warning(
+                "%s: OpenVINO has no %s on this CPU and runs f32; --backend torch gives %s autocast",
+                spec.name, precision, precision,
+            )  # fmt: skip
+        return runner
+    if backend == "onnxruntime":
+        return OnnxRuntimeRunner(onnx, pre, threads=threads)
+    raise ModelError(f"backend {backend!r} does not run an exported graph; use openvino or onnxruntime")
 
 
 def forward_batch(models: Sequence[Any], inputs: Sequence[Any], *, channels_last: bool = True) -> list[Any]:
