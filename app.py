@@ -705,6 +705,12 @@ def check_token() -> None:
         ss["_flash"] = ("error", "Wrong access token: decisions stay disabled.")
 
 
+def who_and_why() -> dict[str, str | None]:
+    """The reviewer (None: the store's default) and the reason typed on the page, as every write passes them."""
+    ss = st.session_state
+    return {"reviewer": (ss.get("reviewer") or "").strip() or None, "reason": (ss.get("reason") or "").strip()}
+
+
 def act(action: str, image: int, next_image: int | None, labels: tuple[int, ...] = ()) -> None:
     """Button callback: append a decision, then move on in the queue."""
     ss = st.session_state
@@ -726,8 +732,7 @@ def act(action: str, image: int, next_image: int | None, labels: tuple[int, ...]
             image,
             action,
             labels=labels,
-            reviewer=(ss.get("reviewer") or "").strip() or None,
-            reason=(ss.get("reason") or "").strip(),
+            **who_and_why(),
         )
     except (StoreError, UserError) as e:
         ss["_flash"] = ("error", "Decision not saved.", str(e))
@@ -960,8 +965,7 @@ def resolve(group: int, how: str) -> None:
             how,
             keep=None if how != "exclude_copies" or keep is None or keep < 0 else int(keep),
             label=None if how != "one_label" or label is None else int(label),
-            reviewer=(ss.get("reviewer") or "").strip() or None,
-            reason=(ss.get("reason") or "").strip(),
+            **who_and_why(),
         )
     except (StoreError, UserError) as e:
         ss["_flash"] = ("error", "Group not resolved.", str(e))

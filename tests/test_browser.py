@@ -50,6 +50,24 @@ def open_options(page, picker, attempts: int = 4) -> None:
             page.keyboard.press("Escape")
 
 
+def settled(page) -> str:
+    """The page's text once its script run is over, checked for an exception (Streamlit's or a traceback)."""
+    # Until a rerun ends, the last run's elements stay on screen (marked stale): read none of them.
+    page.locator("[data-testid='stApp'][data-test-script-state='notRunning']").wait_for()
+    page.wait_for_function("() => !document.querySelector(\"[data-stale='true']\")")
+    body = page.locator("body").inner_text()
+    assert page.get_by_test_id("stException").count() == 0, body[-2000:]
+    assert "Traceback" not in body and "Error:" not in body, body[-2000:]
+    return body
+
+
+def visit_page(page, url: str, query: str, heading: str) -> str:
+    """Open ``url/?query``, wait for the page's heading, and return its settled text."""
+    page.goto(f"{url}/?{query}")
+    page.get_by_role("heading", name=heading).wait_for()
+    return settled(page)
+
+
 @pytest.fixture
 def browser() -> Iterator[object]:
     if not CHROMIUM.exists():

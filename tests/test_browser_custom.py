@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from _synth import make_checkpoint
-from test_browser import TIMEOUT_MS, browser, open_options  # noqa: F401 - the browser fixture
+from test_browser import TIMEOUT_MS, browser, open_options, settled, visit_page  # noqa: F401 - the browser fixture
 
 from audit import queries as q
 from audit.cli import main
@@ -88,23 +88,9 @@ def test_custom_space_workspace_reviewed_end_to_end_in_chromium(custom_ws, brows
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(TIMEOUT_MS)
 
-        def sound() -> str:
-            """The page's text once its script run is over, checked for an exception (Streamlit's or a traceback)."""
-            # Until a rerun ends, the last run's elements stay on screen (marked stale): read none of them.
-            page.locator("[data-testid='stApp'][data-test-script-state='notRunning']").wait_for()
-            page.wait_for_function("() => !document.querySelector(\"[data-stale='true']\")")
-            body = page.locator("body").inner_text()
-            assert page.get_by_test_id("stException").count() == 0, body[-2000:]
-            assert "Traceback" not in body and "Error:" not in body, body[-2000:]
-            return body
-
-        def visit(query: str, heading: str) -> str:
-            page.goto(f"{url}/?{query}")
-            page.get_by_role("heading", name=heading).wait_for()
-            return sound()
 
         # Overview: the heads are the evaluated models, weak ones are said to be; the truth evaluation.
-        body = visit("page=overview", "Overview")
+        body = visit_page(page, url, "page=overview", "Overview")
         assert "Heads too weak to trust" in body and warning in body
         assert f"models: {', '.join(summary['models'])}" in body and "custom)" in body
         assert flag_line in body and "truth 48" in body
@@ -113,18 +99,18 @@ def test_custom_space_workspace_reviewed_end_to_end_in_chromium(custom_ws, brows
         truth = m[(m["evaluation"] == "truth") & (m["metric"] == "top1")].set_index("model")["value"]
         for model, row in table.items():
             assert row["truth top1"].startswith(_pct(truth[model]) + " ("), (model, row)
-        visit("page=disagreements", "Disagreements")
+        visit_page(page, url, "page=disagreements", "Disagreements")
         # Streamlit loads some widgets' code lazily: a finished script run can show the gallery before the
         # metric and the filters have mounted, so wait for the element the assertion reads.
         page.get_by_test_id("stMetric").filter(has_text="matching images").wait_for()
-        body = sound()
+        body = settled(page)
         assert f"{summary['flagged']:,}" in body and "\ngiven " in body
 
         # Review: a flagged image, the custom classes as choices, what the zoo's ImageNet logits see.
-        body = visit("page=review", "Review")
+        body = visit_page(page, url, "page=review", "Review")
         # The image checks ran too (real pixels), so the queue names the check filter: the label check's issues.
         page.get_by_text(re.compile(r"^Queue: an issue of the checks selected")).wait_for()
-        assert "checks selected: label" in sound()
+        assert "checks selected: label" in settled(page)
         first = int(re.search(r"image #(\d+)", page.get_by_text(re.compile(r"· image #\d+")).inner_text()).group(1))
         d = q.image_detail(db, first)
         assert d["is_label_issue"] and f"given label: {d['given']} · {d['label']}" in body
@@ -140,7 +126,7 @@ def test_custom_space_workspace_reviewed_end_to_end_in_chromium(custom_ws, brows
         page.get_by_role("option", name=f"{target} · ", exact=False).click()
         page.get_by_role("button", name=re.compile(r"^Relabel")).click()
         page.get_by_text(re.compile(r"Decision 1 saved: relabel")).wait_for()
-        sound()
+        settled(page)
         # The next flagged image: accept its suggestion, which for a no_fit flag is that no class fits.
         second = int(re.search(r"image #(\d+)", page.get_by_text(re.compile(r"· image #\d+")).inner_text()).group(1))
         assert second != first
@@ -148,10 +134,10 @@ def test_custom_space_workspace_reviewed_end_to_end_in_chromium(custom_ws, brows
         took = "accept" if d2["suggested_label"] is not None else "no_fit"
         page.get_by_role("button", name="Accept suggestion").click()
         page.get_by_text(re.compile(rf"Decision 2 saved: {took} on image #{second}")).wait_for()
-        sound()
+        settled(page)
 
         # Impact: both decisions, both on flags, both took the flag's suggestion or changed the label.
-        body = visit("page=impact", "Impact of the review")
+        body = visit_page(page, url, "page=impact", "Impact of the review")
         reviewed = page.get_by_test_id("stMetric").filter(has_text="flags reviewed").inner_text()
         assert f"2 / {summary['flagged']}" in reviewed and flag_line in body
         imp = q.impact(q.metrics_table(db)).set_index("model")
@@ -162,7 +148,7 @@ def test_custom_space_workspace_reviewed_end_to_end_in_chromium(custom_ws, brows
             assert row["truth top-1"].startswith(_pct(imp.at[model, "truth"]) + " ("), (model, row)
 
         # Export: the cleaned labels, downloaded from the page, are what `audit export` writes.
-        visit("page=export", "Export the cleaned labels")
+        visit_page(page, url, "page=export", "Export the cleaned labels")
         with page.expect_download() as download:
             page.get_by_role("button", name="labels.csv").click()
         downloaded = Path(download.value.path()).read_bytes()

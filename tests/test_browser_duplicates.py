@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_browser import TIMEOUT_MS, browser  # noqa: F401 - the browser fixture
+from test_browser import TIMEOUT_MS, browser, settled, visit_page  # noqa: F401 - the browser fixture
 from test_duplicates_view import dup_base  # noqa: F401 - the planted workspace
 
 from audit import duplicates_view as dv
@@ -41,24 +41,11 @@ def test_resolve_a_duplicate_group_in_chromium(dup_base, browser, tmp_path):  # 
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.set_default_timeout(TIMEOUT_MS)
 
-        def sound() -> str:
-            """The page's text once its script run is over, checked for an exception."""
-            page.locator("[data-testid='stApp'][data-test-script-state='notRunning']").wait_for()
-            page.wait_for_function("() => !document.querySelector(\"[data-stale='true']\")")
-            body = page.locator("body").inner_text()
-            assert page.get_by_test_id("stException").count() == 0, body[-2000:]
-            assert "Traceback" not in body and "Error:" not in body, body[-2000:]
-            return body
-
-        def visit(query: str, heading: str) -> str:
-            page.goto(f"{url}/?{query}")
-            page.get_by_role("heading", name=heading).wait_for()
-            return sound()
 
         # The groups side by side: the pair under two labels first among the unresolved, the training copy named.
-        body = visit("page=duplicates", "Duplicates")
+        body = visit_page(page, url, "page=duplicates", "Duplicates")
         page.get_by_test_id("stMetric").filter(has_text="with different labels").wait_for()
-        body = sound()
+        body = settled(page)
         assert f"group {gid} · {group['size']} image(s) · labels differ" in body
         assert "reference set: n01484850/train_leak.JPEG" in body and kept_id in body
         assert page.locator("[data-testid='stImage'] img").count() >= 7  # the set's images and the training copy
@@ -68,13 +55,13 @@ def test_resolve_a_duplicate_group_in_chromium(dup_base, browser, tmp_path):  # 
         # A button with a tooltip is drawn twice (a hidden copy measures its width): the first is the one shown.
         page.locator(f".st-key-u_x_{gid} button").first.click()
         page.get_by_text(re.compile(rf"Group {gid} resolved .*: {len(copies) + 1} decision\(s\) saved")).wait_for()
-        body = sound()
+        body = settled(page)
         assert f"excluded: duplicate of {kept_id}" in body
         page.locator(f".st-key-u_x_{gid}").scroll_into_view_if_needed()
         page.get_by_test_id("stMain").screenshot(path=str(SHOTS / "duplicates-resolved.png"))
 
         # Impact: the copies are counted, and left out of the relabeled metric.
-        visit("page=impact", "Impact of the review")
+        visit_page(page, url, "page=impact", "Impact of the review")
         metric = page.get_by_test_id("stMetric").filter(has_text="copies excluded")
         assert metric.inner_text().split()[-1] == str(len(copies))
         imp = q.impact(q.metrics_table(db)).set_index("model")
@@ -82,7 +69,7 @@ def test_resolve_a_duplicate_group_in_chromium(dup_base, browser, tmp_path):  # 
         page.get_by_test_id("stMain").screenshot(path=str(SHOTS / "duplicates-impact.png"))
 
         # Export: excluded.csv, downloaded from the page, says what each copy duplicates.
-        visit("page=export", "Export the cleaned labels")
+        visit_page(page, url, "page=export", "Export the cleaned labels")
         assert page.get_by_test_id("stMetric").filter(has_text="excluded").first.inner_text().split()[-1] == str(
             excluded_before + len(copies)
         )
