@@ -26,6 +26,7 @@ last data it had, says so, and catches up on the next rerun.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
 import io
@@ -35,6 +36,7 @@ import shlex
 import threading
 import zipfile
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +107,23 @@ def _db() -> Path:
     return Path(os.environ.get("AUDIT_DB") or default_db())
 
 
-_READER: list[q.Reader] = []  # this script run's connection, opened on the first cache miss
+# The connection of the page render in progress (main()'s with block), opened on its first cache miss. Empty
+# outside that block: a load() then (a callback, which runs with the previous run's module globals, or a
+# format_func called after the run) opens and closes its own, so no connection, and no hold on q.DB_LOCK,
+# outlives the call that opened it. (A Reader left open held DB_LOCK in a finished thread: the next run hung.)
+# Another thread never shares it either: a DuckDB connection is not used from two threads at once.
+_READER: list[tuple[q.Reader, threading.Thread]] = []
 
 
-def _reader() -> q.Reader:
-    if not _READER:
-        _READER.append(q.Reader(_db(), timeout=READ_WAIT))
-    return _READER[0]
+@contextlib.contextmanager
+def _page_reader() -> Iterator[q.Reader]:
+    entry = (q.Reader(_db(), timeout=READ_WAIT), threading.current_thread())
+    _READER.append(entry)
+    try:
+        yield entry[0]
+    finally:
+        _READER.remove(entry)
+        entry[0].close()
 
 
 # --------------------------------------------------------------------------- data access
@@ -142,7 +154,11 @@ def load(name: str, *args: Any) -> Any:
     key = (name, str(db), args)
     lock, last = _last_good()
     try:
-        value = _cached(name, str(db), q.data_version(db), _args_key(args), args, _reader())
+        if _READER and _READER[-1][1] is threading.current_thread():
+            value = _cached(name, str(db), q.data_version(db), _args_key(args), args, _READER[-1][0])
+        else:
+            with q.Reader(db, timeout=READ_WAIT) as reader:
+                value = _cached(name, str(db), q.data_version(db), _args_key(args), args, reader)
     except StoreError as e:
         with lock:
             stale = last.get(key)
@@ -1344,7 +1360,7 @@ def main() -> None:
     page = ss["page"]
     show_flash()
     try:
-        with _reader():
+        with _page_reader():
             {
                 "Overview": page_overview,
                 "Disagreements": page_disagreements,

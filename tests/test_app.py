@@ -226,6 +226,21 @@ def test_other_reviewers_decisions_show_up_without_refresh(app):
     assert {m.label: m.value for m in app.metric}["decisions"] == "1"
 
 
+def test_a_read_outside_the_page_render_leaves_no_connection_open(app):
+    """AppTest calls a filter's format_func (which reads the checks that ran) from its own thread after the run.
+    That read used to reopen the finished render's connection and keep it, holding q.DB_LOCK in a thread that
+    then ended: the next page's first read waited forever. Now such a read opens and closes its own."""
+    for page in ("Disagreements", "Review", "Impact"):
+        st.cache_data.clear()  # every read of the next run misses the cache and opens the file
+        app.sidebar.radio(key="page").set_value(page)
+        app.run(timeout=20)
+        assert not app.exception, [e.value for e in app.exception]
+        # Free for this (another) thread: no connection outlived the call or the render that opened it.
+        assert q.DB_LOCK.acquire(timeout=1)
+        q.DB_LOCK.release()
+    assert app.title[0].value == "audit" and any(h.value == "Impact of the review" for h in app.header)
+
+
 def test_page_shows_last_data_while_another_process_writes(app, tmp_path):
     """An `audit run` ingesting holds the write lock: the page answers from what it read last, then catches up."""
     db = Path(os.environ["AUDIT_DB"])
