@@ -69,17 +69,20 @@ DESIGN = """## Pages
    `audit run` or `audit map`), coloured by given or current label, flags, any check, reviewed or confidence;
    the gallery filter's images outlined; a lasso, box or click shows the selected images as cards and sends them
    to the review queue or the gallery. One WebGL scatter; timings below ("Map page at 50,000 points").
-3. **Review**: one image large, its queue position and neighbours (the queue is the gallery's filter and order);
+4. **Review**: one image large, its queue position and neighbours (the queue is the gallery's filter and order);
    accept the suggestion (A), keep the original (K), no class fits (N), undo (U), relabel with a class search by
    name or wnid (Ctrl+Enter), several valid labels (Ctrl+M), previous / next (arrow keys); a reason field; the
    image's full decision history. Each action appends one decision (reviewer, UTC time, reason) and moves on.
    Below: its nearest images in feature space (8 by default, up to 20), duplicate partners first and marked, each
    with its current label and cosine similarity and an Open button, under a line such as "6 of 8 neighbours
    labelled pot".
-4. **Impact**: decisions, images reviewed, flags reviewed, accepted, rejected, flag precision (share of reviewed
+5. **Duplicates**: the duplicate groups (within the set, and copies of a reference training set when one was
+   given) side by side with each image's label, unresolved and label-differing groups first; one click resolves a
+   group (keep all, exclude the copies from evaluation, or one label for the group), through the same decision log.
+6. **Impact**: decisions, images reviewed, flags reviewed, accepted, rejected, flag precision (share of reviewed
    flags whose label set changed) with its interval; per model original vs relabeled vs ReaL top-1, deltas and
    rank changes, as a table and a chart; the latest decisions.
-5. **Export**: the counts `audit export` reports and each export file (and a zip of all) as a download, built by
+7. **Export**: the counts `audit export` reports and each export file (and a zip of all) as a download, built by
    `audit.export` when clicked.
 
 ## How the dashboard stays fast
