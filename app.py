@@ -48,7 +48,7 @@ from streamlit import config as st_config
 from audit import duplicates_view as dv
 from audit import mapview
 from audit import queries as q
-from audit.dashboard import auth, mapfig
+from audit.dashboard import auth, mapfig, maphover
 from audit.dashboard.params import image_from_url, page_from_url
 from audit.dashboard.thumbs import UnsafePath, safe_image_path, thumb_dir, thumbnail
 from audit.dashboard.ui import alert, plain_frame, shown
@@ -66,6 +66,7 @@ DUP_GROUPS = 8  # duplicate groups per page
 DUP_SHOWN = 6  # images of one group shown side by side (with its reference images); the rest are counted
 THUMB = 192
 LARGE = 512
+HOVER_THUMB = 200  # px: the Map's hover card (maphover)
 # Seconds a page waits for another process's write before showing its last data.
 READ_WAIT = float(os.environ.get("AUDIT_READ_WAIT", "3"))
 EVAL_NAMES = {
@@ -193,10 +194,16 @@ def _thumb(root: str, image_id: str, size: int, cache: str, stamp: str) -> tuple
         return None, f"cannot read image: {e}"
 
 
+def thumb_bytes(image_id: str, size: int, root: str | None = None) -> tuple[bytes | None, str]:
+    """JPEG bytes of a dataset image's thumbnail (or, with ``root``, of an image under that folder: the reference
+    set), or None and why not."""
+    root = root or load("run_summary")["dataset_root"]
+    return _thumb(root or "", image_id, size, str(thumb_dir(_db())), _stamp(root or "", image_id))
+
+
 def show_image(image_id: str, size: int, root: str | None = None) -> None:
     """A thumbnail of a dataset image (or, with ``root``, of an image under that folder: the reference set)."""
-    root = root or load("run_summary")["dataset_root"]
-    data, why = _thumb(root or "", image_id, size, str(thumb_dir(_db())), _stamp(root or "", image_id))
+    data, why = thumb_bytes(image_id, size, root)
     if data is None:
         alert("warning", "Image not shown", why)
     else:
@@ -624,6 +631,19 @@ def take_selection(images: list[int], page: str) -> None:
     ss["page"] = page
 
 
+@st.fragment
+def map_hover(model: str, method: str) -> None:
+    """The thumbnail card of the point under the pointer (audit.dashboard.maphover). A fragment: the point the
+    pointer rests on reruns this alone, so the map's figure is neither rebuilt nor sent to the browser again."""
+    try:
+        pts = load("mapview:map_points", model, method)
+        rested = maphover.hovered_index(st.session_state.get("m_hover"))
+        card = maphover.hover_payload(pts, rested, lambda i: thumb_bytes(i, HOVER_THUMB)[0], chart_key="m_chart")
+    except StoreError:  # the workspace busy or gone: no card this time (the page itself says why)
+        card = maphover.hover_payload(pd.DataFrame(), None, lambda i: None, chart_key="m_chart")
+    maphover.mount(card, key="m_hover")
+
+
 def page_map() -> None:
     ss = st.session_state
     st.header("Map")
@@ -659,7 +679,7 @@ def page_map() -> None:
     )
     st.caption(
         f"{len(pts):,} images. Draw a lasso or a box (toolbar, top right), or click a point, to see those images; "
-        f"hover a point for its id and labels.{sampled}"
+        f"rest the pointer on a point for its thumbnail and labels.{sampled}"
     )
     event = st.plotly_chart(
         mapfig.map_figure(drawn, ss["m_colour"], hl),
@@ -668,6 +688,7 @@ def page_map() -> None:
         selection_mode=("points", "box", "lasso"),
         width="stretch",
     )
+    map_hover(model, method)
     sel = mapfig.selected_from_event(event, pts)
     if not sel:
         return

@@ -1,5 +1,6 @@
-"""The Map page in real headless Chromium: open the map, select a region, send it to review, decide an image
-opened from the neighbour panel, and see the decision on the Impact page. Screenshots go to reports/screenshots/.
+"""The Map page in real headless Chromium: open the map, hover a point (its thumbnail), select a region, send it
+to review, decide an image opened from the neighbour panel, and see the decision on the Impact page. Screenshots
+go to reports/screenshots/.
 """
 
 from __future__ import annotations
@@ -43,6 +44,25 @@ def lasso(page, frac: float = 0.35, *, release: bool = True) -> None:
         page.mouse.up()
 
 
+# Where a drawn point is on screen: plotly's axes map data to pixels inside the plot area (_size: its margins).
+_POINT_JS = """k => {
+  const gd = document.querySelector('.st-key-m_chart .js-plotly-plot');
+  const fl = gd._fullLayout, r = gd.getBoundingClientRect(), t = gd._fullData[0];
+  const i = Math.min(k, t.x.length - 1);
+  return {x: r.left + fl._size.l + fl.xaxis.l2p(t.x[i]), y: r.top + fl._size.t + fl.yaxis.l2p(t.y[i])};
+}"""
+
+
+def hover(page, k: int = 0):
+    """Rest the pointer on the k-th drawn point of the map's first trace; the hover card (maphover) once shown."""
+    pt = page.evaluate(_POINT_JS, k)
+    page.mouse.move(pt["x"] - 4, pt["y"] - 4)
+    page.mouse.move(pt["x"], pt["y"], steps=2)
+    card = page.locator("[data-testid='auditMapHover']")
+    card.locator("img").wait_for(state="visible")
+    return card
+
+
 def test_map_select_review_neighbour_decide_impact(map_ws, tmp_path):  # noqa: F811 - the fixture
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is absent; install Debian's chromium package (.ci/run does) to run the browser test")
@@ -50,6 +70,7 @@ def test_map_select_review_neighbour_decide_impact(map_ws, tmp_path):  # noqa: F
     _, db, _, _, _, _ = map_ws
     with connect(db, read_only=True) as con:
         before = con.execute("SELECT count(*) FROM decisions").fetchone()[0]
+        ids = dict(con.execute("SELECT image_index, image_id FROM images").fetchall())
     env = {"AUDIT_REVIEWER": "mapper"}
     with serve(db, log=tmp_path / "streamlit.log", env=env) as url, sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
@@ -61,6 +82,14 @@ def test_map_select_review_neighbour_decide_impact(map_ws, tmp_path):  # noqa: F
         page.get_by_text(re.compile(r"^120 images\. Draw a lasso")).wait_for()
         page.wait_for_timeout(800)  # WebGL points draw after the frame
         page.screenshot(path=str(SHOTS / "map-page.png"), full_page=True)
+        # Hovering a point shows its thumbnail and labels (the image plotly reports under the pointer).
+        card = hover(page, 5)
+        idx = int(card.get_attribute("data-image-index"))
+        assert card.locator("img").get_attribute("src").startswith("data:image/jpeg;base64,")
+        assert card.inner_text().splitlines()[0] == ids[idx] and "given: " in card.inner_text()
+        page.screenshot(path=str(SHOTS / "map-hover.png"))
+        page.mouse.move(5, 5)
+        card.wait_for(state="hidden")
         lasso(page)
         page.get_by_text("selected images").wait_for()
         n_sel = int(page.get_by_test_id("stMetric").filter(has_text="selected images").inner_text().split()[-1])

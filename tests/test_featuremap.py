@@ -276,6 +276,65 @@ def test_map_page_draws_and_a_selection_goes_to_review(map_ws, monkeypatch):
     assert any("selected on the Map page" in i.value for i in at.info)
 
 
+def test_hovering_a_point_hands_its_thumbnail_and_labels_to_the_card(map_ws, monkeypatch):
+    """The hover element's state (the point the pointer rests on) reruns the page; the element's data then holds
+    that image's JPEG thumbnail and labels. AppTest sets the state a browser's hover would (the browser test
+    hovers for real)."""
+    from streamlit.testing.v1 import AppTest
+
+    _, db, ds, _, _, _ = map_ws
+    monkeypatch.setenv("AUDIT_DB", str(db))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=60)
+    at.query_params["page"] = "map"
+    at.run()
+
+    def card() -> dict:
+        (el,) = [e for e in at.main if e.type == "bidi_component"]
+        return json.loads(el.proto.json)
+
+    assert card()["chart"] == "m_chart" and card()["idx"] is None and card()["thumb"] is None
+    at.session_state["m_hover"] = {"hovered": 7}
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    got = card()
+    assert got["idx"] == 7 and got["thumb"].startswith("data:image/jpeg;base64,")
+    assert got["lines"][:3] == [ds.image_ids[7], f"given: {ds.label_space.names[ds.labels[7]]}", got["lines"][2]]
+    assert got["lines"][2].startswith("current: ")
+    at.session_state["m_hover"] = {"hovered": 10_000}  # not an image of this map (a stale state): no card
+    at.run()
+    assert card()["idx"] is None and not at.exception
+
+
+@pytest.mark.parametrize(
+    ("state", "want"),
+    [({"hovered": 3}, 3), ({"hovered": 3.0}, 3), ({"hovered": None}, None), ({"hovered": -1}, None),
+     ({"hovered": True}, None), ({"hovered": "3"}, None), ({"hovered": float("nan")}, None), ({}, None),
+     (None, None), ("x", None)],
+)  # fmt: skip
+def test_hovered_index_takes_only_a_non_negative_number(state, want):
+    from audit.dashboard.maphover import hovered_index
+
+    assert hovered_index(state) == want
+
+
+def test_the_hover_card_shows_names_as_typed_and_no_card_without_a_thumbnail():
+    import pandas as pd
+
+    from audit.dashboard.maphover import hover_payload
+
+    pts = pd.DataFrame(
+        {"image_index": [0, 1], "image_id": [HOSTILE[3], "b\u200bc.jpg"], "given": [HOSTILE[0], "x"],
+         "current": [HOSTILE[1], "y"], "checks": [None, "label"]}
+    )  # fmt: skip
+    got = hover_payload(pts, 0, lambda i: b"\xff\xd8jpeg", chart_key="c")
+    # Text, not markup: the card sets textContent, so the lines carry the names exactly (invisible ones shown).
+    assert got["lines"] == [HOSTILE[3], f"given: {HOSTILE[0]}", f"current: {HOSTILE[1]}"]
+    assert "flagged by: label" in hover_payload(pts, 1, lambda i: b"j", chart_key="c")["lines"]
+    assert "\u200b" not in "".join(hover_payload(pts, 1, lambda i: b"j", chart_key="c")["lines"])
+    assert hover_payload(pts, 0, lambda i: None, chart_key="c")["idx"] is None  # an unreadable image: no card
+    assert hover_payload(pts.iloc[:0], 0, lambda i: b"j", chart_key="c")["idx"] is None
+
+
 def test_audit_map_computes_from_stored_features_without_rescoring(map_ws, capsys):
     _, db, _, good, _, _ = map_ws
     assert main(["map", "--db", str(db)]) == 0
