@@ -6,8 +6,9 @@
 2. **The page**: the dashboard bench's synthetic 50,000-image x 3-model workspace
    (reports/dashboard_bench.py ``generate``, here with 256-d features per model, so ``audit run`` stores
    the map), served by ``audit dashboard``'s server and driven in headless Chromium: open the page, each
-   colouring, the filter outline off and on, a lasso selection to its gallery, sending it to the review
-   queue. Each interaction is timed from the action until Streamlit has finished and the page has drawn.
+   colouring, the filter outline off and on, resting the pointer on points (their thumbnail cards), a lasso
+   selection to its gallery, sending it to the review queue. Each interaction is timed from the action until
+   Streamlit has finished and the page has drawn.
 
 Writes the section between the map-bench markers of reports/DASHBOARD.md (the dashboard bench keeps it)
 and reports/perf_map.json.
@@ -96,7 +97,7 @@ def page_timings(db: Path, log: Path) -> list[tuple[str, float]]:
 
     sys.path.insert(0, str(ROOT / "tests"))
     from test_browser import open_options  # the browser tests' helpers
-    from test_browser_map import lasso
+    from test_browser_map import hover, lasso
 
     rows: list[tuple[str, float]] = []
     with serve(db, log=log, env={"AUDIT_REVIEWER": "bench"}) as url, sync_playwright() as p:
@@ -138,6 +139,19 @@ def page_timings(db: Path, log: Path) -> list[tuple[str, float]]:
             timed(f"colour by {COLOURS[key]}", colour(COLOURS[key]))
         timed("filter outline off", lambda: page.get_by_text("Outline the gallery's filter").click())
         timed("filter outline on", lambda: page.get_by_text("Outline the gallery's filter").click())
+        # Resting the pointer on a point: from the pointer's move until its thumbnail card shows (the element's
+        # rest delay, the fragment's rerun and the card's drawing), on points spread over the drawing.
+        from audit.dashboard.maphover import REST_MS
+
+        for k in (0, 3000, 7000, 11000):
+            t = time.perf_counter()
+            card = hover(page, k)
+            took = time.perf_counter() - t
+            rows.append((f"rest the pointer on a point: its thumbnail shows ({REST_MS} ms rest included)", took))
+            print(f"map page: hover point {k}: {took:.3f} s", file=sys.stderr)
+            page.mouse.move(5, 5)
+            card.wait_for(state="hidden")
+            _idle(page)
         # A lasso is two steps for the reviewer: drawing it (the browser highlights the selection under the
         # pointer as it moves; plotly's work, no server round trip) and releasing it (Streamlit reruns and
         # shows the gallery). The bar is about the second; both are timed.
