@@ -101,8 +101,11 @@ def _check_options(items: Sequence[str] | None) -> dict[str, dict[str, Any]]:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    from audit.datasets import dataset_folder, load_dataset
+
+    if a.dataset:
+        dataset_folder(a.dataset)  # a mistyped folder is said at once, before torch and cleanlab load (~10 s)
     from audit.config import ChecksConfig, HeadsConfig, MapConfig, RunConfig, ScoringConfig
-    from audit.datasets import load_dataset
     from audit.pipeline import check_workspace_outside, last_run_inputs, run_audit
     from audit.zoo import resolve_model
 

@@ -43,6 +43,7 @@ __all__ = [
     "LABEL_SPACES",
     "AuditDataset",
     "LabelSpace",
+    "dataset_folder",
     "decode_image",
     "file_stamps",
     "image_extensions",
@@ -743,6 +744,18 @@ def load_real_labels(path: str | Path | None = None) -> tuple[list[list[int]], s
     return data, source
 
 
+def dataset_folder(root: str | os.PathLike[str]) -> Path:
+    """``root`` with ``~`` expanded, when it is a folder; otherwise :class:`DatasetError` saying so.
+
+    The one check of a dataset path, made by :func:`load_dataset` and, before anything heavy is imported,
+    by ``audit run`` (a typo is answered in well under a second, not after torch has loaded).
+    """
+    r = Path(root).expanduser()
+    if not r.is_dir():
+        raise DatasetError(f"dataset folder {r} does not exist; pass the folder that holds the images")
+    return r
+
+
 def load_dataset(
     root: str | Path,
     *,
@@ -785,9 +798,7 @@ def load_dataset(
         For anything the user must fix, before any scoring starts.
     """
     class_list = load_classes(classes) if classes is not None else None
-    r = Path(root).expanduser()
-    if not r.is_dir():
-        raise DatasetError(f"dataset folder {r} does not exist; pass the folder that holds the images")
+    r = dataset_folder(root)
     # A label file names paths relative to the folder the user gave; only ImageFolder descends into val/.
     # Real paths: the rule compares them (a linked val/ is followed here, once).
     r = r.resolve() if label_file is not None else _find_root(r.resolve()).resolve()

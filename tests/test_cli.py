@@ -106,6 +106,13 @@ def test_a_user_mistake_in_a_real_process(tmp_path):
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("audit: error:") and "does not exist" in lines[0], res.stderr
     assert _workspace_files(tmp_path) == []
+    # Said before the heavy stack loads (torch and cleanlab took ~10 s to import before a typo was reported).
+    probe = (
+        "import sys; from audit.cli import main; "
+        f"rc = main(['run', {str(tmp_path / 'nope')!r}]); print(rc, sorted({{'torch', 'cleanlab'}} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split(None, 1) == ["2", "[]\n"], out.stdout + out.stderr
 
 
 def test_review_mistakes_exit_2(synth_ws, capsys):
