@@ -1,0 +1,113 @@
+"""The Map page: one model's features in 2-D, coloured by a fact; a selection becomes a gallery or a queue."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from audit import mapview
+from audit import queries as q
+from audit.dashboard import mapfig, maphover
+from audit.dashboard.runtime import (
+    PAGE_SIZE,
+    card,
+    filters,
+    load,
+    other_checks,
+    thumb_bytes,
+)
+from audit.dashboard.ui import shown
+from audit.errors import StoreError
+
+__all__ = ["page_map"]
+
+HOVER_THUMB = 200  # px: the Map's hover card (maphover)
+
+
+def take_selection(images: list[int], page: str) -> None:
+    """The Map page's selection becomes the gallery's and the review queue's images (flagged or not), then ``page``."""
+    ss = st.session_state
+    ss["f_images"] = [int(i) for i in images]
+    ss["f_kinds"] = []
+    ss["g_page"] = 1
+    if page == "Review":
+        ss["image"] = None  # the queue's first image
+    else:
+        ss["_to_gallery"] = True
+    ss["page"] = page
+
+
+@st.fragment
+def map_hover(model: str, method: str) -> None:
+    """The thumbnail card of the point under the pointer (audit.dashboard.maphover). A fragment: the point the
+    pointer rests on reruns this alone, so the map's figure is neither rebuilt nor sent to the browser again."""
+    try:
+        pts = load("mapview:map_points", model, method)
+        rested = maphover.hovered_index(st.session_state.get("m_hover"))
+        card = maphover.hover_payload(pts, rested, lambda i: thumb_bytes(i, HOVER_THUMB)[0], chart_key="m_chart")
+    except StoreError:  # the workspace busy or gone: no card this time (the page itself says why)
+        card = maphover.hover_payload(pd.DataFrame(), None, lambda i: None, chart_key="m_chart")
+    maphover.mount(card, key="m_hover")
+
+
+def page_map() -> None:
+    ss = st.session_state
+    st.header("Map")
+    info = load("mapview:map_maps")
+    maps = [tuple(m) for m in info["maps"]]
+    if not maps:
+        st.text(shown(info["note"]))
+        return
+    if ss.get("m_map") not in maps:
+        ss["m_map"] = maps[0]
+    top = st.columns([3, 3, 2])
+    top[0].selectbox(
+        "Map (features of one model)", maps, format_func=lambda m: f"{shown(m[0])} · {m[1].upper()}", key="m_map"
+    )
+    top[1].selectbox("Colour by", list(mapview.COLOURS), format_func=mapview.COLOURS.get, key="m_colour")
+    top[2].toggle(
+        "Outline the gallery's filter",
+        key="m_highlight",
+        help="images the Disagreements filters keep (by default: flagged, unreviewed) drawn on top, outlined",
+    )
+    model, method = ss["m_map"]
+    pts = load("mapview:map_points", model, method)
+    if pts.empty:
+        st.text("map: no image could be placed (no finite features)")
+        return
+    hl = load("mapview:selected_images", filters()) if ss["m_highlight"] else None
+    drawn = mapfig.shown_points(pts, hl)
+    sampled = (
+        f" Drawn: {len(drawn):,} of them (every flagged and outlined one, a fixed sample of the rest); a lasso or "
+        "box selects every image inside it, drawn or not."
+        if len(drawn) < len(pts)
+        else ""
+    )
+    st.caption(
+        f"{len(pts):,} images. Draw a lasso or a box (toolbar, top right), or click a point, to see those images; "
+        f"rest the pointer on a point for its thumbnail and labels.{sampled}"
+    )
+    event = st.plotly_chart(
+        mapfig.map_figure(drawn, ss["m_colour"], hl),
+        key="m_chart",
+        on_select="rerun",
+        selection_mode=("points", "box", "lasso"),
+        width="stretch",
+    )
+    map_hover(model, method)
+    sel = mapfig.selected_from_event(event, pts)
+    if not sel:
+        return
+    bar = st.columns([2, 3, 3])
+    bar[0].metric("selected images", f"{len(sel):,}")
+    bar[1].button("Send these to the review queue", type="primary", on_click=take_selection, args=(sel, "Review"))
+    bar[2].button("Show them in the gallery", on_click=take_selection, args=(sel, "Disagreements"))
+    f = q.Filters(kinds=(), checks=(), reviewed="all", sort="image", images=tuple(sel))
+    total, rows = load("gallery", f, 0, PAGE_SIZE)
+    if total > len(rows):
+        st.caption(f"The first {len(rows)} of {total:,}; the gallery pages through all of them.")
+    cols = st.columns(4)
+    extra = other_checks()
+    for k, row in enumerate(rows.itertuples(index=False)):
+        with cols[k % 4]:
+            card(row, extra)

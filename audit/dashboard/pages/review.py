@@ -1,0 +1,274 @@
+"""The Review page: one image, its evidence and neighbours, and the decisions a reviewer records on it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from audit import queries as q
+from audit.dashboard.pages.disagreements import kind_name
+from audit.dashboard.runtime import (
+    LARGE,
+    class_label,
+    class_labels,
+    filters,
+    goto,
+    load,
+    other_checks,
+    refresh,
+    show_image,
+    who_and_why,
+    workspace,
+    write_refusal,
+)
+from audit.dashboard.ui import alert, plain_frame, shown
+from audit.errors import StoreError, UserError
+from audit.store import ACTIONS
+
+__all__ = ["act", "page_review"]
+
+PARTNERS = 6  # partner images (duplicates) shown on the review page
+
+NEIGHBOUR_COUNTS = (4, 8, 12, 16, 20)  # how many nearest images the review page can show (20 are stored)
+
+NEIGHBOUR_COLUMNS = 8  # thumbnails per row of the neighbours section
+
+
+def act(action: str, image: int, next_image: int | None, labels: tuple[int, ...] = ()) -> None:
+    """Button callback: append a decision, then move on in the queue."""
+    ss = st.session_state
+    refused = write_refusal()
+    if refused:
+        ss["_flash"] = ("error", "Decision not saved.", refused)
+        return
+    if action == "relabel":
+        choice = ss.get(f"relabel_to_{image}")
+        if choice is None:
+            ss["_flash"] = ("warning", "Pick a class to relabel to first.")
+            return
+        labels = (int(choice),)
+    elif action == "multi":
+        labels = tuple(int(x) for x in ss.get(f"multi_to_{image}") or ())
+    try:
+        did = q.record_decision(
+            workspace(),
+            image,
+            action,
+            labels=labels,
+            **who_and_why(),
+        )
+    except (StoreError, UserError) as e:
+        ss["_flash"] = ("error", "Decision not saved.", str(e))
+        return
+    refresh()  # the next rerun reads the decision back
+    ss["_flash"] = ("success", f"Decision {did} saved: {action} on image #{image} ({ACTIONS[action]}).")
+    ss["reason"] = ""
+    for k in (f"relabel_to_{image}", f"multi_to_{image}"):
+        ss.pop(k, None)
+    if action != "undo" and ss.get("advance", True):
+        ss["image"] = next_image
+
+
+def findings_view(findings: list[dict[str, Any]]) -> None:
+    """What every check found on the image under review, and its partner images (duplicates) to open."""
+    st.text(
+        "checks:\n" + "\n".join(shown(q.finding_line(x)) for x in findings)
+        if findings
+        else "checks: no check of the last run assessed this image"
+    )
+    partners: dict[int, tuple[str, str]] = {}
+    for x in findings:
+        for idx, image_id in x["partners"]:
+            partners.setdefault(int(idx), (x["check"], image_id))
+    if not partners:
+        return
+    shown_partners = list(partners.items())[:PARTNERS]
+    cols = st.columns(len(shown_partners))
+    for col, (idx, (check, image_id)) in zip(cols, shown_partners, strict=True):
+        with col:
+            show_image(image_id, 112)
+            st.text(f"{shown(check)}: {shown(image_id)} · #{idx}")
+            # The names are the text above: button labels render Markdown.
+            st.button("Open", key=f"open_{idx}", on_click=goto, args=("Review", idx))
+    if len(partners) > PARTNERS:
+        st.text(f"and {len(partners) - PARTNERS:,} more partner images")
+
+
+def neighbours_view(image: int) -> None:
+    """The image's nearest images in feature space: how they are labelled, and each one to open."""
+    st.subheader("Nearest images in feature space")
+    k = int(st.session_state.get("n_k") or q.NEIGHBOURS_K)
+    nb = load("image_neighbours", image, k)
+    if nb["note"]:
+        st.text(shown(nb["note"]))
+        return
+    head = st.columns([5, 1])
+    head[0].text(shown(nb["summary"]))
+    head[1].selectbox("neighbours shown", NEIGHBOUR_COUNTS, key="n_k", label_visibility="collapsed")
+    rows = list(nb["neighbours"].itertuples(index=False))
+    for start in range(0, len(rows), NEIGHBOUR_COLUMNS):
+        cols = st.columns(NEIGHBOUR_COLUMNS)
+        for col, r in zip(cols, rows[start : start + NEIGHBOUR_COLUMNS], strict=False):
+            with col:
+                show_image(r.image_id, 112)
+                label = shown(r.current) if r.current else "(no class fits)"
+                sim = "–" if r.similarity is None or pd.isna(r.similarity) else f"{r.similarity:.3f}"
+                mark = f" · {r.duplicate}" if r.duplicate else ""
+                st.text(f"{label[:28]}\n{sim}{mark} · #{r.image_index}")
+                # The names are the text above: button labels render Markdown.
+                st.button("Open", key=f"nbr_{r.image_index}", on_click=goto, args=("Review", int(r.image_index)))
+
+
+def left_out(action: str | None) -> str:
+    """What an empty current label set means, from the decision in effect."""
+    return "(excluded: a duplicate, see its history)" if action == "duplicate" else "(no class fits: left out)"
+
+
+def page_review() -> None:
+    ss = st.session_state
+    st.header("Review")
+    f = filters()
+    total, pos, window = load("queue_window", f, ss["image"])
+    if ss["image"] is None or load("image_detail", ss["image"]) is None:
+        if window.empty:
+            st.success(
+                "Nothing left in this queue. Change the filters on the Disagreements page, or pick another image."
+            )
+            return
+        ss["image"] = int(window["image_index"].iloc[0])
+        total, pos, window = load("queue_window", f, ss["image"])
+    image = int(ss["image"])
+    d = load("image_detail", image)
+    labels = class_labels()
+    order = list(zip(window["pos"].tolist(), window["image_index"].tolist(), strict=True))
+    after = [i for p, i in order if pos is not None and p > pos]
+    before = [i for p, i in order if pos is not None and p < pos]
+    next_image = after[0] if after else (before[-1] if before else None)
+    prev_image = before[-1] if before else None
+    where = f"{pos + 1:,} of {total:,}" if pos is not None else f"not in the queue ({total:,} images)"
+    st.caption(
+        f"Queue: {', '.join(kind_name(k) for k in f.kinds) or 'all images'} · {f.reviewed} · "
+        f"sorted by {q.SORTS[f.sort][0]} — image {where}. Change it on the Disagreements page."
+    )
+    if other_checks():
+        st.text(f"checks selected: {', '.join(shown(c) for c in f.checks) or 'any check'}")
+    if write_refusal():
+        st.info("Decisions are disabled in this session: see the sidebar.")
+    nav = st.columns([1, 1, 4])
+    nav[0].button(
+        "◀ Previous", on_click=goto, args=("Review", prev_image), disabled=prev_image is None, shortcut="Left"
+    )
+    nav[1].button("Next ▶", on_click=goto, args=("Review", next_image), disabled=next_image is None, shortcut="Right")
+    nav[2].toggle("Move to the next image after a decision", key="advance")
+    left, right = st.columns([5, 6])
+    with left:
+        show_image(d["image_id"], LARGE)
+        st.text(f"{shown(d['image_id'])} · image #{image}")
+    with right:
+        facts = [
+            f"given label: {class_label(labels, d['label'])}",
+            f"current labels: {shown(d['current']) or left_out(d['last_action'])} — "
+            + ("reviewed" if d["reviewed"] else "not reviewed"),
+        ]
+        if d["real_labels"] is not None:
+            facts.append(f"ReaL labels: {shown(d['real']) or '(none fits)'}")
+        if pd.notna(d["label_quality"]):
+            kind = shown(d["issue_kind"] or "not flagged").replace("_", " ")
+            facts.append(
+                f"cleanlab: label quality {d['label_quality']:.3f} · {kind} · suggested "
+                f"{shown(d['suggested'])} ({d['suggested_confidence']:.0%})"
+            )
+        st.text("\n".join(facts))
+        if d["bad_reason"]:
+            alert("error", "Bad image: it could not be read, and is left out of every metric.", d["bad_reason"])
+        if other_checks():
+            findings_view(d["findings"])
+        preds = pd.DataFrame(
+            [
+                {"model": m, **{f"top-{k + 1}": f"{n} {p:.0%}" for k, (_, n, p) in enumerate(top)}}
+                for m, top in d["predictions"]
+            ]
+        )
+        st.dataframe(plain_frame(preds), hide_index=True, width="stretch")
+        for line in q.imagenet_sees(d):  # a custom space: what the zoo's ImageNet heads see, as context
+            st.text(shown(line))
+        st.text_input("Reason (optional; saved with the decision)", key="reason")
+        bar = st.container(horizontal=True)
+        sug = d["suggested_label"]  # a class index, or None: no class suggested (see audit.queries.gallery)
+        # A no_fit flag suggests that no class fits: accepting it records exactly that.
+        take = ("accept", (int(sug),)) if sug is not None else ("no_fit", ())
+        bar.button(
+            "Accept suggestion",  # its name is in the text above: button labels render Markdown
+            type="primary",
+            shortcut="A",
+            key="do_accept",
+            on_click=act,
+            args=(take[0], image, next_image, take[1]),
+            disabled=sug is None and not d["is_label_issue"],
+        )
+        bar.button("Keep original", shortcut="K", key="do_keep", on_click=act, args=("keep", image, next_image))
+        bar.button("No class fits", shortcut="N", key="do_nofit", on_click=act, args=("no_fit", image, next_image))
+        bar.button(
+            "Undo last",
+            shortcut="U",
+            key="do_undo",
+            on_click=act,
+            args=("undo", image, next_image),
+            disabled=not d["reviewed"],  # the stack: nothing to undo once every decision is withdrawn
+        )
+        options = list(range(len(labels)))
+        with st.form("relabel_form", clear_on_submit=False, border=True):
+            st.selectbox(
+                "Relabel to one class (type a name or wnid)",
+                options,
+                index=None,
+                key=f"relabel_to_{image}",
+                format_func=labels.__getitem__,
+                placeholder=f"search {len(labels):,} classes…",
+            )
+            st.form_submit_button("Relabel", shortcut="Ctrl+Enter", on_click=act, args=("relabel", image, next_image))
+        default = [int(x) for x in d["current_labels"]]
+        for x in [sug, *(d["real_labels"] if d["real_labels"] is not None else [])]:
+            if pd.notna(x) and int(x) not in default:
+                default.append(int(x))
+        with st.form("multi_form", border=True):
+            st.multiselect(
+                "Several valid labels",
+                options,
+                default=default,
+                key=f"multi_to_{image}",
+                format_func=labels.__getitem__,
+            )
+            st.form_submit_button(
+                "Save these labels", shortcut="Ctrl+M", on_click=act, args=("multi", image, next_image)
+            )
+        st.caption("Keys: A accept · K keep · N no class fits · U undo · ← → previous / next · Ctrl+Enter relabel")
+    neighbours_view(image)
+    st.subheader("History")
+    hist = d["history"]
+    if hist.empty:
+        st.caption("No decision yet.")
+    else:
+        st.dataframe(
+            plain_frame(hist[["decision_id", "decided_at", "reviewer", "action", "old", "new", "reason"]]),
+            hide_index=True,
+            width="stretch",
+        )
+    st.subheader("Queue")
+    if window.empty:
+        return
+    cols = st.columns(len(window))
+    for col, w in zip(cols, window.itertuples(index=False), strict=True):
+        with col:
+            show_image(w.image_id, 112)
+            st.text(shown(w.given)[:28])
+            st.button(
+                f"{w.pos + 1:,}",  # the class name is the text above: button labels render Markdown
+                key=f"q_{w.image_index}",
+                on_click=goto,
+                args=("Review", int(w.image_index)),
+                disabled=w.image_index == image,
+                type="primary" if w.image_index == image else "secondary",
+            )
