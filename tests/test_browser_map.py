@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from test_browser import CHROMIUM, TIMEOUT_MS
+from test_browser import ARGS, CHROMIUM, TIMEOUT_MS  # the map is a 2-D canvas: no WebGL, no GPU needed
 from test_featuremap import map_ws  # noqa: F401 - the fixture
 
 from audit.dashboard.serve import serve
@@ -18,22 +18,19 @@ from audit.store import connect
 pytestmark = pytest.mark.browser
 
 SHOTS = Path(__file__).resolve().parents[1] / "reports" / "screenshots"
-# WebGL (the map is a Scattergl) in headless Chromium without a GPU: SwiftShader.
-ARGS = [
-    "--no-sandbox",
-    "--use-angle=swiftshader",
-    "--enable-unsafe-swiftshader",
-    "--disable-background-networking",
-    "--no-first-run",
-    "--disable-component-update",
-    "--disable-sync",
-]
+
+
+def map_canvas(page):
+    """The Map's canvas (audit.dashboard.mapcanvas) once it has drawn its points."""
+    cv = page.get_by_test_id("auditMapCanvas")
+    cv.and_(page.locator("[data-drawn]")).wait_for(state="attached")
+    return cv
 
 
 def lasso(page, frac: float = 0.35, *, release: bool = True) -> None:
-    """Drag a closed loop around the middle of the plot (its drag layer): plotly's lasso or box selection;
-    ``release=False`` leaves the button down (the caller releases it: reports/map_bench.py times the two apart)."""
-    box = page.locator(".js-plotly-plot .nsewdrag").first.bounding_box()
+    """Drag a closed loop around the middle of the map's canvas (its lasso mode, the default); ``release=False``
+    leaves the button down (the caller releases it: reports/map_bench.py times the two apart)."""
+    box = map_canvas(page).bounding_box()
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     rx, ry = box["width"] * frac, box["height"] * frac
     page.mouse.move(cx - rx, cy - ry)
@@ -44,18 +41,9 @@ def lasso(page, frac: float = 0.35, *, release: bool = True) -> None:
         page.mouse.up()
 
 
-# Where a drawn point is on screen: plotly's axes map data to pixels inside the plot area (_size: its margins).
-_POINT_JS = """k => {
-  const gd = document.querySelector('.st-key-m_chart .js-plotly-plot');
-  const fl = gd._fullLayout, r = gd.getBoundingClientRect(), t = gd._fullData[0];
-  const i = Math.min(k, t.x.length - 1);
-  return {x: r.left + fl._size.l + fl.xaxis.l2p(t.x[i]), y: r.top + fl._size.t + fl.yaxis.l2p(t.y[i])};
-}"""
-
-
 def hover(page, k: int = 0):
-    """Rest the pointer on the k-th drawn point of the map's first trace; the hover card (maphover) once shown."""
-    pt = page.evaluate(_POINT_JS, k)
+    """Rest the pointer on the k-th drawn point of the map; the hover card (maphover) once shown."""
+    pt = map_canvas(page).evaluate("(cv, k) => cv.auditPoint(Math.min(k, cv.auditCount() - 1))", k)
     page.mouse.move(pt["x"] - 4, pt["y"] - 4)
     page.mouse.move(pt["x"], pt["y"], steps=2)
     card = page.locator("[data-testid='auditMapHover']")
@@ -78,11 +66,10 @@ def test_map_select_review_neighbour_decide_impact(map_ws, tmp_path):  # noqa: F
         page.set_default_timeout(TIMEOUT_MS)
         page.goto(f"{url}/?page=map")
         page.get_by_role("heading", name="Map").wait_for()
-        page.locator(".js-plotly-plot canvas").first.wait_for(state="attached")
+        map_canvas(page)
         page.get_by_text(re.compile(r"^120 images\. Draw a lasso")).wait_for()
-        page.wait_for_timeout(800)  # WebGL points draw after the frame
         page.screenshot(path=str(SHOTS / "map-page.png"), full_page=True)
-        # Hovering a point shows its thumbnail and labels (the image plotly reports under the pointer).
+        # Hovering a point shows its thumbnail and labels (the image the canvas finds under the pointer).
         card = hover(page, 5)
         idx = int(card.get_attribute("data-image-index"))
         assert card.locator("img").get_attribute("src").startswith("data:image/jpeg;base64,")

@@ -262,6 +262,22 @@ def test_map_page_draws_and_a_selection_goes_to_review(map_ws, monkeypatch):
     for colour in mapview.COLOURS:
         at.selectbox(key="m_colour").set_value(colour).run()
         assert not at.exception, [e.value for e in at.exception]
+    # A lasso around cluster 0's points (the canvas element's selection state, in data coordinates) selects
+    # every image inside it; a click selects one point; garbage selects nothing.
+    pts = mapview.map_points(db, *mapview.map_maps(db)["maps"][0])
+    inner = pts[pts["label"] == 0]
+    x0, x1, y0, y1 = inner["x"].min() - 1e-3, inner["x"].max() + 1e-3, inner["y"].min() - 1e-3, inner["y"].max() + 1e-3
+    at.session_state["m_canvas"] = {"selection": {"lasso": {"x": [x0, x1, x1, x0], "y": [y0, y0, y1, y1]}}}
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    want = int(((pts["x"] >= x0) & (pts["x"] <= x1) & (pts["y"] >= y0) & (pts["y"] <= y1)).sum())
+    assert want >= len(inner) and {m.label: m.value for m in at.metric}["selected images"] == f"{want:,}"
+    at.session_state["m_canvas"] = {"selection": {"points": [int(inner["image_index"].iloc[0])]}}
+    at.run()
+    assert {m.label: m.value for m in at.metric}["selected images"] == "1"
+    at.session_state["m_canvas"] = {"selection": {"lasso": {"x": ["<b>"], "y": None}}}
+    at.run()
+    assert not at.exception and "selected images" not in {m.label for m in at.metric}
     # AppTest cannot drag a lasso: this is what the page's "Send these to the review queue" button does.
     from importlib import import_module
 
@@ -289,10 +305,10 @@ def test_hovering_a_point_hands_its_thumbnail_and_labels_to_the_card(map_ws, mon
     at.run()
 
     def card() -> dict:
-        (el,) = [e for e in at.main if e.type == "bidi_component"]
+        (el,) = [e for e in at.main if e.type == "bidi_component" and e.proto.component_name == "audit_map_hover"]
         return json.loads(el.proto.json)
 
-    assert card()["chart"] == "m_chart" and card()["idx"] is None and card()["thumb"] is None
+    assert card()["idx"] is None and card()["thumb"] is None
     at.session_state["m_hover"] = {"hovered": 7}
     at.run()
     assert not at.exception, [e.value for e in at.exception]
@@ -303,6 +319,55 @@ def test_hovering_a_point_hands_its_thumbnail_and_labels_to_the_card(map_ws, mon
     at.session_state["m_hover"] = {"hovered": 10_000}  # not an image of this map (a stale state): no card
     at.run()
     assert card()["idx"] is None and not at.exception
+
+
+def test_the_canvas_payload_groups_colours_like_the_figure_and_keeps_names_as_text():
+    import pandas as pd
+
+    from audit.dashboard import mapcanvas
+
+    n = 60
+    rng = np.random.default_rng(0)
+    pts = pd.DataFrame(
+        {"image_index": np.arange(n), "x": rng.normal(size=n), "y": rng.normal(size=n),
+         "given": [HOSTILE[i % 4] for i in range(n)], "current": ["a\u200bb"] * n,
+         "flagged": np.arange(n) % 5 == 0, "checks": ["label" if i % 5 == 0 else "" for i in range(n)],
+         "reviewed": np.zeros(n, dtype=bool), "confidence": np.linspace(0, 1, n)}
+    )  # fmt: skip
+    got = mapcanvas.payload(pts, "given", highlight=[1, 2, 3])
+    # One group per class, as the static figure's traces; the names exactly as typed (the legend sets textContent).
+    names = [e["name"] for e in got["legend"]]
+    assert names[:4] == [f"{h} (15)" for h in sorted(HOSTILE)] and names[4] == "filter matches (3)"
+    assert got["ring"] == [1, 2, 3] and len(got["x"]) == len(got["g"]) == len(got["idx"]) == n
+    assert [got["colours"][g] for g in got["g"][:4]] == [
+        got["legend"][sorted(HOSTILE).index(HOSTILE[i])]["colour"] for i in range(4)
+    ]
+    assert "\u200b" not in mapcanvas.payload(pts, "current")["legend"][0]["name"]  # invisible: shown visibly
+    flags = mapcanvas.payload(pts, "flagged")
+    assert [flags["g"][i] for i in (0, 1)] == [1, 0] and flags["colours"][1] != flags["colours"][0]
+    conf = mapcanvas.payload(pts, "confidence")  # a colour scale, cut into steps: low confidence, low step
+    assert len(conf["colours"]) == mapcanvas.SCALE_STEPS and conf["g"][0] == 0 and conf["g"][-1] == 47
+    # What is drawn has a key: a colour change changes it; the kept selection does not (no redraw on a rerun).
+    sel = {"points": [3]}
+    assert got["key"] != flags["key"] and mapcanvas.payload(pts, "given", [1, 2, 3], selection=sel)["key"] == got["key"]
+    empty = mapcanvas.payload(pts.iloc[:0], "given")
+    assert empty["x"] == [] and empty["legend"] == []
+
+
+@pytest.mark.parametrize(
+    ("state", "want"),
+    [({"selection": {"lasso": {"x": [0, 1, 1.5], "y": [0, 0, 1]}}},
+      {"lasso": [{"x": [0.0, 1.0, 1.5], "y": [0.0, 0.0, 1.0]}]}),
+     ({"selection": {"box": {"x": [0, 1], "y": [2, 3]}}}, {"box": [{"x": [0.0, 1.0], "y": [2.0, 3.0]}]}),
+     ({"selection": {"points": [4, True, -1, "7"]}}, {"points": [{"customdata": 4}]}),
+     ({"selection": {"lasso": {"x": [0, float("nan")], "y": [0, 1]}}}, {}),
+     ({"selection": {"lasso": {"x": [0, 1], "y": [0]}}}, {}), ({"selection": {"box": {"x": [1], "y": [1]}}}, {}),
+     ({"selection": None}, {}), (None, {}), ("x", {}), ({"selection": "<b>"}, {})],
+)  # fmt: skip
+def test_the_canvas_selection_becomes_the_event_the_page_reads(state, want):
+    from audit.dashboard.mapcanvas import selection_event
+
+    assert selection_event(state) == {"selection": {"points": [], "box": [], "lasso": [], **want}}
 
 
 @pytest.mark.parametrize(
@@ -326,13 +391,13 @@ def test_the_hover_card_shows_names_as_typed_and_no_card_without_a_thumbnail():
         {"image_index": [0, 1], "image_id": [HOSTILE[3], "b\u200bc.jpg"], "given": [HOSTILE[0], "x"],
          "current": [HOSTILE[1], "y"], "checks": [None, "label"]}
     )  # fmt: skip
-    got = hover_payload(pts, 0, lambda i: b"\xff\xd8jpeg", chart_key="c")
+    got = hover_payload(pts, 0, lambda i: b"\xff\xd8jpeg")
     # Text, not markup: the card sets textContent, so the lines carry the names exactly (invisible ones shown).
     assert got["lines"] == [HOSTILE[3], f"given: {HOSTILE[0]}", f"current: {HOSTILE[1]}"]
-    assert "flagged by: label" in hover_payload(pts, 1, lambda i: b"j", chart_key="c")["lines"]
-    assert "\u200b" not in "".join(hover_payload(pts, 1, lambda i: b"j", chart_key="c")["lines"])
-    assert hover_payload(pts, 0, lambda i: None, chart_key="c")["idx"] is None  # an unreadable image: no card
-    assert hover_payload(pts.iloc[:0], 0, lambda i: b"j", chart_key="c")["idx"] is None
+    assert "flagged by: label" in hover_payload(pts, 1, lambda i: b"j")["lines"]
+    assert "\u200b" not in "".join(hover_payload(pts, 1, lambda i: b"j")["lines"])
+    assert hover_payload(pts, 0, lambda i: None)["idx"] is None  # an unreadable image: no card
+    assert hover_payload(pts.iloc[:0], 0, lambda i: b"j")["idx"] is None
 
 
 def test_audit_map_computes_from_stored_features_without_rescoring(map_ws, capsys):

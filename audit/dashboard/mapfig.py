@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["LEGEND_MAX", "MAX_POINTS", "map_figure", "selected_from_event", "shown_points"]
+__all__ = ["LEGEND_MAX", "MAX_POINTS", "colour_groups", "map_figure", "selected_from_event", "shown_points"]
 
 LEGEND_MAX = 20  # categories drawn as one legend entry each; more (ImageNet's 1,000) share one colour scale
 # Points drawn at most: each rerun sends every drawn point (coordinates, colour, hover text) to the browser, ~160
@@ -69,6 +69,43 @@ def shown_points(
     return pts[mask]
 
 
+def colour_groups(pts: pd.DataFrame, colour: str) -> list[dict[str, object]]:
+    """The map's colour groups, in drawing order (later on top): the one rule the page and the pictures share.
+
+    Each group: ``name`` (legend text, user data: escape or show as text), ``mask`` (bool array over ``pts``),
+    and either ``color`` (one CSS colour) or ``values`` (a number per point of the mask) with ``scale`` (a
+    plotly colorscale name) and ``cmin``/``cmax``; ``size``, ``opacity`` and ``legend`` (False: no legend entry,
+    one colour scale instead) where they differ from the default.
+    """
+    out: list[dict[str, object]] = []
+    if colour in ("given", "current"):
+        cats = pts[colour].astype(str)
+        names = list(pd.unique(cats))
+        if len(names) <= LEGEND_MAX:
+            counts = cats.value_counts()
+            for k, n in enumerate(sorted(names, key=lambda c: (-counts[c], c))):
+                colour_k = _PALETTE[k % len(_PALETTE)]
+                out.append({"name": f"{n} ({counts[n]:,})", "mask": (cats == n).to_numpy(), "color": colour_k})
+        else:
+            codes = pd.Categorical(cats).codes
+            out.append({"name": f"{len(names):,} classes", "mask": np.ones(len(pts), dtype=bool), "values": codes,
+                        "scale": "Turbo", "cmin": 0, "cmax": max(1, len(names) - 1), "legend": False})
+    elif colour in ("flagged", "check", "reviewed"):
+        on = pts["checks"].astype(str).str.len().gt(0) if colour == "check" else pts[colour].astype(bool)
+        on = on.to_numpy()
+        label = {"flagged": "flagged by the label check", "check": "flagged by a check", "reviewed": "reviewed"}
+        out.append({"name": f"not {label[colour].split(' by')[0]} ({(~on).sum():,})", "mask": ~on, "color": _GREY,
+                    "opacity": 0.5})
+        out.append({"name": f"{label[colour]} ({on.sum():,})", "mask": on, "color": _FLAG, "size": 6})
+    elif colour == "confidence":
+        conf = pts["confidence"].astype(float).to_numpy()
+        out.append({"name": "confidence", "mask": np.ones(len(pts), dtype=bool), "values": np.nan_to_num(conf, nan=0.0),
+                    "scale": "Viridis", "cmin": 0, "cmax": 1, "legend": False})
+    else:
+        raise ValueError(f"unknown colour {colour!r}")
+    return out  # fmt: skip
+
+
 def map_figure(
     pts: pd.DataFrame,
     colour: str,
@@ -77,7 +114,8 @@ def map_figure(
     title: str | None = None,
     height: int = 640,
 ) -> object:
-    """The map as a plotly ``Figure``.
+    """The map as a plotly ``Figure`` (the static pictures in reports/; the page draws the same groups on a canvas,
+    :mod:`audit.dashboard.mapcanvas`).
 
     Parameters
     ----------
@@ -100,31 +138,19 @@ def map_figure(
             )
         )  # fmt: skip
 
-    if colour in ("given", "current"):
-        cats = pts[colour].astype(str)
-        names = list(pd.unique(cats))
-        if len(names) <= LEGEND_MAX:
-            counts = cats.value_counts()
-            for k, n in enumerate(sorted(names, key=lambda c: (-counts[c], c))):
-                add((cats == n).to_numpy(), f"{n} ({counts[n]:,})", color=_PALETTE[k % len(_PALETTE)])
+    for g in colour_groups(pts, colour):
+        marker: dict[str, object] = {"opacity": g["opacity"]} if "opacity" in g else {}
+        if "size" in g:
+            marker["size"] = g["size"]
+        if "values" in g:
+            marker.update(color=g["values"], colorscale=g["scale"], cmin=g["cmin"], cmax=g["cmax"])
+            if g["scale"] == "Viridis":
+                marker["colorbar"] = {"title": str(g["name"])}
         else:
-            codes = pd.Categorical(cats).codes
-            add(np.ones(len(pts), dtype=bool), f"{len(names):,} classes", color=codes, colorscale="Turbo")
+            marker["color"] = g["color"]
+        add(g["mask"], str(g["name"]), **marker)  # type: ignore[arg-type]
+        if g.get("legend") is False and g["scale"] == "Turbo":
             fig.update_layout(showlegend=False)
-    elif colour in ("flagged", "check", "reviewed"):
-        on = pts["checks"].astype(str).str.len().gt(0) if colour == "check" else pts[colour].astype(bool)
-        on = on.to_numpy()
-        label = {"flagged": "flagged by the label check", "check": "flagged by a check", "reviewed": "reviewed"}
-        add(~on, f"not {label[colour].split(' by')[0]} ({(~on).sum():,})", color=_GREY, opacity=0.5)
-        add(on, f"{label[colour]} ({on.sum():,})", color=_FLAG, size=6)
-    elif colour == "confidence":
-        conf = pts["confidence"].astype(float).to_numpy()
-        add(
-            np.ones(len(pts), dtype=bool), "confidence", color=np.nan_to_num(conf, nan=0.0), colorscale="Viridis",
-            cmin=0, cmax=1, colorbar={"title": "confidence"},
-        )  # fmt: skip
-    else:
-        raise ValueError(f"unknown colour {colour!r}")
     if highlight is not None:
         on = np.isin(idx, np.asarray(highlight, dtype=np.int64))
         if on.any() and not on.all():

@@ -1,11 +1,11 @@
 """Hovering a point of the Map shows that image's thumbnail, beside the pointer.
 
-Plotly's hover label is text only (it renders a subset of HTML, and no images), and ``st.plotly_chart``
-reports selections, not hovers. So a small Streamlit components-v2 element, mounted after the chart, listens to
-the chart's own ``plotly_hover`` / ``plotly_unhover`` events in the page (v2 components are not iframed):
+The map (:mod:`audit.dashboard.mapcanvas`) sends ``audit-map-hover`` events (the image index under the pointer,
+and where the pointer is) and ``audit-map-unhover`` to the page; this small Streamlit components-v2 element (not
+iframed) listens to them:
 
 * the pointer rests on a point for :data:`REST_MS`: the element sets its ``hovered`` state to that point's
-  image index (the chart's ``customdata``), which reruns the script once;
+  image index, which reruns the script once;
 * the rerun (:func:`hover_payload`; the app mounts the element in a fragment, so only the fragment reruns)
   reads the thumbnail and the image's labels and hands them back as the element's data; the map's figure is
   neither rebuilt nor sent again;
@@ -33,18 +33,14 @@ REST_MS = 120  # ms the pointer rests on a point before its thumbnail is asked f
 
 _NAME = "audit_map_hover"
 
-# Why each part is there:
-# - the chart's <div class="js-plotly-plot"> is found by the chart element's key class (st-key-<key>), and found
-#   again when Streamlit replaces it (a colour change draws a new figure): a timer re-attaches, once per div;
-# - a point's image index is its customdata (mapfig.map_figure sets it on every trace);
-# - only the newest rerun's data is shown, and only while the pointer is still on that image.
+# Only the newest rerun's data is shown, and only while the pointer is still on that image.
 _JS = r"""
 export default function (component) {
   const { data, setStateValue, parentElement } = component;
   const root = parentElement;
   let st = root.__auditHover;
   if (!st) {
-    st = root.__auditHover = { want: null, x: 0, y: 0, timer: null, poll: null };
+    st = root.__auditHover = { want: null, x: 0, y: 0, timer: null, shown: null };
     const card = document.createElement("div");
     card.className = "card";
     card.setAttribute("data-testid", "auditMapHover");
@@ -54,30 +50,24 @@ export default function (component) {
     card.append(img, txt);
     root.appendChild(card);
     st.card = card; st.img = img; st.txt = txt;
-    const attach = () => {
-      const gd = document.querySelector(".st-key-" + st.chart + " .js-plotly-plot");
-      if (!gd || gd.__auditHoverOn || typeof gd.on !== "function") return;
-      gd.__auditHoverOn = true;
-      gd.on("plotly_hover", (ev) => {
-        const p = ev && ev.points && ev.points[0];
-        if (!p || p.customdata === undefined || p.customdata === null) return;
-        const idx = Number(Array.isArray(p.customdata) ? p.customdata[0] : p.customdata);
-        if (ev.event) { st.x = ev.event.clientX; st.y = ev.event.clientY; }
-        st.want = idx;
-        clearTimeout(st.timer);
-        if (st.shown === idx) { st.render(); return; }
-        st.timer = setTimeout(() => { if (st.want === idx) setStateValue("hovered", idx); }, st.rest);
-      });
-      gd.on("plotly_unhover", () => { st.want = null; clearTimeout(st.timer); st.card.style.display = "none"; });
+    st.onHover = (ev) => {
+      const idx = ev.detail.idx;
+      st.x = ev.detail.x; st.y = ev.detail.y;
+      st.want = idx;
+      clearTimeout(st.timer);
+      if (st.shown === idx) { st.render(); return; }
+      st.card.style.display = "none";
+      st.timer = setTimeout(() => { if (st.want === idx) setStateValue("hovered", idx); }, st.rest);
     };
-    st.attach = attach;
-    st.poll = setInterval(attach, 300);
+    st.onUnhover = () => { st.want = null; clearTimeout(st.timer); st.card.style.display = "none"; };
+    window.addEventListener("audit-map-hover", st.onHover);
+    window.addEventListener("audit-map-unhover", st.onUnhover);
     st.render = () => {
       const d = st.data;
       if (!d || d.idx === null || d.idx !== st.want || !d.thumb) { st.card.style.display = "none"; return; }
       st.img.src = d.thumb;
       st.txt.textContent = d.lines.join("\n");
-      // Left of the pointer (plotly's own hover label sits to its right), on the right where there is no room.
+      // Left of the pointer, or on its right where there is no room.
       st.card.style.display = "block";
       const w = st.card.offsetWidth, h = st.card.offsetHeight;
       const left = st.x - 16 - w >= 0 ? st.x - 16 - w : st.x + 16;
@@ -88,11 +78,14 @@ export default function (component) {
     };
   }
   st.data = data;
-  st.chart = data.chart;
   st.rest = data.rest_ms;
-  st.attach();
   st.render();
-  return () => { clearInterval(st.poll); clearTimeout(st.timer); delete root.__auditHover; };
+  return () => {
+    clearTimeout(st.timer);
+    window.removeEventListener("audit-map-hover", st.onHover);
+    window.removeEventListener("audit-map-unhover", st.onUnhover);
+    delete root.__auditHover;
+  };
 }
 """
 
@@ -127,19 +120,16 @@ def hovered_index(state: Any) -> int | None:
     return int(value)
 
 
-def hover_payload(
-    pts: pd.DataFrame, index: int | None, thumb: Callable[[str], bytes | None], *, chart_key: str
-) -> dict[str, Any]:
-    """The element's data for one rerun: which chart to listen to, and the card of ``index`` (None: no card).
+def hover_payload(pts: pd.DataFrame, index: int | None, thumb: Callable[[str], bytes | None]) -> dict[str, Any]:
+    """The element's data for one rerun: the card of ``index`` (None: no card).
 
     Parameters
     ----------
     pts : frame of :func:`audit.mapview.map_points` (every point of the map, drawn or not)
     index : the hovered image index, from :func:`hovered_index`
     thumb : ``image_id -> JPEG bytes`` (None when the image cannot be read: the card then is not shown)
-    chart_key : the ``key`` of the ``st.plotly_chart`` that draws the map
     """
-    out: dict[str, Any] = {"chart": chart_key, "rest_ms": REST_MS, "idx": None, "thumb": None, "lines": []}
+    out: dict[str, Any] = {"rest_ms": REST_MS, "idx": None, "thumb": None, "lines": []}
     if index is None or pts.empty:
         return out
     row = pts[pts["image_index"].to_numpy() == index]

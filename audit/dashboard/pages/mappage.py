@@ -1,4 +1,8 @@
-"""The Map page: one model's features in 2-D, coloured by a fact; a selection becomes a gallery or a queue."""
+"""The Map page: one model's features in 2-D, coloured by a fact; a selection becomes a gallery or a queue.
+
+The points are drawn by :mod:`audit.dashboard.mapcanvas` (a 2-D canvas: no WebGL needed), the hover card by
+:mod:`audit.dashboard.maphover`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import streamlit as st
 
 from audit import mapview
 from audit import queries as q
-from audit.dashboard import mapfig, maphover
+from audit.dashboard import mapcanvas, mapfig, maphover
 from audit.dashboard.runtime import (
     PAGE_SIZE,
     card,
@@ -44,9 +48,9 @@ def map_hover(model: str, method: str) -> None:
     try:
         pts = load("mapview:map_points", model, method)
         rested = maphover.hovered_index(st.session_state.get("m_hover"))
-        card = maphover.hover_payload(pts, rested, lambda i: thumb_bytes(i, HOVER_THUMB)[0], chart_key="m_chart")
+        card = maphover.hover_payload(pts, rested, lambda i: thumb_bytes(i, HOVER_THUMB)[0])
     except StoreError:  # the workspace busy or gone: no card this time (the page itself says why)
-        card = maphover.hover_payload(pd.DataFrame(), None, lambda i: None, chart_key="m_chart")
+        card = maphover.hover_payload(pd.DataFrame(), None, lambda i: None)
     maphover.mount(card, key="m_hover")
 
 
@@ -84,18 +88,15 @@ def page_map() -> None:
         else ""
     )
     st.caption(
-        f"{len(pts):,} images. Draw a lasso or a box (toolbar, top right), or click a point, to see those images; "
-        f"rest the pointer on a point for its thumbnail and labels.{sampled}"
+        f"{len(pts):,} images. Draw a lasso or a box (Lasso / Box above the map), or click a point, to see those "
+        f"images; the wheel zooms, Pan drags. Rest the pointer on a point for its thumbnail and labels.{sampled}"
     )
-    event = st.plotly_chart(
-        mapfig.map_figure(drawn, ss["m_colour"], hl),
-        key="m_chart",
-        on_select="rerun",
-        selection_mode=("points", "box", "lasso"),
-        width="stretch",
+    last = ss.get("m_canvas")
+    state = mapcanvas.draw(
+        mapcanvas.payload(drawn, ss["m_colour"], hl, selection=last["selection"] if last else None), key="m_canvas"
     )
     map_hover(model, method)
-    sel = mapfig.selected_from_event(event, pts)
+    sel = mapfig.selected_from_event(mapcanvas.selection_event(state), pts)
     if not sel:
         return
     bar = st.columns([2, 3, 3])
