@@ -68,7 +68,8 @@ DESIGN = """## Pages
 3. **Map**: every image a point of a 2-D map of one model's features (seeded UMAP after a PCA to 50, stored by
    `audit run` or `audit map`), coloured by given or current label, flags, any check, reviewed or confidence;
    the gallery filter's images outlined; a lasso, box or click shows the selected images as cards and sends them
-   to the review queue or the gallery. One WebGL scatter; timings below ("Map page at 50,000 points").
+   to the review queue or the gallery; resting the pointer on a point shows its thumbnail. Drawn on a 2-D
+   canvas (no WebGL needed); timings below ("Map page at 50,000 points").
 4. **Review**: one image large, its queue position and neighbours (the queue is the gallery's filter and order);
    accept the suggestion (A), keep the original (K), no class fits (N), undo (U), relabel with a class search by
    name or wnid (Ctrl+Enter), several valid labels (Ctrl+M), previous / next (arrow keys); a reason field; the

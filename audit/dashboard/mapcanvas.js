@@ -18,13 +18,18 @@ export default function (component) {
     const reset = document.createElement("button"); reset.textContent = "Reset view"; reset.type = "button";
     reset.onclick = () => { S.view = null; S.draw(); };
     const clear = document.createElement("button"); clear.textContent = "Clear selection"; clear.type = "button";
-    clear.onclick = () => { S.sel = null; setStateValue("selection", null); S.draw(); };
+    clear.onclick = () => { S.sel = null; setStateValue("selection", null); S.drawOverlay(); };
     bar.append(reset, clear);
     const body = document.createElement("div"); body.className = "body";
+    // Two layers: the points (redrawn when the data or the view changes) and, above them, the selection and the
+    // lasso being drawn (redrawn on every pointer move, without touching the points).
+    const stack = document.createElement("div"); stack.className = "stack";
     const cv = document.createElement("canvas"); cv.setAttribute("data-testid", "auditMapCanvas");
+    const ov = document.createElement("canvas"); ov.className = "overlay";
+    stack.append(cv, ov);
     const legend = document.createElement("div"); legend.className = "legend";
-    body.append(cv, legend); wrap.append(bar, body); root.appendChild(wrap);
-    Object.assign(S, { cv, legend, ctx: cv.getContext("2d") });
+    body.append(stack, legend); wrap.append(bar, body); root.appendChild(wrap);
+    Object.assign(S, { cv, ov, body, legend, ctx: cv.getContext("2d"), octx: ov.getContext("2d") });
 
     // Data <-> pixels: one scale for both axes (the map's distances are isotropic), centred, 12 px margin.
     S.fit = () => {
@@ -44,11 +49,13 @@ export default function (component) {
 
     S.draw = () => {
       const d = S.d; if (!d) return;
-      const dpr = window.devicePixelRatio || 1, w = Math.max(200, Math.floor(S.cv.parentElement.clientWidth - 210));
-      S.w = w; S.h = d.height;
-      if (S.cv.width !== Math.round(w * dpr) || S.cv.height !== Math.round(S.h * dpr)) {
-        S.cv.width = Math.round(w * dpr); S.cv.height = Math.round(S.h * dpr);
-        S.cv.style.width = w + "px"; S.cv.style.height = S.h + "px";
+      const dpr = window.devicePixelRatio || 1, w = Math.max(200, Math.floor(S.body.clientWidth - 210));
+      S.w = w; S.h = d.height; S.dpr = dpr;
+      for (const c of [S.cv, S.ov]) {
+        if (c.width !== Math.round(w * dpr) || c.height !== Math.round(S.h * dpr)) {
+          c.width = Math.round(w * dpr); c.height = Math.round(S.h * dpr);
+          c.style.width = w + "px"; c.style.height = S.h + "px";
+        }
       }
       if (!S.view) S.view = S.fit();
       const ctx = S.ctx; ctx.setTransform(dpr, 0, 0, dpr, 0, 0); ctx.clearRect(0, 0, w, S.h);
@@ -71,27 +78,33 @@ export default function (component) {
         for (const i of d.ring) { ctx.moveTo(gx[i] + 4, gy[i]); ctx.arc(gx[i], gy[i], 4, 0, 6.2832); }
         ctx.stroke();
       }
-      const sel = S.sel;
-      if (sel && (sel.lasso || sel.box)) {
-        ctx.strokeStyle = "rgba(30, 30, 30, 0.8)"; ctx.fillStyle = "rgba(120, 120, 120, 0.12)";
-        ctx.setLineDash([4, 3]); ctx.beginPath();
-        if (sel.lasso) {
-          sel.lasso.x.forEach((x, j) => { const [a, b] = S.px(x, sel.lasso.y[j]); j ? ctx.lineTo(a, b) : ctx.moveTo(a, b); });
-          ctx.closePath();
-        } else {
-          const [a, b] = S.px(sel.box.x[0], sel.box.y[0]), [c, e] = S.px(sel.box.x[1], sel.box.y[1]);
-          ctx.rect(Math.min(a, c), Math.min(b, e), Math.abs(c - a), Math.abs(e - b));
-        }
-        ctx.fill(); ctx.stroke(); ctx.setLineDash([]);
-      }
-      if (S.drag && S.drag.path) {  // the lasso or box being drawn
-        ctx.strokeStyle = "#333"; ctx.beginPath();
-        if (S.drag.kind === "lasso") { S.drag.path.forEach(([a, b], j) => j ? ctx.lineTo(a, b) : ctx.moveTo(a, b)); }
-        else { const [a, b] = S.drag.path[0], [c, e] = S.drag.path[S.drag.path.length - 1]; ctx.rect(a, b, c - a, e - b); }
-        ctx.stroke();
-      }
+      S.drawOverlay();
       S.cv.setAttribute("data-drawn", String(d.key));
     };
+    S.drawOverlay = () => {
+      if (!S.view) return;
+      const octx = S.octx; octx.setTransform(S.dpr, 0, 0, S.dpr, 0, 0); octx.clearRect(0, 0, S.w, S.h);
+      const sel = S.sel;
+      if (sel && (sel.lasso || sel.box)) {
+        octx.strokeStyle = "rgba(30, 30, 30, 0.8)"; octx.fillStyle = "rgba(120, 120, 120, 0.12)";
+        octx.setLineDash([4, 3]); octx.beginPath();
+        if (sel.lasso) {
+          sel.lasso.x.forEach((x, j) => { const [a, b] = S.px(x, sel.lasso.y[j]); j ? octx.lineTo(a, b) : octx.moveTo(a, b); });
+          octx.closePath();
+        } else {
+          const [a, b] = S.px(sel.box.x[0], sel.box.y[0]), [c, e] = S.px(sel.box.x[1], sel.box.y[1]);
+          octx.rect(Math.min(a, c), Math.min(b, e), Math.abs(c - a), Math.abs(e - b));
+        }
+        octx.fill(); octx.stroke(); octx.setLineDash([]);
+      }
+      if (S.drag && S.drag.path) {  // the lasso or box being drawn
+        octx.strokeStyle = "#333"; octx.beginPath();
+        if (S.drag.kind === "lasso") { S.drag.path.forEach(([a, b], j) => j ? octx.lineTo(a, b) : octx.moveTo(a, b)); }
+        else { const [a, b] = S.drag.path[0], [c, e] = S.drag.path[S.drag.path.length - 1]; octx.rect(a, b, c - a, e - b); }
+        octx.stroke();
+      }
+    };
+    S.laterOverlay = () => { if (!S.oraf) S.oraf = requestAnimationFrame(() => { S.oraf = 0; S.drawOverlay(); }); };
     S.later = () => { if (!S.raf) S.raf = requestAnimationFrame(() => { S.raf = 0; S.draw(); }); };
 
     // The drawn point nearest the pointer, within 6 px (a linear scan of 15,000 screen positions: ~0.1 ms).
@@ -115,8 +128,9 @@ export default function (component) {
       if (S.drag) {
         if (S.drag.kind === "pan") {
           const v = S.drag.view; S.view = { k: v.k, cx: v.cx - (p[0] - S.drag.start[0]) / v.k, cy: v.cy + (p[1] - S.drag.start[1]) / v.k };
-        } else S.drag.path.push(p);
-        S.later(); return;
+          S.later();
+        } else { S.drag.path.push(p); S.laterOverlay(); }
+        return;
       }
       // In a shadow root a window listener sees the host as the target: the real one is first on the path.
       if (ev.composedPath()[0] !== cv) { unhover(); return; }
@@ -141,7 +155,7 @@ export default function (component) {
         const [x0, y0] = S.data(...dr.start), [x1, y1] = S.data(...p);
         S.sel = { box: { x: [Math.min(x0, x1), Math.max(x0, x1)], y: [Math.min(y0, y1), Math.max(y0, y1)] } };
       }
-      S.draw();
+      S.drawOverlay();
       setStateValue("selection", S.sel);
     });
     cv.addEventListener("wheel", (ev) => {
