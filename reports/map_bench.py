@@ -160,13 +160,21 @@ def page_timings(db: Path, log: Path) -> list[tuple[str, float]]:
         gallery = page.get_by_text("selected images")
         timed("release the lasso: its gallery", lambda: (page.mouse.up(), gallery.wait_for()))
         n_sel = page.get_by_test_id("stMetric").filter(has_text="selected images").inner_text().split()[-1]
-        timed(
-            f"send the selection ({n_sel} images) to the review queue",
-            lambda: (
-                page.get_by_role("button", name="Send these to the review queue").click(),
-                page.get_by_role("heading", name="Review").wait_for(),
-            ),
-        )
+
+        def send() -> None:
+            page.get_by_role("button", name="Send these to the review queue").click()
+            page.get_by_role("heading", name="Review").wait_for()
+
+        # The first Review page of a browser session also loads that page's script chunks (as the first open of
+        # the Map page does); then back to the Map, the same lasso again, and sent again.
+        timed(f"send the selection ({n_sel} images) to the review queue (first Review page of the session)", send)
+        page.get_by_test_id("stSidebar").get_by_text("Map", exact=True).click()
+        map_canvas(page)
+        _idle(page)
+        lasso(page, 0.2)
+        gallery.wait_for()
+        _idle(page)
+        timed(f"send the selection ({n_sel} images) to the review queue (again)", send)
         b.close()
     return rows
 
@@ -289,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|",
         *(f"| {w} | {s:.2f} |" for w, s in rows),
         "",
-        f"Slowest in the browser after the first open: {worst:.2f} s "
+        f"Slowest in the browser, leaving out each page's first open in the session (its scripts load then; "
+        f"listed above): {worst:.2f} s "
         f"({'within' if worst <= BAR_INTERACTION else 'NOT within'} the {BAR_INTERACTION:.0f} s bar). Browser, "
         "server and benchmark share this machine's 2 cores. Drawing the lasso is the canvas's own work (it draws "
         "the path as the pointer moves; no server round trip); releasing it is the Streamlit rerun that "

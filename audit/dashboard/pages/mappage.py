@@ -13,7 +13,6 @@ from audit import mapview
 from audit import queries as q
 from audit.dashboard import mapcanvas, mapfig, maphover
 from audit.dashboard.runtime import (
-    PAGE_SIZE,
     card,
     filters,
     load,
@@ -26,6 +25,9 @@ from audit.errors import StoreError
 __all__ = ["page_map"]
 
 HOVER_THUMB = 200  # px: the Map's hover card (maphover)
+# Cards shown under the map for a selection: a preview (the gallery pages through all of them, one click away).
+# Half a gallery page: the browser's drawing of the cards was most of a lasso's release (24 cards: ~1.4 s here).
+SELECTION_CARDS = 12
 
 
 def take_selection(images: list[int], page: str) -> None:
@@ -104,7 +106,7 @@ def page_map() -> None:
     bar[1].button("Send these to the review queue", type="primary", on_click=take_selection, args=(sel, "Review"))
     bar[2].button("Show them in the gallery", on_click=take_selection, args=(sel, "Disagreements"))
     f = q.Filters(kinds=(), checks=(), reviewed="all", sort="image", images=tuple(sel))
-    total, rows = load("gallery", f, 0, PAGE_SIZE)
+    total, rows = load("gallery", f, 0, SELECTION_CARDS)
     if total > len(rows):
         st.caption(f"The first {len(rows)} of {total:,}; the gallery pages through all of them.")
     cols = st.columns(4)

@@ -137,8 +137,11 @@ def page_review() -> None:
                 "Nothing left in this queue. Change the filters on the Disagreements page, or pick another image."
             )
             return
+        # The window of an image not in the queue is the queue's head (queue_window): its first image is now the
+        # one under review, at position 0, so the same window serves without a second query (a Map selection of
+        # 24,000 images made that query ~0.15 s).
         ss["image"] = int(window["image_index"].iloc[0])
-        total, pos, window = load("queue_window", f, ss["image"])
+        pos = 0
     image = int(ss["image"])
     d = load("image_detail", image)
     labels = class_labels()
