@@ -188,6 +188,21 @@ def test_review_keep_no_fit_undo_and_history(app):
     assert app.dataframe[1].value.action.tolist() == ["keep", "no_fit", "undo"]
 
 
+def test_a_stale_key_press_on_review_decides_nothing(app):
+    """A key pressed before the rerun has drawn the next image presses the last run's button, bound to the image
+    just decided: it must not record a second decision on that image."""
+    db = Path(os.environ["AUDIT_DB"])
+    goto(app, "Review")
+    img = app.session_state["image"]
+    app.button(key="do_keep").click()  # the button drawn for img ...
+    app.session_state["image"] = img + 1  # ... while the page has moved on (an accept's callback did this)
+    app.run()
+    assert decisions(db) == [] and not app.exception
+    assert any("Not saved: that key or button was for the image decided a moment ago." in w.value for w in app.warning)
+    app.button(key="do_keep").click().run()  # pressed again, on the image now shown
+    assert [(d[0], d[1]) for d in decisions(db)] == [(img + 1, "keep")]
+
+
 def test_review_next_previous_and_deep_link(ws, monkeypatch):  # noqa: F811 - the ws fixture
     monkeypatch.setenv("AUDIT_DB", str(ws))
     at = AppTest.from_file(APP, default_timeout=60)

@@ -71,6 +71,23 @@ def act(action: str, image: int, next_image: int | None, labels: tuple[int, ...]
         ss["image"] = next_image
 
 
+def review_act(action: str, image: int, next_image: int | None, labels: tuple[int, ...] = ()) -> None:
+    """A Review-page button or shortcut: :func:`act`, but only on the image the page shows now.
+
+    Until a rerun has drawn the next image, the last run's buttons stay on screen and take key presses, bound
+    to the image just decided: A then K, typed fast, kept the accepted image instead of deciding the next one.
+    """
+    ss = st.session_state
+    if ss.get("image") is not None and int(ss["image"]) != int(image):
+        ss["_flash"] = (
+            "warning",
+            "Not saved: that key or button was for the image decided a moment ago.",
+            f"image #{image} is decided; the page now shows image #{ss['image']}. Press again to decide it.",
+        )
+        return
+    act(action, image, next_image, labels)
+
+
 def findings_view(findings: list[dict[str, Any]]) -> None:
     """What every check found on the image under review, and its partner images (duplicates) to open."""
     st.text(
@@ -207,17 +224,19 @@ def page_review() -> None:
             type="primary",
             shortcut="A",
             key="do_accept",
-            on_click=act,
+            on_click=review_act,
             args=(take[0], image, next_image, take[1]),
             disabled=sug is None and not d["is_label_issue"],
         )
-        bar.button("Keep original", shortcut="K", key="do_keep", on_click=act, args=("keep", image, next_image))
-        bar.button("No class fits", shortcut="N", key="do_nofit", on_click=act, args=("no_fit", image, next_image))
+        bar.button("Keep original", shortcut="K", key="do_keep", on_click=review_act, args=("keep", image, next_image))
+        bar.button(
+            "No class fits", shortcut="N", key="do_nofit", on_click=review_act, args=("no_fit", image, next_image)
+        )
         bar.button(
             "Undo last",
             shortcut="U",
             key="do_undo",
-            on_click=act,
+            on_click=review_act,
             args=("undo", image, next_image),
             disabled=not d["reviewed"],  # the stack: nothing to undo once every decision is withdrawn
         )
@@ -231,7 +250,9 @@ def page_review() -> None:
                 format_func=labels.__getitem__,
                 placeholder=f"search {len(labels):,} classes…",
             )
-            st.form_submit_button("Relabel", shortcut="Ctrl+Enter", on_click=act, args=("relabel", image, next_image))
+            st.form_submit_button(
+                "Relabel", shortcut="Ctrl+Enter", on_click=review_act, args=("relabel", image, next_image)
+            )
         default = [int(x) for x in d["current_labels"]]
         for x in [sug, *(d["real_labels"] if d["real_labels"] is not None else [])]:
             if pd.notna(x) and int(x) not in default:
@@ -245,7 +266,7 @@ def page_review() -> None:
                 format_func=labels.__getitem__,
             )
             st.form_submit_button(
-                "Save these labels", shortcut="Ctrl+M", on_click=act, args=("multi", image, next_image)
+                "Save these labels", shortcut="Ctrl+M", on_click=review_act, args=("multi", image, next_image)
             )
         st.caption("Keys: A accept · K keep · N no class fits · U undo · ← → previous / next · Ctrl+Enter relabel")
     neighbours_view(image)
