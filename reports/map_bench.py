@@ -8,7 +8,7 @@
    the map), served by ``audit dashboard``'s server and driven in headless Chromium: open the page, each
    colouring, the filter outline off and on, resting the pointer on points (their thumbnail cards), a lasso
    selection to its gallery, sending it to the review queue. Each interaction is timed from the action until
-   Streamlit has finished and the page has drawn.
+   the script run it caused has ended and the page has drawn it (``RUN_WATCH`` counts ended runs in the page).
 
 Writes the section between the map-bench markers of reports/DASHBOARD.md (the dashboard bench keeps it)
 and reports/perf_map.json.
@@ -81,15 +81,40 @@ def compute_scaling(sizes: list[int]) -> list[dict[str, Any]]:
     return rows
 
 
-def _idle(page: Any) -> None:
-    """Streamlit finished (no running widget) and the plot drawn."""
-    page.wait_for_timeout(150)
-    page.locator("[data-testid='stApp'][data-test-script-state='notRunning']").wait_for()
-    page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
-        " && !document.querySelector('[data-testid=\"stSkeleton\"]')",
-        timeout=120_000,
-    )
+# Counts the Streamlit script runs that have ended (stApp's data-test-script-state turning notRunning), so a timing
+# waits for the run its own action caused. Until 2026-12-02 each timing began its wait with a fixed 150 ms pause (a
+# run had to have started before "not running" meant anything); on an interaction whose action already waited for
+# its result (a page change waits for the new page's heading), that pause was added to the figure.
+RUN_WATCH = """
+(() => {
+  window.__auditRuns = 0;
+  let last = null;
+  const look = () => {
+    const app = document.querySelector("[data-testid='stApp']");
+    const s = app ? app.getAttribute('data-test-script-state') : null;
+    if (s !== last) { if (s === 'notRunning' && last !== null) window.__auditRuns++; last = s; }
+  };
+  new MutationObserver(look).observe(document, {subtree: true, childList: true, attributes: true,
+                                                attributeFilter: ['data-test-script-state']});
+})();
+"""
+
+# The run counted has ended, and the page shows no running widget, no skeleton and no stale element of the last run.
+_RUN_DONE = """n0 => window.__auditRuns > n0
+  && document.querySelector("[data-testid='stApp'][data-test-script-state='notRunning']")
+  && !document.querySelector('[data-testid="stStatusWidget"]')
+  && !document.querySelector('[data-testid="stSkeleton"]')
+  && !document.querySelector("[data-stale='true']")"""
+
+
+def _runs(page: Any) -> int:
+    return int(page.evaluate("window.__auditRuns"))
+
+
+def _idle(page: Any, n0: int) -> None:
+    """Streamlit has finished a script run begun after ``n0`` runs had ended, and the page has drawn it (Playwright
+    checks the condition on animation frames)."""
+    page.wait_for_function(_RUN_DONE, arg=n0, timeout=120_000)
 
 
 def page_timings(db: Path, log: Path) -> list[tuple[str, float]]:
@@ -106,11 +131,16 @@ def page_timings(db: Path, log: Path) -> list[tuple[str, float]]:
         b = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS, headless=True)
         page = b.new_page(viewport={"width": 1400, "height": 1100})
         page.set_default_timeout(180_000)
+        page.add_init_script(RUN_WATCH)
 
-        def timed(what: str, action: Any) -> None:
+        def timed(what: str, action: Any, *, run: bool = True) -> None:
+            """``action``, timed until the script run it causes has ended and drawn (``run=False``: an action
+            the browser alone handles, such as drawing the lasso, timed until it returns)."""
+            n0 = _runs(page)
             t = time.perf_counter()
             action()
-            _idle(page)
+            if run:
+                _idle(page, n0)
             took = time.perf_counter() - t
             rows.append((what, took))
             print(f"map page: {what:55s} {took:.3f} s", file=sys.stderr)
@@ -123,7 +153,7 @@ def page_timings(db: Path, log: Path) -> list[tuple[str, float]]:
             return go
 
         page.goto(f"{url}/?page=overview")
-        _idle(page)
+        _idle(page, 0)
         for rep in range(2):
             timed(
                 f"open the Map page ({'first' if rep == 0 else 'again'})",
@@ -133,8 +163,9 @@ def page_timings(db: Path, log: Path) -> list[tuple[str, float]]:
                 ),
             )
             if rep == 0:
+                n0 = _runs(page)
                 page.get_by_test_id("stSidebar").get_by_text("Overview", exact=True).click()
-                _idle(page)
+                _idle(page, n0)
         from audit.mapview import COLOURS
 
         for key in ("current", "flagged", "check", "reviewed", "confidence", "given"):
@@ -153,10 +184,10 @@ def page_timings(db: Path, log: Path) -> list[tuple[str, float]]:
             print(f"map page: hover point {k}: {took:.3f} s", file=sys.stderr)
             page.mouse.move(5, 5)
             card.wait_for(state="hidden")
-            _idle(page)
+            page.wait_for_function(_RUN_DONE, arg=-1)  # nothing left running
         # A lasso is two steps for the reviewer: drawing it (the canvas draws the path as the pointer moves, no
         # server round trip) and releasing it (Streamlit reruns and shows the gallery). Both are timed.
-        timed("draw a lasso (24 pointer moves, in the browser)", lambda: lasso(page, 0.2, release=False))
+        timed("draw a lasso (24 pointer moves, in the browser)", lambda: lasso(page, 0.2, release=False), run=False)
         gallery = page.get_by_text("selected images")
         timed("release the lasso: its gallery", lambda: (page.mouse.up(), gallery.wait_for()))
         n_sel = page.get_by_test_id("stMetric").filter(has_text="selected images").inner_text().split()[-1]
@@ -168,13 +199,20 @@ def page_timings(db: Path, log: Path) -> list[tuple[str, float]]:
         # The first Review page of a browser session also loads that page's script chunks (as the first open of
         # the Map page does); then back to the Map, the same lasso again, and sent again.
         timed(f"send the selection ({n_sel} images) to the review queue (first Review page of the session)", send)
+        n0 = _runs(page)
         page.get_by_test_id("stSidebar").get_by_text("Map", exact=True).click()
         map_canvas(page)
-        _idle(page)
+        _idle(page, n0)
+        n0 = _runs(page)
         lasso(page, 0.2)
         gallery.wait_for()
-        _idle(page)
+        _idle(page, n0)
         timed(f"send the selection ({n_sel} images) to the review queue (again)", send)
+        # And back: the Map page opened from the Review page (both pages' elements are drawn until the run ends).
+        timed(
+            "open the Map page from the Review page",
+            lambda: (page.get_by_test_id("stSidebar").get_by_text("Map", exact=True).click(), map_canvas(page)),
+        )
         b.close()
     return rows
 
@@ -290,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"**Interactions** in headless Chromium without a GPU (`{' '.join(ARGS)}`: software compositing, no "
         f"WebGL), {a.n:,} images, at most {_max_points():,} drawn on the page's 2-D canvas "
-        "(audit/dashboard/mapcanvas.py); from the action until Streamlit is idle and the page drawn; "
+        "(audit/dashboard/mapcanvas.py); from the action until the script run it caused has ended and the page has "
+        "drawn it (the page counts ended runs; since 2026-12-02 no fixed 150 ms pause opens each wait); "
         f"bar {BAR_INTERACTION:.0f} s:",
         "",
         "| interaction | seconds |",
