@@ -111,10 +111,17 @@ def _runs(page: Any) -> int:
     return int(page.evaluate("window.__auditRuns"))
 
 
-def _idle(page: Any, n0: int) -> None:
-    """Streamlit has finished a script run begun after ``n0`` runs had ended, and the page has drawn it (Playwright
-    checks the condition on animation frames)."""
+def _idle(page: Any, n0: int = -1) -> None:
+    """Streamlit has finished a script run begun after ``n0`` runs had ended (-1: nothing is running), and the page
+    has drawn it (Playwright checks the condition on animation frames)."""
     page.wait_for_function(_RUN_DONE, arg=n0, timeout=120_000)
+
+
+def _settle(page: Any, action: Any) -> None:
+    """``action``, then wait until the script run it causes has ended and drawn."""
+    n0 = _runs(page)
+    action()
+    _idle(page, n0)
 
 
 def page_timings(db: Path, log: Path) -> list[tuple[str, float]]:
@@ -136,11 +143,11 @@ def page_timings(db: Path, log: Path) -> list[tuple[str, float]]:
         def timed(what: str, action: Any, *, run: bool = True) -> None:
             """``action``, timed until the script run it causes has ended and drawn (``run=False``: an action
             the browser alone handles, such as drawing the lasso, timed until it returns)."""
-            n0 = _runs(page)
             t = time.perf_counter()
-            action()
             if run:
-                _idle(page, n0)
+                _settle(page, action)
+            else:
+                action()
             took = time.perf_counter() - t
             rows.append((what, took))
             print(f"map page: {what:55s} {took:.3f} s", file=sys.stderr)
@@ -152,20 +159,16 @@ def page_timings(db: Path, log: Path) -> list[tuple[str, float]]:
 
             return go
 
+        def open_map() -> None:
+            page.get_by_test_id("stSidebar").get_by_text("Map", exact=True).click()
+            map_canvas(page)
+
         page.goto(f"{url}/?page=overview")
         _idle(page, 0)
         for rep in range(2):
-            timed(
-                f"open the Map page ({'first' if rep == 0 else 'again'})",
-                lambda: (
-                    page.get_by_test_id("stSidebar").get_by_text("Map", exact=True).click(),
-                    map_canvas(page),
-                ),
-            )
+            timed(f"open the Map page ({'first' if rep == 0 else 'again'})", open_map)
             if rep == 0:
-                n0 = _runs(page)
-                page.get_by_test_id("stSidebar").get_by_text("Overview", exact=True).click()
-                _idle(page, n0)
+                _settle(page, page.get_by_test_id("stSidebar").get_by_text("Overview", exact=True).click)
         from audit.mapview import COLOURS
 
         for key in ("current", "flagged", "check", "reviewed", "confidence", "given"):
@@ -184,7 +187,7 @@ def page_timings(db: Path, log: Path) -> list[tuple[str, float]]:
             print(f"map page: hover point {k}: {took:.3f} s", file=sys.stderr)
             page.mouse.move(5, 5)
             card.wait_for(state="hidden")
-            page.wait_for_function(_RUN_DONE, arg=-1)  # nothing left running
+            _idle(page)  # nothing left running
         # A lasso is two steps for the reviewer: drawing it (the canvas draws the path as the pointer moves, no
         # server round trip) and releasing it (Streamlit reruns and shows the gallery). Both are timed.
         timed("draw a lasso (24 pointer moves, in the browser)", lambda: lasso(page, 0.2, release=False), run=False)
@@ -199,20 +202,11 @@ def page_timings(db: Path, log: Path) -> list[tuple[str, float]]:
         # The first Review page of a browser session also loads that page's script chunks (as the first open of
         # the Map page does); then back to the Map, the same lasso again, and sent again.
         timed(f"send the selection ({n_sel} images) to the review queue (first Review page of the session)", send)
-        n0 = _runs(page)
-        page.get_by_test_id("stSidebar").get_by_text("Map", exact=True).click()
-        map_canvas(page)
-        _idle(page, n0)
-        n0 = _runs(page)
-        lasso(page, 0.2)
-        gallery.wait_for()
-        _idle(page, n0)
+        _settle(page, open_map)
+        _settle(page, lambda: (lasso(page, 0.2), gallery.wait_for()))
         timed(f"send the selection ({n_sel} images) to the review queue (again)", send)
         # And back: the Map page opened from the Review page (both pages' elements are drawn until the run ends).
-        timed(
-            "open the Map page from the Review page",
-            lambda: (page.get_by_test_id("stSidebar").get_by_text("Map", exact=True).click(), map_canvas(page)),
-        )
+        timed("open the Map page from the Review page", open_map)
         b.close()
     return rows
 
