@@ -198,6 +198,33 @@ def test_a_run_stores_the_best_fitting_models_map_and_the_read_side_joins_labels
     assert only.tolist() == [3, 5]
 
 
+def test_the_maps_current_label_follows_decisions_one_label_several_or_none(map_ws):
+    """A point's ``current`` is the current label's name, several joined by '; ', or NO_FIT when excluded: one
+    vectorised lookup for single labels, the rest one by one, the same names either way."""
+    from audit.queries import record_decision
+
+    _, db, ds, _, _, _ = map_ws
+    names = ds.label_space.names
+    model, method = mapview.map_maps(db)["maps"][0]
+    before = mapview.map_points(db, model, method)
+    done = []
+    try:
+        done.append(record_decision(db, 0, "multi", labels=[2, 1], reviewer="t"))
+        done.append(record_decision(db, 1, "no_fit", reviewer="t"))
+        done.append(record_decision(db, 2, "relabel", labels=[3], reviewer="t"))
+        pts = mapview.map_points(db, model, method).set_index("image_index")
+        assert set(pts.loc[0, "current"].split("; ")) == {names[1], names[2]}
+        assert pts.loc[1, "current"] == mapview.NO_FIT
+        assert pts.loc[2, "current"] == names[3] and bool(pts.loc[2, "reviewed"])
+        rest = pts.drop(index=[0, 1, 2])
+        assert (rest["current"] == [names[i] for i in ds.labels[rest.index.to_numpy()]]).all()
+        assert not rest["reviewed"].any() and len(pts) == len(before)
+    finally:
+        for i in range(len(done)):  # images 0, 1, 2 were decided in turn; the module's other tests share them
+            record_decision(db, i, "undo", reviewer="t")
+    assert mapview.map_points(db, model, method).equals(before)
+
+
 def test_a_rerun_reuses_the_map_and_map_options_are_checked_first(map_ws, capsys):
     root, db, _, _, weak, models = map_ws
     before = {p.name: p.stat().st_mtime_ns for p in fm.maps_dir(db).glob("map-*.npz")}
