@@ -219,6 +219,10 @@ def test_the_maps_current_label_follows_decisions_one_label_several_or_none(map_
         rest = pts.drop(index=[0, 1, 2])
         assert (rest["current"] == [names[i] for i in ds.labels[rest.index.to_numpy()]]).all()
         assert not rest["reviewed"].any() and len(pts) == len(before)
+        # What only a run changes was built once for this run and is shared: the decisions did not rebuild it.
+        here = str(db.resolve())  # the first part of the run key (queries.run_key)
+        parts = [t[model] for k, t in mapview._RUN_PARTS.items() if k[0] == here and model in t]
+        assert len(parts) == 1 and parts[0]["image_index"].tolist() == sorted(pts.index)
     finally:
         for i in range(len(done)):  # images 0, 1, 2 were decided in turn; the module's other tests share them
             record_decision(db, i, "undo", reviewer="t")
