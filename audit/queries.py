@@ -1116,22 +1116,27 @@ def queue_window(
     with _open(db) as con:
         run = _with_facts(con, _path(db))
         sql, params = _selection(run, filters)
+        # One statement: the queue's size, the image's place and the window around it (the head when the image is
+        # not in the queue). The selection is the costly part (a Map selection binds up to 50,000 images), and it
+        # runs every time a decision changes the data: once, not once for the place and again for the window.
         sql += f""", q AS (SELECT row_number() OVER (ORDER BY {order}) - 1 AS pos, f.image_index, f.image_id, f.label
-                           FROM sel f)"""
-        total, pos = fetch_one(
-            con,
-            sql + " SELECT (SELECT count(*) FROM q), (SELECT min(pos) FROM q WHERE image_index = ?)",
-            [*params, -1 if image_index is None else int(image_index)],
-        )
-        centre = 0 if pos is None else int(pos)
-        lo = max(0, centre - radius)
-        hi = lo + 2 * radius if pos is None else centre + radius
-        window = con.execute(
-            sql + " SELECT pos, image_index, image_id, label FROM q WHERE pos BETWEEN ? AND ? ORDER BY pos",
-            [*params, lo, hi],
+                           FROM sel f),
+            p AS (SELECT count(*) AS total, min(pos) FILTER (WHERE image_index = ?) AS place FROM q),
+            w AS (SELECT CASE WHEN place IS NULL THEN 0 ELSE greatest(place - ?, 0) END AS lo,
+                         CASE WHEN place IS NULL THEN 2 * ? ELSE place + ? END AS hi FROM p)"""
+        rows = con.execute(
+            sql + """ SELECT p.total, p.place, q.pos, q.image_index, q.image_id, q.label
+                      FROM p CROSS JOIN w LEFT JOIN q ON q.pos BETWEEN w.lo AND w.hi ORDER BY q.pos""",
+            [*params, -1 if image_index is None else int(image_index), radius, radius, radius],
         ).df()
+        total, place = rows["total"].iloc[0], rows["place"].iloc[0]
+        window = rows.loc[rows["pos"].notna(), ["pos", "image_index", "image_id", "label"]].astype(
+            {"pos": "int64", "image_index": "int32", "label": "int32"}
+        )
+        window = window.reset_index(drop=True)
         _add_names(con, window)
-    return int(total), (None if pos is None else int(pos)), window
+    pos = None if pd.isna(place) else int(place)
+    return int(total), pos, window
 
 
 def image_detail(db: str | Path | Reader, image_index: int) -> dict[str, Any] | None:

@@ -278,6 +278,13 @@ def test_queue_window_follows_gallery_order(ws):
     outside = next(i for i in range(24) if i not in ids) if len(ids) < 24 else None
     n, pos, window = q.queue_window(ws, f, outside, 1)  # not in the queue: its head
     assert pos is None and window.image_index.tolist() == ids[:3]
+    for k in (0, len(ids) // 2, len(ids) - 1):  # the head, the middle and the tail: the window is cut at the ends
+        n, pos, window = q.queue_window(ws, f, ids[k], 3)
+        assert (n, pos) == (total, k) and window.image_index.tolist() == ids[max(0, k - 3) : k + 4]
+        assert window.pos.tolist() == list(range(max(0, k - 3), min(len(ids), k + 4)))
+    n, pos, window = q.queue_window(ws, q.Filters(images=()), None)  # an empty queue
+    assert (n, pos) == (0, None) and window.empty
+    assert list(window.columns) == ["pos", "image_index", "image_id", "label", "given"]
 
 
 def test_image_detail_and_history(ws):
