@@ -14,11 +14,12 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import pandas as pd
 
 from audit.featuremap import current_maps, read_current, read_map
-from audit.queries import ENSEMBLE, Filters, Reader, _open, _path, _selection, _with_facts, per_run
+from audit.queries import ENSEMBLE, Filters, Reader, _joined, _open, _path, _selection, _with_facts, per_run
 
 __all__ = ["COLOURS", "map_maps", "map_points", "selected_images"]
 
@@ -89,7 +90,7 @@ def map_points(db: str | Path | Reader, model: str, method: str) -> pd.DataFrame
         c1 = first[one].astype(np.int64)
         current[one] = c1.map(names).fillna(c1.astype(str)).to_numpy(dtype=object)
     for i in np.flatnonzero(n_current > 1):
-        current[i] = "; ".join(names.get(int(c), str(c)) for c in several.iloc[i])
+        current[i] = _joined(names, several.iloc[i], NO_FIT)
     df["current"] = current
     return df[[*cols, "confidence"]]
 
@@ -99,7 +100,7 @@ _RUN_PARTS: OrderedDict[tuple[Any, ...], dict[str, pd.DataFrame]] = OrderedDict(
 _RUN_PARTS_LOCK = threading.Lock()
 
 
-def _run_part(con: Any, p: Path, model: str) -> pd.DataFrame:
+def _run_part(con: duckdb.DuckDBPyConnection, p: Path, model: str) -> pd.DataFrame:
     """Per valid image: image_id, label, given (its name), flagged, checks, confidence; built once per run and
     model (:func:`audit.queries.per_run`) and shared, never modified. A decision leaves these as they are, and the
     Map page runs again after every decision: building them was most of :func:`map_points`' time (0.15 s of
