@@ -459,6 +459,13 @@ def test_a_sampled_drawing_keeps_flags_and_a_lasso_selects_every_image_inside():
     assert len(drawn) == 100 and {3, 7} | set(range(0, n, 50)) <= set(drawn["image_index"])
     assert drawn.equals(mapfig.shown_points(pts, keep=[3, 7], limit=100))  # the same sample on every rerun
     assert mapfig.shown_points(pts, limit=1000) is pts
+    # A filter larger than the room left: every flagged point, then a sample of the filter, and nothing else.
+    many = list(range(1, n, 2))
+    capped = mapfig.shown_points(pts, keep=many, limit=100)
+    got = set(capped["image_index"])
+    assert len(capped) == 100 and set(range(0, n, 50)) <= got and got - set(range(0, n, 50)) <= set(many)
+    assert capped.equals(mapfig.shown_points(pts, keep=many, limit=100))
+    assert len(mapfig.shown_points(pts, keep=many, limit=5)) == 5  # the flagged tier itself sampled
     x, y = pts["x"].to_numpy(), pts["y"].to_numpy()
     box = {"selection": {"points": [], "box": [{"x": [0.5, -0.5], "y": [-0.5, 0.5]}], "lasso": []}}
     want = np.flatnonzero((np.abs(x) <= 0.5) & (np.abs(y) <= 0.5)).tolist()

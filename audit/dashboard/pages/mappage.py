@@ -84,8 +84,8 @@ def page_map() -> None:
     hl = load("mapview:selected_images", filters()) if ss["m_highlight"] else None
     drawn = mapfig.shown_points(pts, hl)
     sampled = (
-        f" Drawn: {len(drawn):,} of them (every flagged and outlined one, a fixed sample of the rest); a lasso or "
-        "box selects every image inside it, drawn or not."
+        f" Drawn: {len(drawn):,} of them (flagged ones first, then outlined ones, then a fixed sample of the rest); "
+        "a lasso or box selects every image inside it, drawn or not."
         if len(drawn) < len(pts)
         else ""
     )
