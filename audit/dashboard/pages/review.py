@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -34,6 +36,11 @@ PARTNERS = 6  # partner images (duplicates) shown on the review page
 NEIGHBOUR_COUNTS = (4, 8, 12, 16, 20)  # how many nearest images the review page can show (20 are stored)
 
 NEIGHBOUR_COLUMNS = 8  # thumbnails per row of the neighbours section
+
+# Above this many classes the class pickers offer the image's candidates (candidate_classes) unless the reviewer
+# asks for all of them: a picker of 1,000 options costs the browser ~0.15 s to draw on every rerun, and both
+# pickers are drawn after every decision (reports/DASHBOARD.md). A space this small is offered in full.
+SHORTLIST_ABOVE = 50
 
 
 def act(action: str, image: int, next_image: int | None, labels: tuple[int, ...] = ()) -> None:
@@ -138,6 +145,60 @@ def neighbours_view(image: int) -> None:
                 st.button("Open", key=f"nbr_{r.image_index}", on_click=goto, args=("Review", int(r.image_index)))
 
 
+def candidate_classes(d: dict[str, Any], neighbour_labels: Sequence[Sequence[int]] = ()) -> list[int]:
+    """The classes a reviewer most likely wants for one image, most likely first, each once.
+
+    Parameters
+    ----------
+    d : the image's :func:`audit.queries.image_detail` row: its suggestion, each model's top 5, ReaL labels,
+        given and current labels.
+    neighbour_labels : the current label sets of its nearest images (``image_neighbours``), nearest first.
+
+    Returns
+    -------
+    list of class indices: the suggestion, the models' top 5 (ensemble first), the neighbours' labels (most
+    common first), the ReaL labels, the given label and the current labels. Never -1 (no class fits is a
+    decision of its own).
+    """
+    out: list[int] = []
+
+    def add(x: Any) -> None:
+        if x is not None and not pd.isna(x) and int(x) >= 0 and int(x) not in out:
+            out.append(int(x))
+
+    add(d.get("suggested_label"))
+    # image_detail lists the ensemble last; it is the best single guess after the suggestion.
+    for _, top in reversed(d.get("predictions") or []):
+        for cls, _name, _p in top:
+            add(cls)
+    # A neighbour's set is a list or array; None (or NaN from a frame) where it has none.
+    counts = Counter(int(x) for labs in neighbour_labels for x in (labs if hasattr(labs, "__iter__") else ()))
+    for cls, _ in counts.most_common():  # ties keep the nearer neighbour's label first
+        add(cls)
+    for x in d.get("real_labels") if d.get("real_labels") is not None else ():
+        add(x)
+    add(d.get("label"))
+    for x in d.get("current_labels") if d.get("current_labels") is not None else ():
+        add(x)
+    return out
+
+
+def class_options(image: int, d: dict[str, Any], n_classes: int) -> list[int]:
+    """The options of both class pickers: every class, or above :data:`SHORTLIST_ABOVE` the image's candidates
+    unless the reviewer switched on all of them (the ``all_classes`` toggle, drawn here)."""
+    if n_classes <= SHORTLIST_ABOVE:
+        return list(range(n_classes))
+    if st.toggle(f"Pick from all {n_classes:,} classes", key="all_classes"):
+        return list(range(n_classes))
+    nb = load("image_neighbours", image, int(st.session_state.get("n_k") or q.NEIGHBOURS_K))
+    cand = candidate_classes(d, nb["neighbours"]["current_labels"].tolist())
+    st.caption(
+        f"Offered: {len(cand)} likely classes (the suggestion, the models' top 5, the neighbours' and ReaL labels). "
+        "Switch on the toggle above for any other."
+    )
+    return cand
+
+
 def left_out(action: str | None) -> str:
     """What an empty current label set means, from the decision in effect."""
     return "(excluded: a duplicate, see its history)" if action == "duplicate" else "(no class fits: left out)"
@@ -240,7 +301,7 @@ def page_review() -> None:
             args=("undo", image, next_image),
             disabled=not d["reviewed"],  # the stack: nothing to undo once every decision is withdrawn
         )
-        options = list(range(len(labels)))
+        options = class_options(image, d, len(labels))
         with st.form("relabel_form", clear_on_submit=False, border=True):
             st.selectbox(
                 "Relabel to one class (type a name or wnid)",
@@ -248,7 +309,7 @@ def page_review() -> None:
                 index=None,
                 key=f"relabel_to_{image}",
                 format_func=labels.__getitem__,
-                placeholder=f"search {len(labels):,} classes…",
+                placeholder=f"search {len(options):,} classes…",
             )
             st.form_submit_button(
                 "Relabel", shortcut="Ctrl+Enter", on_click=review_act, args=("relabel", image, next_image)
@@ -257,6 +318,7 @@ def page_review() -> None:
         for x in [sug, *(d["real_labels"] if d["real_labels"] is not None else [])]:
             if pd.notna(x) and int(x) not in default:
                 default.append(int(x))
+        default = [x for x in default if x in options]  # all are candidates; a stray one must not raise
         with st.form("multi_form", border=True):
             st.multiselect(
                 "Several valid labels",
