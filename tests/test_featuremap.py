@@ -369,20 +369,31 @@ def test_the_canvas_payload_groups_colours_like_the_figure_and_keeps_names_as_te
     # One group per class, as the static figure's traces; the names exactly as typed (the legend sets textContent).
     names = [e["name"] for e in got["legend"]]
     assert names[:4] == [f"{h} (15)" for h in sorted(HOSTILE)] and names[4] == "filter matches (3)"
-    assert got["ring"] == [1, 2, 3] and len(got["x"]) == len(got["g"]) == len(got["idx"]) == n
-    assert [got["colours"][g] for g in got["g"][:4]] == [
+    # The points go as one frame (Arrow): typed columns the element reads as typed arrays; int32, never int64
+    # (BigInt in JavaScript).
+    pt = got["points"]
+    assert list(pt.columns) == ["x", "y", "idx", "g", "ring"] and len(pt) == n
+    assert [str(pt[c].dtype) for c in pt.columns] == ["float32", "float32", "int32", "int16", "uint8"]
+    assert np.flatnonzero(pt["ring"]).tolist() == [1, 2, 3] and pt["idx"].tolist() == list(range(n))
+    assert np.allclose(pt["x"], pts["x"], atol=1e-6) and np.allclose(pt["y"], pts["y"], atol=1e-6)
+    assert [got["colours"][g] for g in pt["g"][:4]] == [
         got["legend"][sorted(HOSTILE).index(HOSTILE[i])]["colour"] for i in range(4)
     ]
     assert "\u200b" not in mapcanvas.payload(pts, "current")["legend"][0]["name"]  # invisible: shown visibly
     flags = mapcanvas.payload(pts, "flagged")
-    assert [flags["g"][i] for i in (0, 1)] == [1, 0] and flags["colours"][1] != flags["colours"][0]
+    assert flags["points"]["g"].tolist()[:2] == [1, 0] and flags["colours"][1] != flags["colours"][0]
     conf = mapcanvas.payload(pts, "confidence")  # a colour scale, cut into steps: low confidence, low step
-    assert len(conf["colours"]) == mapcanvas.SCALE_STEPS and conf["g"][0] == 0 and conf["g"][-1] == 47
+    g = conf["points"]["g"].tolist()
+    assert len(conf["colours"]) == mapcanvas.SCALE_STEPS and g[0] == 0 and g[-1] == 47
     # What is drawn has a key: a colour change changes it; the kept selection does not (no redraw on a rerun).
     sel = {"points": [3]}
     assert got["key"] != flags["key"] and mapcanvas.payload(pts, "given", [1, 2, 3], selection=sel)["key"] == got["key"]
     empty = mapcanvas.payload(pts.iloc[:0], "given")
-    assert empty["x"] == [] and empty["legend"] == []
+    assert empty["points"].empty and empty["legend"] == []
+    # Moving one point changes the key too (the digest covers the points, not only the small parts).
+    moved = pts.copy()
+    moved.loc[7, "x"] += 0.5
+    assert mapcanvas.payload(moved, "given", [1, 2, 3])["key"] != got["key"]
 
 
 @pytest.mark.parametrize(

@@ -168,8 +168,12 @@ export default function (component) {
     cv.addEventListener("mouseleave", () => { if (!S.drag) unhover(); });
     S.ro = new ResizeObserver(() => S.later()); S.ro.observe(wrap);
   }
-  const d = data;
-  if (!S.d || S.d.key !== d.key) {
+  // The points arrive as an Arrow table (mapcanvas.payload): each column as a typed array.
+  const t = data.points, col = (name) => (t && t.getChild(name) ? t.getChild(name).toArray() : new Float32Array(0));
+  if (!S.d || S.d.key !== data.key) {
+    const ringOn = col("ring"), ring = [];
+    for (let i = 0; i < ringOn.length; i++) if (ringOn[i]) ring.push(i);
+    const d = { ...data, x: col("x"), y: col("y"), idx: col("idx"), g: col("g"), ring };
     if (S.d && (S.d.x0 !== d.x0 || S.d.x1 !== d.x1 || S.d.y0 !== d.y0 || S.d.y1 !== d.y1)) S.view = null;  // another map
     S.d = d;
     S.sel = d.selection;
