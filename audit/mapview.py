@@ -69,7 +69,7 @@ def map_points(db: str | Path | Reader, model: str, method: str) -> pd.DataFrame
     with _open(db) as con:
         run = _with_facts(con, p)
         base = _run_part(con, p, model)
-        sql, params = _selection(run, Filters(kinds=(), checks=(), reviewed="all"))
+        sql, params = _selection(con, run, Filters(kinds=(), checks=(), reviewed="all"))
         # What a decision changes: the review state and the current label (one label nearly always: named below by
         # one lookup; several fetched as a list only where there are several).
         live = con.execute(
@@ -135,6 +135,6 @@ def selected_images(db: str | Path | Reader, filters: Filters) -> np.ndarray:
     p = _path(db)
     with _open(db) as con:
         run = _with_facts(con, p)
-        sql, params = _selection(run, filters)
+        sql, params = _selection(con, run, filters)
         rows = con.execute(sql + " SELECT image_index FROM sel ORDER BY image_index", params).fetchnumpy()
     return np.asarray(rows["image_index"], dtype=np.int64)

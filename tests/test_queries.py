@@ -287,6 +287,22 @@ def test_queue_window_follows_gallery_order(ws):
     assert list(window.columns) == ["pos", "image_index", "image_id", "label", "given"]
 
 
+def test_selection_keeps_exactly_its_images_in_queue_order(ws):
+    f = q.Filters(kinds=(), reviewed="all")
+    _, order = q.gallery(ws, f, 0, 100)
+    ids = order.image_index.tolist()
+    picked = (ids[5], ids[1], ids[9], 10_000)  # any order; an index not in the workspace matches nothing
+    sel = q.Filters(kinds=(), reviewed="all", images=picked)
+    total, page = q.gallery(ws, sel, 0, 100)
+    assert total == 3 and page.image_index.tolist() == [ids[1], ids[5], ids[9]]  # the sort's order, not the pick's
+    n, pos, window = q.queue_window(ws, sel, ids[5])
+    assert (n, pos) == (3, 1) and window.image_index.tolist() == [ids[1], ids[5], ids[9]]
+
+
+def test_dataset_root_is_the_run_summarys(ws):
+    assert q.dataset_root(ws) == q.run_summary(ws)["dataset_root"] is not None
+
+
 def test_image_detail_and_history(ws):
     labels = _labels(ws)
     d = q.image_detail(ws, FLIP[0])

@@ -187,7 +187,7 @@ def _thumb(root: str, image_id: str, size: int, cache: str, stamp: str) -> tuple
 def thumb_bytes(image_id: str, size: int, root: str | None = None) -> tuple[bytes | None, str]:
     """JPEG bytes of a dataset image's thumbnail (or, with ``root``, of an image under that folder: the reference
     set), or None and why not."""
-    root = root or load("run_summary")["dataset_root"]
+    root = root or load("dataset_root")
     return _thumb(root or "", image_id, size, str(thumb_dir(workspace())), _stamp(root or "", image_id))
 
 
