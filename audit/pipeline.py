@@ -42,6 +42,7 @@ from audit.store import (
     insert_frame,
     is_new_workspace,
     mark_interrupted_runs,
+    meta_value,
     now,
     to_json,
     transaction,
@@ -208,8 +209,7 @@ def _dataset_mismatch(con: Any, ds: AuditDataset, db: Path) -> str | None:
     if not stored:
         return None
     if stored != list(ds.image_ids):
-        root = fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["dataset_root"])
-        where = root[0] if root else "?"
+        where = meta_value(con, "dataset_root") or "?"
         return f"workspace {db} was made for other images ({where}); pass a new --db for this dataset"
     keys = [r[0] for r in con.execute("SELECT key FROM classes ORDER BY class_index").fetchall()]
     if keys != list(ds.label_space.keys) and fetch_one(con, "SELECT count(*) FROM decisions")[0]:
@@ -746,9 +746,9 @@ def workspace_inputs(db: str | Path) -> dict[str, set[Path]]:
         return out
     with connect(db, read_only=True) as con:
         rows = con.execute("SELECT params FROM runs").fetchall()
-        root = fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["dataset_root"])
-    if root and root[0]:
-        out["dataset"].add(_real(root[0]))
+        root = meta_value(con, "dataset_root")
+    if root:
+        out["dataset"].add(_real(root))
     for (params,) in rows:
         inputs = json.loads(params or "{}").get("inputs") or {}
         for key, paths in out.items():

@@ -43,7 +43,15 @@ from audit.errors import StoreError, UserError
 from audit.evaluate import wilson_interval
 from audit.featuremap import maps_dir
 from audit.neighbours import neighbours_path, read_neighbours
-from audit.store import append_decision, connect, current_labels_sql, current_sql, fetch_one, given_sql
+from audit.store import (
+    append_decision,
+    connect,
+    current_labels_sql,
+    current_sql,
+    fetch_one,
+    given_sql,
+    meta_value,
+)
 
 __all__ = [
     "DB_LOCK",
@@ -597,8 +605,7 @@ def dataset_root(db: str | Path | Reader) -> str | None:
     decision, which changes the data version, made every thumbnail wait for it again.
     """
     with _open(db) as con:
-        row = con.execute("SELECT value FROM meta WHERE key = ?", ["dataset_root"]).fetchone()
-    return None if row is None else row[0]
+        return meta_value(con, "dataset_root")
 
 
 def run_summary(db: str | Path | Reader) -> dict[str, Any]:
@@ -904,9 +911,9 @@ class Filters:
 def _selection(con: duckdb.DuckDBPyConnection, run: _Run, f: Filters) -> tuple[str, list[Any]]:
     """``WITH last, ci, f, sel``: the facts of valid images with their review state, filtered; and its parameters.
 
-    Needs ``facts`` registered on the connection (:func:`_with_facts`); an image selection is registered on it
-    too, as ``picked``. ``f`` adds ``check_issue`` and
-    ``check_score`` (any issue, lowest score) over the checks the filter selects.
+    Needs ``facts`` registered on the connection (:func:`_with_facts`); registers an image selection on it, as
+    ``picked``. ``f`` adds ``check_issue`` and ``check_score`` (any issue, lowest score) over the checks the
+    filter selects.
     """
     if f.model is None:
         dis_label, dis_real = "f.dis_label", "f.dis_real"
@@ -1132,7 +1139,7 @@ def queue_window(
         run = _with_facts(con, _path(db))
         sql, params = _selection(con, run, filters)
         # One statement: the queue's size, the image's place and the window around it (the head when the image is
-        # not in the queue). The selection is the costly part (a Map selection binds up to 50,000 images), and it
+        # not in the queue). The selection is the costly part (a Map selection holds up to 50,000 images), and it
         # runs every time a decision changes the data: once, not once for the place and again for the window.
         sql += f""", q AS (SELECT row_number() OVER (ORDER BY {order}) - 1 AS pos, f.image_index, f.image_id, f.label
                            FROM sel f),
@@ -1369,8 +1376,7 @@ def image_neighbours(db: str | Path | Reader, image_index: int, k: int = NEIGHBO
 
 
 def _imagenet_top(con: duckdb.DuckDBPyConnection, idx: int, k: int = 3) -> list[tuple[str, list[tuple[str, float]]]]:
-    space = fetch_one(con, "SELECT value FROM meta WHERE key = ?", ["label_space"])
-    if not space or space[0] != "custom":
+    if meta_value(con, "label_space") != "custom":
         return []
     rows = con.execute(
         "SELECT p.model, p.top_classes[1:?], p.top_probs[1:?] FROM predictions p JOIN models m USING (model) "

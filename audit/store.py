@@ -73,6 +73,7 @@ __all__ = [
     "is_new_workspace",
     "label_state",
     "mark_interrupted_runs",
+    "meta_value",
     "read_frame",
     "transaction",
     "workspace_lock",
@@ -909,6 +910,12 @@ def now() -> datetime:
 
 def to_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
+
+
+def meta_value(con: duckdb.DuckDBPyConnection, key: str) -> str | None:
+    """The workspace's ``meta`` value for ``key`` (dataset_root, label_space, ...), None when it is not set."""
+    row = fetch_one(con, "SELECT value FROM meta WHERE key = ?", [key])
+    return None if row is None else row[0]
 
 
 def fetch_one(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None = None) -> Any:

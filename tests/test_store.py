@@ -18,6 +18,7 @@ from audit.store import (
     connect,
     current_label_sets,
     decision_history,
+    meta_value,
 )
 
 
@@ -352,3 +353,11 @@ def test_a_failed_commit_keeps_its_own_error_and_the_old_state(tmp_path, monkeyp
     monkeypatch.undo()
     with connect(db, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM images").fetchall() == [(5,)]
+
+
+def test_meta_value_reads_one_key_and_leaves_the_connection_usable(tmp_path):
+    with connect(tmp_path / "ws.duckdb", create=True) as con:
+        con.execute("INSERT INTO meta VALUES (?, ?)", ["dataset_root", "/data/x y"])
+        assert meta_value(con, "dataset_root") == "/data/x y"
+        assert meta_value(con, "no such key") is None
+        assert con.execute("SELECT count(*) FROM meta").fetchall()[0][0] >= 2  # the result was consumed
