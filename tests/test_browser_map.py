@@ -87,9 +87,11 @@ def test_map_select_review_neighbour_decide_impact(map_ws, tmp_path):  # noqa: F
         page.get_by_text(re.compile(rf"of {n_sel:,}")).first.wait_for()
         # Open the first neighbour in the panel and decide it.
         page.get_by_text("Nearest images in feature space").wait_for()
-        page.get_by_role("button", name="Open").first.click()
-        shown = page.get_by_text(re.compile(r"· image #\d+")).first
-        shown.wait_for()
+        first = page.get_by_test_id("auditStripCard").first  # the neighbours' strip (audit.dashboard.strip)
+        idx = first.get_attribute("data-idx")
+        assert first.locator("img").get_attribute("src").startswith("data:image/jpeg;base64,")
+        first.get_by_role("button", name="Open").click()
+        page.get_by_text(re.compile(rf"· image #{idx}$")).first.wait_for()  # the page now reviews that neighbour
         page.get_by_role("button", name=re.compile(r"^Keep original")).click()
         page.get_by_text(re.compile(r"Decision \d+ saved: keep")).wait_for()
         page.screenshot(path=str(SHOTS / "map-review-neighbour.png"), full_page=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _synth import make_checkpoint, make_imagefolder, make_named_images
-from test_app import markdown_leaks, ok, start, texts
+from test_app import click_strip, markdown_leaks, ok, start, strip_cards, texts
 
 from audit import neighbours as nb
 from audit import queries as q
@@ -322,20 +322,20 @@ def test_review_page_shows_the_neighbours_and_opens_one(custom_ws, _env, monkeyp
     first = got["neighbours"].iloc[0]
     assert f"{first.similarity:.3f}" in body and f"#{first.image_index}" in body
     assert markdown_leaks(at, MARK) == []
-    buttons = [b for b in at.button if (b.key or "").startswith("nbr_")]
-    assert len(buttons) == q.NEIGHBOURS_K and {b.label for b in buttons} == {"Open"}
-    at.button(key=f"nbr_{first.image_index}").click()
-    ok(at)
+    cards = strip_cards(at, "nbr_strip")
+    assert [c["idx"] for c in cards] == got["neighbours"]["image_index"].tolist()
+    assert {c["button"] for c in cards} == {"Open"} and all(c["thumb"].startswith("data:image/jpeg") for c in cards)
+    click_strip(at, "nbr_strip", int(first.image_index))
     assert at.session_state["image"] == first.image_index and f"image #{first.image_index}" in texts(at)
     assert markdown_leaks(at, MARK) == []
     # Fewer or more at once.
     at.selectbox(key="n_k").set_value(4)
     ok(at)
-    assert len([b for b in at.button if (b.key or "").startswith("nbr_")]) == 4
+    assert len(strip_cards(at, "nbr_strip")) == 4
     # Without the file: the one line naming the fix.
     shutil.rmtree(db.with_name(db.name + ".arrays"))
     at = start(page="review", image="0")
-    assert q.RERUN_FOR_NEIGHBOURS in texts(at) and not [b for b in at.button if (b.key or "").startswith("nbr_")]
+    assert q.RERUN_FOR_NEIGHBOURS in texts(at) and not strip_cards(at, "nbr_strip")
 
 
 def test_a_run_summary_of_the_neighbours_is_json_free(imagenet_ws):

@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from audit import queries as q
+from audit.dashboard import strip
 from audit.dashboard.pages.disagreements import kind_name
 from audit.dashboard.runtime import (
     LARGE,
@@ -21,6 +22,7 @@ from audit.dashboard.runtime import (
     other_checks,
     refresh,
     show_image,
+    thumb_bytes,
     who_and_why,
     workspace,
     write_refusal,
@@ -131,18 +133,20 @@ def neighbours_view(image: int) -> None:
     head = st.columns([5, 1])
     head[0].text(shown(nb["summary"]))
     head[1].selectbox("neighbours shown", NEIGHBOUR_COUNTS, key="n_k", label_visibility="collapsed")
-    rows = list(nb["neighbours"].itertuples(index=False))
-    for start in range(0, len(rows), NEIGHBOUR_COLUMNS):
-        cols = st.columns(NEIGHBOUR_COLUMNS)
-        for col, r in zip(cols, rows[start : start + NEIGHBOUR_COLUMNS], strict=False):
-            with col:
-                show_image(r.image_id, 112)
-                label = shown(r.current) if r.current else "(no class fits)"
-                sim = "–" if r.similarity is None or pd.isna(r.similarity) else f"{r.similarity:.3f}"
-                mark = f" · {r.duplicate}" if r.duplicate else ""
-                st.text(f"{label[:28]}\n{sim}{mark} · #{r.image_index}")
-                # The names are the text above: button labels render Markdown.
-                st.button("Open", key=f"nbr_{r.image_index}", on_click=goto, args=("Review", int(r.image_index)))
+    cards = []
+    for r in nb["neighbours"].itertuples(index=False):
+        label = shown(r.current) if r.current else "(no class fits)"
+        sim = "–" if r.similarity is None or pd.isna(r.similarity) else f"{r.similarity:.3f}"
+        mark = f" · {shown(r.duplicate)}" if r.duplicate else ""
+        data, why = thumb_bytes(r.image_id, 112)
+        lines = [label[:28], f"{sim}{mark} · #{r.image_index}"]
+        cards.append(strip.card(int(r.image_index), lines, button="Open", thumb=data, why=why, mark=bool(r.duplicate)))
+    strip.draw(cards, key="nbr_strip", columns=NEIGHBOUR_COLUMNS, size=112, on_open=open_image)
+
+
+def open_image(image: int) -> None:
+    """A strip's card opened: review that image."""
+    goto("Review", image)
 
 
 def candidate_classes(d: dict[str, Any], neighbour_labels: Sequence[Sequence[int]] = ()) -> list[int]:
@@ -345,16 +349,13 @@ def page_review() -> None:
     st.subheader("Queue")
     if window.empty:
         return
-    cols = st.columns(len(window))
-    for col, w in zip(cols, window.itertuples(index=False), strict=True):
-        with col:
-            show_image(w.image_id, 112)
-            st.text(shown(w.given)[:28])
-            st.button(
-                f"{w.pos + 1:,}",  # the class name is the text above: button labels render Markdown
-                key=f"q_{w.image_index}",
-                on_click=goto,
-                args=("Review", int(w.image_index)),
-                disabled=w.image_index == image,
-                type="primary" if w.image_index == image else "secondary",
-            )
+    cards = []
+    for w in window.itertuples(index=False):
+        data, why = thumb_bytes(w.image_id, 112)
+        here = w.image_index == image
+        pos_label = f"{w.pos + 1:,}"
+        cards.append(
+            strip.card(int(w.image_index), [shown(w.given)[:28]], button=pos_label, thumb=data, why=why, current=here)
+        )
+    # The window holds up to 7 images (queue_window's radius 3): the cards keep their width at the queue's ends.
+    strip.draw(cards, key="q_strip", columns=7, size=112, on_open=open_image)
