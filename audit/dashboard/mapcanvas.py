@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from audit.dashboard.elements import element
 from audit.dashboard.mapfig import colour_groups
 from audit.dashboard.ui import shown
 
@@ -50,15 +51,9 @@ _HERE = Path(__file__).with_name
 _JS = _HERE("mapcanvas.js").read_text(encoding="utf-8")
 _CSS = _HERE("mapcanvas.css").read_text(encoding="utf-8")
 
-_COMPONENT: list[Any] = []  # the registered element, made on first use (registering needs Streamlit's runtime)
-
 
 def _element() -> Any:
-    if not _COMPONENT:
-        import streamlit as st
-
-        _COMPONENT.append(st.components.v2.component(_NAME, js=_JS, css=_CSS, isolate_styles=True))
-    return _COMPONENT[0]
+    return element(_NAME, js=_JS, css=_CSS)
 
 
 def _scale_colours(scale: str, steps: int) -> list[str]:

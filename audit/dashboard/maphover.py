@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 
+from audit.dashboard.elements import element
 from audit.dashboard.ui import shown
 
 __all__ = ["REST_MS", "hover_payload", "hovered_index", "mount"]
@@ -98,15 +99,9 @@ _CSS = """
 .card .txt { white-space: pre-wrap; overflow-wrap: anywhere; }
 """
 
-_COMPONENT: list[Any] = []  # the registered element, made on first use (registering needs Streamlit's runtime)
-
 
 def _element() -> Any:
-    if not _COMPONENT:
-        import streamlit as st
-
-        _COMPONENT.append(st.components.v2.component(_NAME, js=_JS, css=_CSS, isolate_styles=True))
-    return _COMPONENT[0]
+    return element(_NAME, js=_JS, css=_CSS)
 
 
 def hovered_index(state: Any) -> int | None:

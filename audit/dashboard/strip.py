@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from audit.dashboard.elements import element
 from audit.dashboard.ui import shown
 
 __all__ = ["card", "draw", "opened_index"]
@@ -35,15 +36,9 @@ _HERE = Path(__file__).with_name
 _JS = _HERE("strip.js").read_text(encoding="utf-8")
 _CSS = _HERE("strip.css").read_text(encoding="utf-8")
 
-_COMPONENT: list[Any] = []  # the registered element, made on first use (registering needs Streamlit's runtime)
-
 
 def _element() -> Any:
-    if not _COMPONENT:
-        import streamlit as st
-
-        _COMPONENT.append(st.components.v2.component(_NAME, js=_JS, css=_CSS, isolate_styles=True))
-    return _COMPONENT[0]
+    return element(_NAME, js=_JS, css=_CSS)
 
 
 def card(
