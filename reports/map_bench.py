@@ -247,8 +247,7 @@ def page_timings(db: Path, log: Path, rounds: int = 3) -> tuple[list[tuple[str, 
             first = "Review" not in seen
             seen.add("Review")
             timed(
-                "send the selection to the review queue: the Review page"
-                + (f" ({FIRST})" if first else ""),
+                "send the selection to the review queue: the Review page" + (f" ({FIRST})" if first else ""),
                 lambda: (page.get_by_role("button", name="Send these to the review queue").click(), shown("Review")),
                 shows=True,
             )
@@ -258,8 +257,11 @@ def page_timings(db: Path, log: Path, rounds: int = 3) -> tuple[list[tuple[str, 
                 "keep the original label (a decision: written, the next image)",
                 lambda: (page.get_by_role("button", name=re.compile(r"^Keep original")).click(), saved.wait_for()),
             )
-            timed("open the Map page from the Review page, after a decision", lambda: (side.get_by_text(
-                "Map", exact=True).click(), shown("Map")), shows=True)
+            timed(
+                "open the Map page from the Review page, after a decision",
+                lambda: (side.get_by_text("Map", exact=True).click(), shown("Map")),
+                shows=True,
+            )
             # Every other page change, from the sidebar, round the pages and back to the Overview.
             prev = "Map"
             for name in ("Review", "Map", "Review", "Duplicates", "Disagreements", "Impact", "Export", "Overview"):
@@ -327,6 +329,22 @@ def apptest_timings(db: Path) -> list[tuple[str, float]]:
     return rows
 
 
+def _previous(before: dict[str, Any]) -> str:
+    """One line on the bench's previous browser timings (reports/perf_map.json before this run) and the CPU
+    reference they were measured at: the same code's figures move with the machine (~2x between sessions), so
+    the margin under the bar on a slower machine shows beside this run's."""
+    rows = [(w, s) for w, s in before.get("browser", []) if FIRST not in w]
+    if not rows or not before.get("cpu_reference_s"):
+        return ""
+    what, worst = max(rows, key=lambda r: r[1])
+    over = sum(1 for _, s in rows if s > BAR_INTERACTION)
+    when = f", {before['browser_at']}" if before.get("browser_at") else ""
+    return (
+        f"The bench's previous run (CPU reference {before['cpu_reference_s']:.2f} s{when}): slowest {worst:.2f} s, "
+        f"{what}; {over} of {len(rows)} timings over the {BAR_INTERACTION:.0f} s bar."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/audit-bench50k-map"))
@@ -343,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu = cpu_reference()
     # --skip-compute keeps the compute rows of the last full run (reports/perf_map.json), said so in the table's
     # caption, so re-timing the page does not cost the ~4 minutes of fresh map computations.
-    prev = json.loads(OUT_JSON.read_text()) if a.skip_compute and OUT_JSON.exists() else {}
+    before = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {}
+    prev = before if a.skip_compute else {}
     scaling = prev.get("scaling", []) if a.skip_compute else compute_scaling([int(s) for s in a.sizes.split(",") if s])
     if prev and "at" not in prev:
         prev["at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(OUT_JSON.stat().st_mtime))
@@ -373,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         "load": [load0, load1],
         "cpu_reference_s": cpu,
         "at": prev.get("at") if a.skip_compute and prev else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "browser_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+    earlier = _previous(before)
     OUT_JSON.write_text(json.dumps(out, indent=1))
     md = [
         dbench.MAP_BEGIN,
@@ -418,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         f"WebGL), {a.n:,} images, at most {_max_points():,} drawn on the page's 2-D canvas "
         "(audit/dashboard/mapcanvas.py); from the action until the script run it caused has ended and the page has "
         "drawn it (the page counts ended runs; the Map page: until its canvas has drawn, another page: until its "
-        "heading shows and no element of the last page is left; Streamlit's \"Running...\" icon, which a run "
+        'heading shows and no element of the last page is left; Streamlit\'s "Running..." icon, which a run '
         "over 0.5 s shows, is not waited for while it fades out after the run). The whole sequence ran "
         f"{a.rounds} times in one "
         "browser session (the Map page's interactions, then every page change from the sidebar); the lasso "
@@ -437,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "the path as the pointer moves; no server round trip); releasing it is the Streamlit rerun that "
         "fills the gallery. Until 2026-12-02 the page drew a plotly WebGL scatter, which in a GPU-less Chromium "
         "ran through SwiftShader: colour changes took 1.2-4.2 s and drawing a lasso 6 s on this machine.",
+        *(["", earlier] if earlier else []),
         dbench.MAP_END,
         "",
     ]
