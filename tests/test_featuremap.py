@@ -396,6 +396,54 @@ def test_the_canvas_payload_groups_colours_like_the_figure_and_keeps_names_as_te
     assert mapcanvas.payload(moved, "given", [1, 2, 3])["key"] != got["key"]
 
 
+def test_the_outline_legend_counts_the_filters_images_on_the_map_not_only_the_drawn_ones():
+    import pandas as pd
+
+    from audit.dashboard import mapcanvas
+
+    pts = pd.DataFrame(
+        {"image_index": np.arange(6), "x": np.arange(6.0), "y": np.arange(6.0), "given": ["a"] * 6,
+         "current": ["a"] * 6, "flagged": [False] * 6, "checks": [""] * 6, "reviewed": [False] * 6,
+         "confidence": np.ones(6)}
+    )  # fmt: skip
+    legend = [e["name"] for e in mapcanvas.payload(pts, "given", [1, 2], matches=40)["legend"]]
+    assert legend[-1] == "filter matches (40; 2 drawn)"
+    assert mapcanvas.payload(pts, "given", [1, 2], matches=2)["legend"][-1]["name"] == "filter matches (2)"
+    assert mapcanvas.payload(pts, "given", [1, 2])["legend"][-1]["name"] == "filter matches (2)"
+
+
+def test_the_map_page_legend_counts_every_filter_match_when_it_draws_a_sample(map_ws, monkeypatch):
+    """Beyond the drawing limit the page draws a sample; the outline's legend still counts every image of the map
+    the filter keeps (the limit lowered here, as a 50,000-image workspace would need)."""
+    from streamlit.testing.v1 import AppTest
+
+    from audit import queries as q
+    from audit.dashboard import mapfig
+
+    _, db, _, _, _, _ = map_ws
+    monkeypatch.setenv("AUDIT_DB", str(db))
+    pts = mapview.map_points(db, *mapview.map_maps(db)["maps"][0])
+    # Here every image is flagged by some check (the synthetic images are near-duplicates), so the drawn half of the
+    # map is a sample of all of them, and of the filter's images.
+    keep = mapview.selected_images(db, q.Filters(kinds=(), checks=(), reviewed="all", images=tuple(range(0, 40, 2))))
+    limit = len(pts) // 2
+    real = mapfig.shown_points
+    monkeypatch.setattr(mapfig, "shown_points", lambda p, k=None: real(p, k, limit=limit))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=60)
+    at.query_params["page"] = "map"
+    at.session_state["f_images"] = [int(i) for i in keep]
+    at.session_state["f_kinds"] = []
+    at.session_state["f_reviewed"] = "all"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    (el,) = [e for e in at.main if e.type == "bidi_component" and e.proto.component_name == "audit_map"]
+    names = [e["name"] for e in json.loads(el.proto.mixed.json)["legend"]]  # the points go apart, as Arrow
+    on_map = int(np.isin(pts["image_index"], keep).sum())
+    (entry,) = [nm for nm in names if nm.startswith("filter matches")]
+    drawn = int(np.isin(real(pts, keep, limit=limit)["image_index"], keep).sum())
+    assert on_map == len(keep) and 0 < drawn < on_map and entry == f"filter matches ({on_map:,}; {drawn:,} drawn)"
+
+
 @pytest.mark.parametrize(
     ("state", "want"),
     [({"selection": {"lasso": {"x": [0, 1, 1.5], "y": [0, 0, 1]}}},

@@ -69,6 +69,7 @@ def payload(
     *,
     height: int = 640,
     selection: dict[str, Any] | None = None,
+    matches: int | None = None,
 ) -> dict[str, Any]:
     """What the element draws: the points of ``pts`` (already down-sampled, :func:`mapfig.shown_points`) in
     the colour groups of ``colour``, the filter's images (``highlight``) outlined, and the selection kept.
@@ -79,6 +80,8 @@ def payload(
     colour : key of :data:`audit.mapview.COLOURS`
     highlight : image indices outlined; None: none
     selection : the element's last ``selection`` state, drawn again after a redraw
+    matches : how many of the whole map's images the filter keeps (``pts`` may be a sample of the map: the
+        legend then says how many of them are drawn); None: as many as are drawn
     """
     n = len(pts)
     group = np.zeros(n, dtype=np.int32)
@@ -113,7 +116,7 @@ def payload(
         on = np.isin(idx, np.asarray(highlight, dtype=np.int64))
         if on.any() and not on.all():
             ring = on.astype(np.uint8)
-            legend.append({"name": f"filter matches ({int(on.sum()):,})", "colour": "#000", "ring": True})
+            legend.append({"name": _matches_name(int(on.sum()), matches), "colour": "#000", "ring": True})
     x = pts["x"].to_numpy(dtype=np.float32) if n else np.zeros(0, dtype=np.float32)
     y = pts["y"].to_numpy(dtype=np.float32) if n else np.zeros(0, dtype=np.float32)
     # The points as one frame: Streamlit sends a frame at the first level of ``data`` as Arrow (typed columns,
@@ -132,6 +135,13 @@ def payload(
     out: dict[str, Any] = {"points": points, **small, "key": h.hexdigest()}
     out["selection"] = selection
     return out
+
+
+def _matches_name(drawn: int, matches: int | None) -> str:
+    """The outline's legend entry: the filter's images on the map, and how many of them are drawn when fewer."""
+    if matches is None or matches <= drawn:
+        return f"filter matches ({drawn:,})"
+    return f"filter matches ({matches:,}; {drawn:,} drawn)"
 
 
 def _numbers(v: Any) -> bool:

@@ -1,8 +1,12 @@
-"""The Map page's figure: one WebGL scatter of the stored map, coloured by a chosen fact, filter matches on top.
+"""The Map's rules, shared by the page and the static pictures: which points are drawn, their colour groups, and
+which images a selection holds; and the static figure itself.
 
-Plotly's ``Scattergl`` draws 50,000 points in the browser in one WebGL context (SVG would make one
-element per point); the server sends each point's coordinates, its colour value and a short hover
-line once per draw. The same function draws the static pictures in reports/ (reports/map_report.py).
+* :func:`shown_points`: the points drawn (all, or a tiered sample beyond :data:`MAX_POINTS`);
+* :func:`colour_groups`: the colour groups of one colouring, which the page's canvas
+  (:mod:`audit.dashboard.mapcanvas`) and :func:`map_figure` both draw;
+* :func:`selected_from_event`: the images inside a lasso, box or click;
+* :func:`map_figure`: a plotly figure of the map, drawn for the pictures in reports/ (reports/map_report.py).
+  The page itself no longer draws plotly: its ``Scattergl`` needs WebGL (mapcanvas says why).
 
 Names are data: Plotly renders a subset of HTML in hover text and legend names (``<b>``, ``<br>``,
 ``<a href>``), so every user-controlled string is HTML-escaped before it reaches the figure, and
@@ -20,9 +24,9 @@ import pandas as pd
 __all__ = ["LEGEND_MAX", "MAX_POINTS", "colour_groups", "map_figure", "selected_from_event", "shown_points"]
 
 LEGEND_MAX = 20  # categories drawn as one legend entry each; more (ImageNet's 1,000) share one colour scale
-# Points drawn at most: each rerun sends every drawn point (coordinates, colour, hover text) to the browser, ~160
-# bytes a point; beyond this the flagged and filtered points are all drawn and the rest sampled (shown_points),
-# and a lasso or box still selects every image inside it (selected_from_event reads its geometry).
+# Points drawn at most: a rerun that changes the drawing sends every drawn point to the browser (~14 bytes a point
+# as Arrow, mapcanvas) and the canvas draws each; beyond this a tiered sample is drawn (shown_points), and a lasso
+# or box still selects every image inside it (selected_from_event reads its geometry).
 MAX_POINTS = 15_000
 _GREY = "#b8b8b8"
 _FLAG = "#d62728"

@@ -6,6 +6,7 @@ The points are drawn by :mod:`audit.dashboard.mapcanvas` (a 2-D canvas: no WebGL
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -94,8 +95,13 @@ def page_map() -> None:
         f"images; the wheel zooms, Pan drags. Rest the pointer on a point for its thumbnail and labels.{sampled}"
     )
     last = ss.get("m_canvas")
+    # The legend counts every image of the map the filter keeps, not only the drawn ones (a sample beyond 15,000).
+    matches = (
+        int(np.isin(pts["image_index"].to_numpy(), np.asarray(hl, dtype=np.int64)).sum()) if hl is not None else None
+    )
     state = mapcanvas.draw(
-        mapcanvas.payload(drawn, ss["m_colour"], hl, selection=last["selection"] if last else None), key="m_canvas"
+        mapcanvas.payload(drawn, ss["m_colour"], hl, selection=last["selection"] if last else None, matches=matches),
+        key="m_canvas",
     )
     map_hover(model, method)
     sel = mapfig.selected_from_event(mapcanvas.selection_event(state), pts)
