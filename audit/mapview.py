@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from audit.featuremap import current_maps, read_current, read_map
-from audit.queries import ENSEMBLE, Filters, Reader, _joined, _open, _path, _selection, _with_facts, per_run
+from audit.queries import ENSEMBLE, NO_FIT, Filters, Reader, _joined, _open, _path, _selection, _with_facts, per_run
 
 __all__ = ["COLOURS", "map_maps", "map_points", "selected_images"]
 
@@ -32,7 +32,6 @@ COLOURS = {
     "reviewed": "reviewed",
     "confidence": "model confidence",
 }
-NO_FIT = "(no class fits)"
 NO_MAP = "map: none stored in this workspace; rerun audit run (with features, 100 images or more) to compute it"
 
 

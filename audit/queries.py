@@ -61,7 +61,7 @@ __all__ = [
     "HEADLINE",
     "ISSUE_KINDS",
     "NEIGHBOURS_K",
-    "NO_FIT_SUGGESTED",
+    "NO_FIT",
     "READ_TIMEOUT",
     "RERUN_FOR_NEIGHBOURS",
     "SORTS",
@@ -111,9 +111,10 @@ HEADLINE = {
     "truth": "top1",  # against --truth, the trusted labels (audit.truth)
 }
 ISSUE_KINDS = ("wrong_label", "multi_label", "no_fit", "model_disagreement")
-# The name shown for a flag's suggestion when it is that no class fits (label_issues.suggested_label -1 on a
-# flagged image, the no_fit kind): fixed text in brackets, so it never reads as a class of the label space.
-NO_FIT_SUGGESTED = "(no class fits)"
+# The name shown where no class fits: a flag's suggestion that none does (label_issues.suggested_label -1 on a
+# flagged image, the no_fit kind), and a current label of none (a reviewer left the image out). Fixed text in
+# brackets, so it never reads as a class of the label space.
+NO_FIT = "(no class fits)"
 _DUP_EXCLUDED = "(excluded: a duplicate)"  # the label set a duplicate decision leaves: none, for a stated reason
 # Kinds of disagreement an image can show; a filter keeps images showing any of those selected.
 DISAGREEMENTS = {
@@ -355,7 +356,7 @@ def flagged_issues(db: str | Path | Reader, *, limit: int | None = None) -> pd.D
             ORDER BY li.label_quality, i.image_id
             LIMIT ?
             """,
-            [NO_FIT_SUGGESTED, limit if limit is not None else 2**62],
+            [NO_FIT, limit if limit is not None else 2**62],
         ).df()
 
 
@@ -482,7 +483,7 @@ def _findings(
 
     Each finding is a dict: check, score (None: not assessed), is_issue, suggests ("label",
     "image" or None), suggestion (a class or image index, None: none), suggested (the class
-    name or partner image id it names; :data:`NO_FIT_SUGGESTED` for a label flag whose
+    name or partner image id it names; :data:`NO_FIT` for a label flag whose
     suggestion is that no class fits), partners ([(image index, image id), ...]: the
     suggested image first, then the info's ``partners``) and info (the JSON details).
     """
@@ -524,7 +525,7 @@ def _findings(
             suggested = names.get(sug, str(sug))
         elif suggests == "label":
             # The label check stores -1 for "no class fits" on a no_fit flag (as label_issues does).
-            suggested = NO_FIT_SUGGESTED if is_issue and info.get("issue_kind") == "no_fit" else None
+            suggested = NO_FIT if is_issue and info.get("issue_kind") == "no_fit" else None
         elif suggests == "image":
             suggested = None if sug is None else ids.get(sug, f"#{sug}")
         else:
@@ -982,7 +983,7 @@ def gallery(db: str | Path | Reader, filters: Filters, page: int = 0, page_size:
     A page past the end gives the last page. The frame has one row per image:
     image_index, image_id, label, given (name), real_labels, real (names),
     label_quality, is_label_issue, issue_kind, suggested_label (a class index, or None where no
-    class is suggested), suggested (its name; :data:`NO_FIT_SUGGESTED` where a flag suggests that
+    class is suggested), suggested (its name; :data:`NO_FIT` where a flag suggests that
     no class fits), suggested_confidence, reviewed, current_labels, current (names),
     dis_label, dis_models, dis_real, n_wrong, check_issue and check_score (an issue for / the lowest
     score of the checks ``filters.checks`` selects), ``top3``: a list of
@@ -1074,7 +1075,7 @@ def _add_names(con: duckdb.DuckDBPyConnection, df: pd.DataFrame) -> None:
         sug = [None if _missing(x) or int(x) < 0 else int(x) for x in df["suggested_label"]]
         df["suggested"] = pd.Series(
             [
-                names.get(x, str(x)) if x is not None else NO_FIT_SUGGESTED if bool(f) else None
+                names.get(x, str(x)) if x is not None else NO_FIT if bool(f) else None
                 for x, f in zip(sug, flagged, strict=True)
             ],
             index=df.index,
@@ -1210,7 +1211,7 @@ def image_detail(db: str | Path | Reader, image_index: int) -> dict[str, Any] | 
     for col in ("old_labels", "new_labels"):
         # An empty set is "no class fits", or for a duplicate decision a copy left out (its reason says of what).
         hist[col.replace("_labels", "")] = [
-            _joined(names, v, _DUP_EXCLUDED if col == "new_labels" and a == "duplicate" else "(no class fits)")
+            _joined(names, v, _DUP_EXCLUDED if col == "new_labels" and a == "duplicate" else NO_FIT)
             for v, a in zip(hist[col], hist["action"], strict=True)
         ]
     row = {k: _plain(v) for k, v in df.iloc[0].items()}

@@ -199,9 +199,9 @@ def test_a_run_stores_the_best_fitting_models_map_and_the_read_side_joins_labels
 
 
 def test_the_maps_current_label_follows_decisions_one_label_several_or_none(map_ws):
-    """A point's ``current`` is the current label's name, several joined by '; ', or NO_FIT when excluded: one
+    """A point's ``current`` is the current label's name, several joined by '; ', or queries.NO_FIT when excluded: one
     vectorised lookup for single labels, the rest one by one, the same names either way."""
-    from audit.queries import record_decision
+    from audit.queries import NO_FIT, record_decision
 
     _, db, ds, _, _, _ = map_ws
     names = ds.label_space.names
@@ -214,7 +214,7 @@ def test_the_maps_current_label_follows_decisions_one_label_several_or_none(map_
         done.append(record_decision(db, 2, "relabel", labels=[3], reviewer="t"))
         pts = mapview.map_points(db, model, method).set_index("image_index")
         assert set(pts.loc[0, "current"].split("; ")) == {names[1], names[2]}
-        assert pts.loc[1, "current"] == mapview.NO_FIT
+        assert pts.loc[1, "current"] == NO_FIT
         assert pts.loc[2, "current"] == names[3] and bool(pts.loc[2, "reviewed"])
         rest = pts.drop(index=[0, 1, 2])
         assert (rest["current"] == [names[i] for i in ds.labels[rest.index.to_numpy()]]).all()

@@ -49,13 +49,13 @@ def test_a_no_fit_flag_suggests_no_class_and_accepting_it_records_no_fit(tmp_pat
     assert no_fit, "the weak heads were expected to flag images that no class fits"
     img = no_fit[0]
     d = q.image_detail(db, img)
-    assert d["issue_kind"] == "no_fit" and d["suggested_label"] is None and d["suggested"] == q.NO_FIT_SUGGESTED
+    assert d["issue_kind"] == "no_fit" and d["suggested_label"] is None and d["suggested"] == q.NO_FIT
     _, g = q.gallery(db, q.Filters(kinds=("flagged",), reviewed="all"), 0, 100)
     row = g.set_index("image_index").loc[img]
-    assert row["suggested_label"] is None and row["suggested"] == q.NO_FIT_SUGGESTED
-    assert q.flagged_issues(db).set_index("image_index").at[img, "suggested"] == q.NO_FIT_SUGGESTED  # audit issues
+    assert row["suggested_label"] is None and row["suggested"] == q.NO_FIT
+    assert q.flagged_issues(db).set_index("image_index").at[img, "suggested"] == q.NO_FIT  # audit issues
     at = _review(db, img, monkeypatch)
-    assert any(f"suggested {q.NO_FIT_SUGGESTED} (" in t.value for t in at.text)
+    assert any(f"suggested {q.NO_FIT} (" in t.value for t in at.text)
     assert -1 not in at.multiselect(key=f"multi_to_{img}").value
     at.button(key="do_accept").click().run()
     assert not at.exception, [e.value for e in at.exception]
