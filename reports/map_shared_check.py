@@ -79,6 +79,18 @@ def check(name: str, src: Path, tmp: Path) -> list[str]:
     return rows
 
 
+def _workspace_line(db: Path) -> str:
+    """What the workspace holds (the dataset, its label space, the models scored), read from it."""
+    from audit import queries as q
+
+    r = q.run_summary(db)
+    where = "/".join(Path(str(r["dataset_root"])).parts[-2:])
+    return (
+        f"Workspace: {r['images']:,} images of {where} ({r['layout']}), "
+        f"{r['classes']:,} classes, {r['flagged']:,} flagged; models: {', '.join(r['models'])}."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ws", action="append", required=True, metavar="NAME=DB", help="an audited workspace")
@@ -98,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             if not name or not Path(path).is_file():
                 print(f"map_shared_check: --ws {spec!r}: expected NAME=PATH of a workspace file", file=sys.stderr)
                 return 2
-            md += [f"## {name}", "", "| step | seconds | what it showed |", "|---|---:|---|"]
+            md += [f"## {name}", "", _workspace_line(Path(path)), ""]
+            md += ["| step | seconds | what it showed |", "|---|---:|---|"]
             try:
                 md += check(name, Path(path), Path(tmp))
             except Exception as e:  # a failed step is the finding: it is written down
