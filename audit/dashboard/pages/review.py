@@ -135,7 +135,7 @@ def neighbours_view(image: int) -> None:
     head[1].selectbox("neighbours shown", NEIGHBOUR_COUNTS, key="n_k", label_visibility="collapsed")
     cards = []
     for r in nb["neighbours"].itertuples(index=False):
-        label = shown(r.current) if r.current else "(no class fits)"
+        label = shown(r.current) if r.current else q.NO_FIT
         sim = "–" if r.similarity is None or pd.isna(r.similarity) else f"{r.similarity:.3f}"
         mark = f" · {shown(r.duplicate)}" if r.duplicate else ""
         data, why = thumb_bytes(r.image_id, 112)
