@@ -1373,9 +1373,21 @@ def image_neighbours(db: str | Path | Reader, image_index: int, k: int = NEIGHBO
         for r, j in enumerate(j for j in order if j in by)
     ]
     own = by[idx][2] if idx in by else []
-    frame = pd.DataFrame(rows, columns=empty.columns)
+    frame = _frame_with_none(rows, list(empty.columns), ("duplicate", "current"))
     summary = neighbour_summary(own, [r["current_labels"] for r in rows], names)
     return {"note": None, "summary": summary, "neighbours": frame}
+
+
+def _frame_with_none(rows: Sequence[Mapping[str, Any]], columns: list[str], optional: Sequence[str]) -> pd.DataFrame:
+    """``rows`` as a frame whose ``optional`` text columns are object columns holding None where a row has no value.
+
+    Why: pandas 3 infers a string column from strings mixed with None and stores NaN in it, which is truthy; the
+    Review page's neighbour cards then showed "nan" and marked every neighbour a duplicate once one was.
+    """
+    frame = pd.DataFrame(rows, columns=columns)
+    for col in optional:
+        frame[col] = pd.Series([r[col] for r in rows], index=frame.index, dtype=object)
+    return frame
 
 
 def _imagenet_top(con: duckdb.DuckDBPyConnection, idx: int, k: int = 3) -> list[tuple[str, list[tuple[str, float]]]]:

@@ -141,6 +141,16 @@ def test_a_tiny_set_is_padded_and_an_image_without_features_has_none():
 # --------------------------------------------------------------------------- the summary line
 
 
+def test_optional_text_columns_hold_none_not_nan():
+    """Strings mixed with None: pandas 3 would infer a string column holding NaN (truthy); the neighbours' frame
+    keeps None, as documented, so a card neither shows "nan" nor marks a neighbour that is no duplicate."""
+    rows = [{"i": 1, "duplicate": "near duplicate", "current": None}, {"i": 2, "duplicate": None, "current": "cat"}]
+    got = q._frame_with_none(rows, ["i", "duplicate", "current"], ("duplicate", "current"))
+    assert got["duplicate"].tolist() == ["near duplicate", None] and got["current"].tolist() == [None, "cat"]
+    assert got["i"].tolist() == [1, 2] and got["duplicate"].dtype == object
+    assert q._frame_with_none([], ["i", "duplicate", "current"], ("duplicate", "current")).empty
+
+
 def test_summary_line_counts_the_neighbours_current_labels():
     names = {0: "pot", 1: "vase", 2: "cup"}
     assert q.neighbour_summary([0], [[0]] * 6 + [[1], [2]], names) == "6 of 8 neighbours labelled pot"
@@ -220,6 +230,10 @@ def test_image_neighbours_puts_the_duplicate_first_with_current_labels(imagenet_
         if f["suggests"] == "image" and f["is_issue"]
         for p, _ in f["partners"]
     }
+    # None where a neighbour is no duplicate, as documented (not the NaN pandas 3 stores in an inferred string
+    # column, which is truthy: every card was marked a duplicate and showed "nan").
+    wide = q.image_neighbours(db, i, 50)["neighbours"]
+    assert wide.duplicate.dtype == object and all(v is None or isinstance(v, str) for v in wide.duplicate)
     marked = df.duplicate.notna().tolist()
     assert marked == sorted(marked, reverse=True) and set(df.image_index[df.duplicate.notna()]) <= partners
     assert i not in set(df.image_index)
@@ -233,6 +247,10 @@ def test_image_neighbours_puts_the_duplicate_first_with_current_labels(imagenet_
     row = after["neighbours"].iloc[0]
     assert row.current_labels == [own[0]] and row.reviewed and row.current == names[own[0]]
     assert after["summary"].startswith(f"{same + 1} of 8 neighbours labelled")
+    q.record_decision(db, j, "no_fit", reviewer="t")  # left out: its current is None beside the others' names
+    cur = q.image_neighbours(db, i)["neighbours"]["current"].tolist()
+    assert cur[0] is None and all(isinstance(v, str) for v in cur[1:])
+    q.record_decision(db, j, "undo", reviewer="t")
     q.record_decision(db, j, "undo", reviewer="t")
     assert q.image_neighbours(db, i)["summary"] == got["summary"]
     # k: fewer, or all that are stored.
@@ -325,6 +343,9 @@ def test_review_page_shows_the_neighbours_and_opens_one(custom_ws, _env, monkeyp
     cards = strip_cards(at, "nbr_strip")
     assert [c["idx"] for c in cards] == got["neighbours"]["image_index"].tolist()
     assert {c["button"] for c in cards} == {"Open"} and all(c["thumb"].startswith("data:image/jpeg") for c in cards)
+    # Only duplicates are marked; no card reads "nan" (a missing value shown as text).
+    assert [c["mark"] for c in cards] == got["neighbours"]["duplicate"].notna().tolist()
+    assert not [ln for c in cards for ln in c["lines"] if "nan" in ln.split(" · ")]
     click_strip(at, "nbr_strip", int(first.image_index))
     assert at.session_state["image"] == first.image_index and f"image #{first.image_index}" in texts(at)
     assert markdown_leaks(at, MARK) == []

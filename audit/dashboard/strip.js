@@ -1,4 +1,4 @@
-// A row (or rows) of thumbnail cards with one button each: the Review page's neighbours and queue
+// A row (or rows) of thumbnail cards with one button each: the Review page's partners, neighbours and queue
 // (audit/dashboard/strip.py). A Streamlit components-v2 element; names are set as textContent only.
 export default function (component) {
   const { data, setTriggerValue, parentElement } = component;

@@ -1,4 +1,5 @@
-"""A strip of thumbnail cards, each with one button: the Review page's nearest images and its queue.
+"""A strip of thumbnail cards, each with one button: the Review page's partner images (duplicates), its nearest
+images and its queue.
 
 Why one element and not Streamlit columns of ``st.image`` + ``st.text`` + ``st.button``: a decision on the Review
 page redraws every card. As Streamlit elements the two strips were ~45 of them (8 neighbours and 7 queue images,

@@ -110,14 +110,13 @@ def findings_view(findings: list[dict[str, Any]]) -> None:
             partners.setdefault(int(idx), (x["check"], image_id))
     if not partners:
         return
-    shown_partners = list(partners.items())[:PARTNERS]
-    cols = st.columns(len(shown_partners))
-    for col, (idx, (check, image_id)) in zip(cols, shown_partners, strict=True):
-        with col:
-            show_image(image_id, 112)
-            st.text(f"{shown(check)}: {shown(image_id)} · #{idx}")
-            # The names are the text above: button labels render Markdown.
-            st.button("Open", key=f"open_{idx}", on_click=goto, args=("Review", idx))
+    # One strip, as the neighbours (audit.dashboard.strip): names reach the cards as text, never Markdown.
+    cards = []
+    for idx, (check, image_id) in list(partners.items())[:PARTNERS]:
+        data, why = thumb_bytes(image_id, 112)
+        lines = [f"{shown(check)}: {shown(image_id)}", f"#{idx}"]
+        cards.append(strip.card(idx, lines, button="Open", thumb=data, why=why, mark=True))
+    strip.draw(cards, key="partner_strip", columns=len(cards), size=112, on_open=open_image)
     if len(partners) > PARTNERS:
         st.text(f"and {len(partners) - PARTNERS:,} more partner images")
 
