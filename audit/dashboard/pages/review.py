@@ -34,6 +34,9 @@ from audit.store import ACTIONS
 __all__ = ["act", "page_review"]
 
 PARTNERS = 6  # partner images (duplicates) shown on the review page
+# Partner cards to a row: the strip sits in the page's right-hand column, where six to a row left each card ~75 px
+# and wrapped "near_duplicate:" mid-word; four fit a 112-px thumbnail and the check's name.
+PARTNER_COLUMNS = 4
 
 NEIGHBOUR_COUNTS = (4, 8, 12, 16, 20)  # how many nearest images the review page can show (20 are stored)
 
@@ -116,7 +119,7 @@ def findings_view(findings: list[dict[str, Any]]) -> None:
         data, why = thumb_bytes(image_id, 112)
         lines = [f"{shown(check)}: {shown(image_id)}", f"#{idx}"]
         cards.append(strip.card(idx, lines, button="Open", thumb=data, why=why, mark=True))
-    strip.draw(cards, key="partner_strip", columns=len(cards), size=112, on_open=open_image)
+    strip.draw(cards, key="partner_strip", columns=min(len(cards), PARTNER_COLUMNS), size=112, on_open=open_image)
     if len(partners) > PARTNERS:
         st.text(f"and {len(partners) - PARTNERS:,} more partner images")
 
