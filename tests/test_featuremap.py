@@ -323,6 +323,40 @@ def test_map_page_draws_and_a_selection_goes_to_review(map_ws, monkeypatch):
     assert any("selected on the Map page" in i.value for i in at.info)
 
 
+def test_the_maps_selection_is_kept_while_the_reviewer_visits_other_pages(map_ws, monkeypatch):
+    """Streamlit drops the canvas's state once another page has run; the selection (and its gallery) is drawn
+    again on return, until the reviewer clears it."""
+    from streamlit.testing.v1 import AppTest
+
+    _, db, _, _, _, _ = map_ws
+    monkeypatch.setenv("AUDIT_DB", str(db))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=60)
+    at.query_params["page"] = "map"
+    at.run()
+    box = {"box": {"x": [-1e9, 1e9], "y": [-1e9, 1e9]}}  # every point
+    at.session_state["m_canvas"] = {"selection": box}
+    at.run()
+    n = len(mapview.map_points(db, *mapview.map_maps(db)["maps"][0]))
+
+    def selected() -> str | None:
+        return {m.label: m.value for m in at.metric}.get("selected images")
+
+    assert selected() == f"{n:,}"
+    for page in ("Overview", "Review", "Map"):
+        at.sidebar.radio(key="page").set_value(page).run()
+        assert not at.exception, [e.value for e in at.exception]
+    assert "m_canvas" not in at.session_state or at.session_state["m_canvas"]["selection"] == box
+    assert selected() == f"{n:,}"
+    (el,) = [e for e in at.main if e.type == "bidi_component" and e.proto.component_name == "audit_map"]
+    assert json.loads(el.proto.mixed.json)["selection"] == box  # the element draws it again
+    at.session_state["m_canvas"] = {"selection": None}  # "Clear selection"
+    at.run()
+    assert selected() is None
+    for page in ("Overview", "Map"):
+        at.sidebar.radio(key="page").set_value(page).run()
+    assert selected() is None and not at.exception
+
+
 def test_hovering_a_point_hands_its_thumbnail_and_labels_to_the_card(map_ws, monkeypatch):
     """The hover element's state (the point the pointer rests on) reruns the page; the element's data then holds
     that image's JPEG thumbnail and labels. AppTest sets the state a browser's hover would (the browser test

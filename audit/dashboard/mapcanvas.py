@@ -172,6 +172,9 @@ def selection_event(state: Any) -> dict[str, Any]:
     return {"selection": out}
 
 
-def draw(data: dict[str, Any], *, key: str) -> Any:
-    """Mount the element; its result's ``selection`` is the reviewer's last lasso, box or click (or None)."""
-    return _element()(key=key, data=data, default={"selection": None}, on_selection_change=lambda: None)
+def draw(data: dict[str, Any], *, key: str, selection: dict[str, Any] | None = None) -> Any:
+    """Mount the element; its result's ``selection`` is the reviewer's last lasso, box or click (or None).
+
+    ``selection``: the element's state when it mounts (a selection kept from an earlier visit to the page; the
+    element draws it from ``data["selection"]``)."""
+    return _element()(key=key, data=data, default={"selection": selection}, on_selection_change=lambda: None)

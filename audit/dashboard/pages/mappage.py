@@ -6,6 +6,8 @@ The points are drawn by :mod:`audit.dashboard.mapcanvas` (a 2-D canvas: no WebGL
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -44,6 +46,29 @@ def take_selection(images: list[int], page: str) -> None:
     ss["page"] = page
 
 
+KEPT = "_m_kept"  # (map, selection): the Map's last selection, kept while the reviewer is on other pages
+
+
+def kept_selection(state: Any, current_map: tuple[str, str]) -> dict[str, Any] | None:
+    """The selection to draw: the canvas's own while it is on the page (``state``: its widget state, None once
+    Streamlit has dropped it, i.e. after a visit to another page), else the one kept from the last visit to the
+    same map; remembered for the next visit."""
+    ss = st.session_state
+    try:
+        sel = state["selection"]  # the element's state (a mapping Streamlit wraps), while it is on the page
+    except (KeyError, TypeError):
+        kept = ss.get(KEPT)
+        sel = kept[1] if kept and tuple(kept[0]) == tuple(current_map) else None
+    ss[KEPT] = (tuple(current_map), sel)
+    return sel
+
+
+def _map_changed() -> None:
+    """Another map: the last one's selection is in its coordinates, so neither it nor the kept one applies."""
+    st.session_state.pop(KEPT, None)
+    st.session_state.pop("m_canvas", None)
+
+
 @st.fragment
 def map_hover(model: str, method: str) -> None:
     """The thumbnail card of the point under the pointer (audit.dashboard.maphover). A fragment: the point the
@@ -69,7 +94,11 @@ def page_map() -> None:
         ss["m_map"] = maps[0]
     top = st.columns([3, 3, 2])
     top[0].selectbox(
-        "Map (features of one model)", maps, format_func=lambda m: f"{shown(m[0])} · {m[1].upper()}", key="m_map"
+        "Map (features of one model)",
+        maps,
+        format_func=lambda m: f"{shown(m[0])} · {m[1].upper()}",
+        key="m_map",
+        on_change=_map_changed,
     )
     top[1].selectbox("Colour by", list(mapview.COLOURS), format_func=mapview.COLOURS.get, key="m_colour")
     top[2].toggle(
@@ -94,14 +123,15 @@ def page_map() -> None:
         f"{len(pts):,} images. Draw a lasso or a box (Lasso / Box above the map), or click a point, to see those "
         f"images; the wheel zooms, Pan drags. Rest the pointer on a point for its thumbnail and labels.{sampled}"
     )
-    last = ss.get("m_canvas")
+    last = kept_selection(ss.get("m_canvas"), (model, method))
     # The legend counts every image of the map the filter keeps, not only the drawn ones (a sample beyond 15,000).
     matches = (
         int(np.isin(pts["image_index"].to_numpy(), np.asarray(hl, dtype=np.int64)).sum()) if hl is not None else None
     )
     state = mapcanvas.draw(
-        mapcanvas.payload(drawn, ss["m_colour"], hl, selection=last["selection"] if last else None, matches=matches),
+        mapcanvas.payload(drawn, ss["m_colour"], hl, selection=last, matches=matches),
         key="m_canvas",
+        selection=last,
     )
     map_hover(model, method)
     sel = mapfig.selected_from_event(mapcanvas.selection_event(state), pts)
