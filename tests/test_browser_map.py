@@ -87,7 +87,9 @@ def test_map_select_review_neighbour_decide_impact(map_ws, tmp_path):  # noqa: F
         page.get_by_text(re.compile(rf"of {n_sel:,}")).first.wait_for()
         # Open the first neighbour in the panel and decide it.
         page.get_by_text("Nearest images in feature space").wait_for()
-        first = page.get_by_test_id("auditStripCard").first  # the neighbours' strip (audit.dashboard.strip)
+        # The neighbours' strip (audit.dashboard.strip; Streamlit marks a keyed element's box with st-key-<key>): the
+        # partner images' strip comes first on the page.
+        first = page.locator(".st-key-nbr_strip [data-testid='auditStripCard']").first
         idx = first.get_attribute("data-idx")
         assert first.locator("img").get_attribute("src").startswith("data:image/jpeg;base64,")
         first.get_by_role("button", name="Open").click()
