@@ -303,6 +303,22 @@ def test_map_page_draws_and_a_selection_goes_to_review(map_ws, monkeypatch):
     assert not at.exception, [e.value for e in at.exception]
     want = int(((pts["x"] >= x0) & (pts["x"] <= x1) & (pts["y"] >= y0) & (pts["y"] <= y1)).sum())
     assert want >= len(inner) and {m.label: m.value for m in at.metric}["selected images"] == f"{want:,}"
+    # Its first images as the gallery's cards (the same lines: runtime.card_lines), in one strip; Review opens one.
+    from test_app import click_strip, strip_cards
+
+    from audit import queries as q
+    from audit.dashboard.pages.mappage import SELECTION_CARDS
+
+    cards = strip_cards(at, "m_sel_strip")
+    f = q.Filters(kinds=(), checks=(), reviewed="all", sort="image", images=tuple(pts.loc[
+        (pts["x"] >= x0) & (pts["x"] <= x1) & (pts["y"] >= y0) & (pts["y"] <= y1), "image_index"]))  # fmt: skip
+    _, rows = q.gallery(db, f, 0, SELECTION_CARDS)
+    assert [c["idx"] for c in cards] == rows["image_index"].tolist() and {c["button"] for c in cards} == {"Review"}
+    assert all(c["thumb"].startswith("data:image/jpeg;base64,") for c in cards)
+    assert cards[0]["lines"][0].startswith("given ") and f"#{cards[0]['idx']}" in cards[0]["lines"][1]
+    click_strip(at, "m_sel_strip", cards[1]["idx"])
+    assert at.session_state["page"] == "Review" and at.session_state["image"] == cards[1]["idx"]
+    at.sidebar.radio(key="page").set_value("Map").run()
     at.session_state["m_canvas"] = {"selection": {"points": [int(inner["image_index"].iloc[0])]}}
     at.run()
     assert {m.label: m.value for m in at.metric}["selected images"] == "1"

@@ -45,6 +45,7 @@ __all__ = [
     "PAGE_SIZE",
     "THUMB",
     "card",
+    "card_lines",
     "check_token",
     "class_label",
     "class_labels",
@@ -322,27 +323,35 @@ def who_and_why() -> dict[str, str | None]:
     return {"reviewer": (ss.get("reviewer") or "").strip() or None, "reason": (ss.get("reason") or "").strip()}
 
 
-def card(row: pd.Series, extra: bool = False) -> None:
+def card_lines(row: Any, extra: bool = False) -> list[str]:
+    """What a gallery card says about one image (a row of :func:`audit.queries.gallery`), line by line, as plain
+    text: the one owner of a card's content, which the Disagreements gallery and the Map's selection both show.
+    ``extra``: also which checks flagged it, each with its score and what it suggests."""
+    sugg = f" → {shown(row.suggested)} ({row.suggested_confidence:.0%})" if row.is_label_issue else ""
+    bits = [shown(row.image_id), f"#{row.image_index}"]
+    if pd.notna(row.label_quality):
+        bits.append(f"quality {row.label_quality:.3f}")
+    if row.issue_kind:
+        bits.append(shown(row.issue_kind).replace("_", " "))
+    if row.reviewed:
+        bits.append(f"reviewed: {shown(row.current) or 'no class fits'}")
+    lines = [f"given {shown(row.given)}{sugg}", " · ".join(bits)]
+    if row.real is not None:
+        lines.append(f"ReaL: {shown(row.real) or '(none fits)'}")
+    lines += [f"{shown(m)}: " + ", ".join(f"{shown(n)} {p:.0%}" for _, n, p in top) for m, top in row.top3]
+    if extra:
+        lines.append(
+            "flagged by: " + ("; ".join(shown(q.finding_line(x, short=True)) for x in row.findings) or "no check")
+        )
+    return lines
+
+
+def card(row: Any, extra: bool = False) -> None:
+    """A gallery card: the thumbnail, :func:`card_lines` and a button that reviews the image."""
     with st.container(border=True):
         show_image(row.image_id, THUMB)
-        sugg = f" → {shown(row.suggested)} ({row.suggested_confidence:.0%})" if row.is_label_issue else ""
-        bits = [shown(row.image_id), f"#{row.image_index}"]
-        if pd.notna(row.label_quality):
-            bits.append(f"quality {row.label_quality:.3f}")
-        if row.issue_kind:
-            bits.append(shown(row.issue_kind).replace("_", " "))
-        if row.reviewed:
-            bits.append(f"reviewed: {shown(row.current) or 'no class fits'}")
-        lines = [f"given {shown(row.given)}{sugg}", " · ".join(bits)]
-        if row.real is not None:
-            lines.append(f"ReaL: {shown(row.real) or '(none fits)'}")
-        lines += [f"{shown(m)}: " + ", ".join(f"{shown(n)} {p:.0%}" for _, n, p in top) for m, top in row.top3]
-        if extra:  # which checks flagged it, each with its score and what it suggests
-            lines.append(
-                "flagged by: " + ("; ".join(shown(q.finding_line(x, short=True)) for x in row.findings) or "no check")
-            )
         # One plain-text element per card: names are data, never Markdown (audit.dashboard.ui).
-        st.text("\n".join(lines))
+        st.text("\n".join(card_lines(row, extra)))
         st.button("Review", key=f"rev_{row.image_index}", on_click=goto, args=("Review", int(row.image_index)))
 
 

@@ -1,4 +1,5 @@
-// A row (or rows) of thumbnail cards with one button each: the Review page's partners, neighbours and queue
+// A row (or rows) of thumbnail cards with one button each: the Review page's partners, neighbours and queue;
+// the Map's selection
 // (audit/dashboard/strip.py). A Streamlit components-v2 element; names are set as textContent only.
 export default function (component) {
   const { data, setTriggerValue, parentElement } = component;
@@ -10,6 +11,7 @@ export default function (component) {
     grid = document.createElement("div"); grid.className = "strip"; grid.setAttribute("data-testid", "auditStrip");
     root.appendChild(grid);
   }
+  grid.classList.toggle("boxed", !!data.boxed);
   grid.style.setProperty("--cols", String(data.columns));
   grid.style.setProperty("--size", data.size + "px");
   const cards = [];

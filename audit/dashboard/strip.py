@@ -1,5 +1,5 @@
 """A strip of thumbnail cards, each with one button: the Review page's partner images (duplicates), its nearest
-images and its queue.
+images and its queue; the Map's selection.
 
 Why one element and not Streamlit columns of ``st.image`` + ``st.text`` + ``st.button``: a decision on the Review
 page redraws every card. As Streamlit elements the two strips were ~45 of them (8 neighbours and 7 queue images,
@@ -86,9 +86,18 @@ def opened_index(value: Any) -> int | None:
     return None
 
 
-def draw(cards: Sequence[dict[str, Any]], *, key: str, columns: int, size: int, on_open: Callable[[int], None]) -> None:
+def draw(
+    cards: Sequence[dict[str, Any]],
+    *,
+    key: str,
+    columns: int,
+    size: int,
+    on_open: Callable[[int], None],
+    boxed: bool = False,
+) -> None:
     """Mount a strip of ``cards`` laid out ``columns`` to a row, thumbnails at most ``size`` px; a click on a
-    card's button calls ``on_open(index)`` before the rerun."""
+    card's button calls ``on_open(index)`` before the rerun. ``boxed``: each card in a bordered box, as the
+    gallery's (``st.container(border=True)``)."""
     import streamlit as st
 
     def _opened() -> None:
@@ -96,7 +105,9 @@ def draw(cards: Sequence[dict[str, Any]], *, key: str, columns: int, size: int, 
         if idx is not None:
             on_open(idx)
 
-    data: dict[str, Any] = {"cards": list(cards), "columns": max(1, int(columns)), "size": int(size)}
+    data: dict[str, Any] = {
+        "cards": list(cards), "columns": max(1, int(columns)), "size": int(size), "boxed": bool(boxed)
+    }  # fmt: skip
     # A digest of what is drawn: the element rebuilds its cards only when it changes.
     data["key"] = hashlib.blake2b(json.dumps(data, sort_keys=True).encode(), digest_size=8).hexdigest()
     _element()(key=key, data=data, default={}, on_open_change=_opened)
