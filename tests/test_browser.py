@@ -131,22 +131,28 @@ LOCAL = {"127.0.0.1", "localhost"}
 _MARKUP_JS = """
 (mark) => {
   const found = [];
+  // The document and every open shadow root in it: the dashboard's own elements (audit.dashboard.strip, the Map's
+  // canvas and hover card) draw inside one, which document.querySelectorAll does not enter.
+  const roots = [document];
+  for (let i = 0; i < roots.length; i++)
+    for (const el of roots[i].querySelectorAll("*")) if (el.shadowRoot) roots.push(el.shadowRoot);
+  const all = (sel) => roots.flatMap((r) => [...r.querySelectorAll(sel)]);
   const markup = "strong, em, b, i, del, s, a, blockquote, h1, h2, h3, h4, h5, h6, .katex, [class*='katex']";
   // Layout a Markdown renderer makes; a dataframe's own grid (an accessible <table>, styled divs) and a
   // chart's SVG draw their data as text, and st.code's <pre> block shows it literally: not markup.
   const layout = "li, table, hr, [style*='color'], [style*='background']";
   const data = "[data-testid='stDataFrame'], [data-testid='stVegaLiteChart'], .vega-embed, svg, pre";
-  for (const el of document.querySelectorAll(markup)) {
+  for (const el of all(markup)) {
     if ((el.textContent || "").includes(mark)) found.push(el.tagName + " " + el.outerHTML.slice(0, 160));
   }
-  for (const el of document.querySelectorAll(layout)) {
+  for (const el of all(layout)) {
     if (!el.closest(data) && (el.textContent || "").includes(mark))
       found.push(el.tagName + " " + el.outerHTML.slice(0, 160));
   }
-  for (const el of document.querySelectorAll("code")) {  // inline code: Markdown backticks; st.code is <pre><code>
+  for (const el of all("code")) {  // inline code: Markdown backticks; st.code is <pre><code>
     if (!el.closest("pre") && (el.textContent || "").includes(mark)) found.push("CODE " + el.outerHTML.slice(0, 160));
   }
-  for (const img of document.querySelectorAll("img, image, source, video, audio, iframe, object, embed")) {
+  for (const img of all("img, image, source, video, audio, iframe, object, embed")) {
     const src = img.currentSrc || img.getAttribute("src") || img.getAttribute("href") || "";
     const alt = img.getAttribute("alt") || "";
     if (alt.includes(mark)) found.push("ALT " + img.outerHTML.slice(0, 160));
@@ -188,7 +194,9 @@ def test_hostile_names_render_as_text_and_nothing_leaves_localhost(browser, tmp_
             page.wait_for_timeout(800)  # images and late elements
             leaks = page.evaluate(_MARKUP_JS, MARK)
             assert leaks == [], (query, leaks)
-            return page.locator("body").inner_text()
+            # innerText leaves out shadow roots: the strips' cards (Playwright's locators enter them) are added.
+            cards = page.get_by_test_id("auditStripCard").all_inner_texts()
+            return page.locator("body").inner_text() + "\n" + "\n".join(cards)
 
         body = visit("page=overview", "Overview")
         for s in ("data `root` **x** zqroot", *MODELS):
@@ -202,6 +210,7 @@ def test_hostile_names_render_as_text_and_nothing_leaves_localhost(browser, tmp_
         for image, d in details.items():  # the image whose path spells a remote image, a bad one, a flagged one
             body = visit(f"page=review&image={image}", "Review")
             assert f"{shown(d['image_id'])} · image #{image}" in body and shown(d["given"]) in body
+            assert page.get_by_test_id("auditStripCard").count() > 0  # the queue's strip, checked for markup too
             if image == 5:
                 assert shown(BAD_REASON) in body and "Bad image" in body
         assert image == FLIP[2]
