@@ -67,7 +67,9 @@ def texts(at: AppTest) -> str:
     parts += [h.value for h in at.header] + [h.value for h in at.subheader] + [i.value for i in at.info]
     parts += [t.value for t in at.text] + [c.value for c in at.code]
     parts += [w.value for w in at.warning] + [e.value for e in at.error]
-    parts += [line for key in ("nbr_strip", "q_strip") for c in strip_cards(at, key) for line in c["lines"]]
+    # Every strip's cards (audit.dashboard.strip: the gallery, the Map's selection, the Review page's strips).
+    strips = [e.proto for e in at.main if e.type == "bidi_component" and e.proto.component_name == "audit_strip"]
+    parts += [line for el in strips for c in json.loads(el.json)["cards"] for line in c["lines"]]
     return "\n".join(str(p) for p in parts)
 
 
@@ -134,8 +136,8 @@ def test_disagreements_gallery_filters_and_pairs(app):
     goto(app, "Disagreements")
     matching = {m.label: m.value for m in app.metric}["matching images"]
     assert matching == str(len(FLIP))
-    cards = [b for b in app.button if b.label == "Review"]
-    assert len(cards) == len(FLIP)
+    cards = strip_cards(app, "g_strip")  # the gallery's cards: one strip (audit.dashboard.strip)
+    assert len(cards) == len(FLIP) and {c["button"] for c in cards} == {"Review"}
     assert "\ngiven " in "\n" + texts(app)
     # Widen the filter: every image where a model disagrees with the given label, any review state.
     app.multiselect(key="f_kinds").set_value(["label"]).run()
@@ -158,7 +160,7 @@ def test_disagreements_gallery_filters_and_pairs(app):
 def test_card_review_button_opens_that_image(app):
     goto(app, "Disagreements")
     target = FLIP[1]
-    app.button(key=f"rev_{target}").click().run()
+    click_strip(app, "g_strip", target)
     assert app.session_state["page"] == "Review" and app.session_state["image"] == target
     assert f"image #{target}" in texts(app)
 
@@ -478,7 +480,7 @@ def test_disagreements_filters_and_pairs_on_every_kind_of_workspace(kws):
     models = q.model_names(db)
     at = start(page="disagreements")
     assert metrics(at)["matching images"] == str(len(FLIP))
-    assert len([b for b in at.button if b.label == "Review"]) == len(FLIP)
+    assert len(strip_cards(at, "g_strip")) == len(FLIP)
     at.radio(key="f_reviewed").set_value("all")
     # Several filters per rerun keeps this fast; each combination is checked against the query layer.
     combos = [
@@ -505,8 +507,7 @@ def test_disagreements_filters_and_pairs_on_every_kind_of_workspace(kws):
         ok(at)
         total, rows = q.gallery(db, f, 0, 24)
         assert metrics(at)["matching images"] == f"{total:,}"
-        cards = {b.key for b in at.button if (b.key or "").startswith("rev_")}  # laid out column by column
-        assert cards == {f"rev_{i}" for i in rows.image_index}
+        assert [c["idx"] for c in strip_cards(at, "g_strip")] == rows.image_index.tolist()  # in the query's order
     assert metrics(at)["matching images"] == "24"
     at.number_input(key="g_page").set_value(2)
     ok(at)
@@ -525,7 +526,7 @@ def test_disagreements_filters_and_pairs_on_every_kind_of_workspace(kws):
     next(b for b in at.button if b.label == "Clear class pair").click()
     ok(at)
     assert at.session_state["f_pair"] is None
-    at.button(key=f"rev_{FLIP[0]}").click()
+    click_strip(at, "g_strip", FLIP[0])
     ok(at)
     assert at.session_state["page"] == "Review" and at.session_state["image"] == FLIP[0]
 

@@ -50,12 +50,19 @@ def open_options(page, picker, attempts: int = 4) -> None:
             page.keyboard.press("Escape")
 
 
+def page_text(page) -> str:
+    """The page's text: innerText leaves out shadow roots, where the strips (audit.dashboard.strip) draw their
+    cards, so their text (Playwright's locators enter shadow roots) follows the body's."""
+    cards = page.get_by_test_id("auditStripCard").all_inner_texts()
+    return page.locator("body").inner_text() + "\n" + "\n".join(cards)
+
+
 def settled(page) -> str:
     """The page's text once its script run is over, checked for an exception (Streamlit's or a traceback)."""
     # Until a rerun ends, the last run's elements stay on screen (marked stale): read none of them.
     page.locator("[data-testid='stApp'][data-test-script-state='notRunning']").wait_for()
     page.wait_for_function("() => !document.querySelector(\"[data-stale='true']\")")
-    body = page.locator("body").inner_text()
+    body = page_text(page)
     assert page.get_by_test_id("stException").count() == 0, body[-2000:]
     assert "Traceback" not in body and "Error:" not in body, body[-2000:]
     return body
@@ -194,9 +201,7 @@ def test_hostile_names_render_as_text_and_nothing_leaves_localhost(browser, tmp_
             page.wait_for_timeout(800)  # images and late elements
             leaks = page.evaluate(_MARKUP_JS, MARK)
             assert leaks == [], (query, leaks)
-            # innerText leaves out shadow roots: the strips' cards (Playwright's locators enter them) are added.
-            cards = page.get_by_test_id("auditStripCard").all_inner_texts()
-            return page.locator("body").inner_text() + "\n" + "\n".join(cards)
+            return page_text(page)
 
         body = visit("page=overview", "Overview")
         for s in ("data `root` **x** zqroot", *MODELS):

@@ -307,7 +307,7 @@ def _ids(db: Path) -> dict[int, str]:
 
 
 def _cards(at: AppTest) -> set[int]:
-    return {int(b.key[4:]) for b in at.button if (b.key or "").startswith("rev_")}
+    return {c["idx"] for c in strip_cards(at, "g_strip")}
 
 
 def leaks(at: AppTest) -> list[tuple[str, str, str]]:

@@ -31,7 +31,7 @@ from streamlit import config as st_config
 from audit import duplicates_view as dv
 from audit import mapview
 from audit import queries as q
-from audit.dashboard import auth
+from audit.dashboard import auth, strip
 from audit.dashboard.params import image_from_url, page_from_url
 from audit.dashboard.thumbs import UnsafePath, safe_image_path, thumb_dir, thumbnail
 from audit.dashboard.ui import alert, plain_frame, shown
@@ -44,12 +44,12 @@ __all__ = [
     "PAGES",
     "PAGE_SIZE",
     "THUMB",
-    "card",
     "card_lines",
     "check_token",
     "class_label",
     "class_labels",
     "filters",
+    "gallery_cards",
     "goto",
     "init_state",
     "load",
@@ -346,13 +346,20 @@ def card_lines(row: Any, extra: bool = False) -> list[str]:
     return lines
 
 
-def card(row: Any, extra: bool = False) -> None:
-    """A gallery card: the thumbnail, :func:`card_lines` and a button that reviews the image."""
-    with st.container(border=True):
-        show_image(row.image_id, THUMB)
-        # One plain-text element per card: names are data, never Markdown (audit.dashboard.ui).
-        st.text("\n".join(card_lines(row, extra)))
-        st.button("Review", key=f"rev_{row.image_index}", on_click=goto, args=("Review", int(row.image_index)))
+def review_image(image: int) -> None:
+    """A gallery card's Review button: that image on the Review page (its queue: the gallery's filters)."""
+    goto("Review", image)
+
+
+def gallery_cards(rows: pd.DataFrame, *, key: str, extra: bool = False) -> None:
+    """Gallery cards for ``rows`` (of :func:`audit.queries.gallery`), four to a row, as one strip
+    (:mod:`audit.dashboard.strip`): each its thumbnail, :func:`card_lines` and a Review button. One element, not
+    ~100 (a bordered container, image, text and button per card), so a page of cards draws in one go."""
+    cards = []
+    for row in rows.itertuples(index=False):
+        data, why = thumb_bytes(row.image_id, THUMB)
+        cards.append(strip.card(int(row.image_index), card_lines(row, extra), button="Review", thumb=data, why=why))
+    strip.draw(cards, key=key, columns=4, size=THUMB, on_open=review_image, boxed=True)
 
 
 def show_flash() -> None:

@@ -9,10 +9,10 @@ import streamlit as st
 from audit import queries as q
 from audit.dashboard.runtime import (
     PAGE_SIZE,
-    card,
     class_label,
     class_labels,
     filters,
+    gallery_cards,
     goto,
     load,
     other_checks,
@@ -120,11 +120,7 @@ def gallery_view(models: list[str]) -> None:
     top[2].button("Review these in order", type="primary", on_click=goto, args=("Review",), disabled=total == 0)
     if rows.empty:
         st.info("No image matches these filters.")
-    cols = st.columns(4)
-    extra = other_checks()
-    for k, row in enumerate(rows.itertuples(index=False)):
-        with cols[k % 4]:
-            card(row, extra)
+    gallery_cards(rows, key="g_strip", extra=other_checks())
 
 
 def pairs_view(models: list[str]) -> None:

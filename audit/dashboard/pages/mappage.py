@@ -14,12 +14,10 @@ import streamlit as st
 
 from audit import mapview
 from audit import queries as q
-from audit.dashboard import mapcanvas, mapfig, maphover, strip
+from audit.dashboard import mapcanvas, mapfig, maphover
 from audit.dashboard.runtime import (
-    THUMB,
-    card_lines,
     filters,
-    goto,
+    gallery_cards,
     load,
     other_checks,
     thumb_bytes,
@@ -33,11 +31,6 @@ HOVER_THUMB = 200  # px: the Map's hover card (maphover)
 # Cards shown under the map for a selection: a preview (the gallery pages through all of them, one click away).
 # Half a gallery page: the browser's drawing of the cards was most of a lasso's release (24 cards: ~1.4 s here).
 SELECTION_CARDS = 12
-
-
-def review_image(image: int) -> None:
-    """A selection card's Review button: that image on the Review page (its queue: the gallery's filters)."""
-    goto("Review", image)
 
 
 def take_selection(images: list[int], page: str) -> None:
@@ -152,12 +145,5 @@ def page_map() -> None:
     total, rows = load("gallery", f, 0, SELECTION_CARDS)
     if total > len(rows):
         st.caption(f"The first {len(rows)} of {total:,}; the gallery pages through all of them.")
-    # The gallery's cards (runtime.card_lines: the same lines, thumbnail and Review button) drawn as one strip: the
-    # page keeps its selection across visits, so every rerun of the Map draws these; as Streamlit containers of
-    # image, text and button they were ~50 elements a rerun.
-    extra = other_checks()
-    cards = []
-    for row in rows.itertuples(index=False):
-        data, why = thumb_bytes(row.image_id, THUMB)
-        cards.append(strip.card(int(row.image_index), card_lines(row, extra), button="Review", thumb=data, why=why))
-    strip.draw(cards, key="m_sel_strip", columns=4, size=THUMB, on_open=review_image, boxed=True)
+    # The gallery's cards: the page keeps its selection across visits, so every rerun of the Map draws these.
+    gallery_cards(rows, key="m_sel_strip", extra=other_checks())
