@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import subprocess
@@ -271,18 +270,6 @@ def page_timings(db: Path, log: Path, rounds: int = 3) -> tuple[list[tuple[str, 
     return rows, sizes
 
 
-def cpu_reference(rounds: int = 3) -> float:
-    """Seconds of a fixed pure-Python loop (the sum of squares below 10^7), best of ``rounds``: the same code's
-    figures moved ~2x between sessions on this project's shared machine, and this says which machine a report
-    was measured on."""
-    best = math.inf
-    for _ in range(rounds):
-        t = time.perf_counter()
-        sum(i * i for i in range(10**7))
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def summary(rows: list[tuple[str, float]]) -> list[tuple[str, list[float]]]:
     """The timings of ``rows`` grouped by what was timed, in the order first timed; each page's first open of the
     session last."""
@@ -358,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_compute_child(a.child)))
         return 0
     load0 = os.getloadavg()
-    cpu = cpu_reference()
+    cpu = dbench.cpu_reference()
     # --skip-compute keeps the compute rows of the last full run (reports/perf_map.json), said so in the table's
     # caption, so re-timing the page does not cost the ~4 minutes of fresh map computations.
     before = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {}
