@@ -61,6 +61,7 @@ __all__ = [
     "recent_decisions_view",
     "refresh",
     "reset_page",
+    "review_image",
     "selected_checks",
     "show_flash",
     "show_image",
@@ -347,7 +348,8 @@ def card_lines(row: Any, extra: bool = False) -> list[str]:
 
 
 def review_image(image: int) -> None:
-    """A gallery card's Review button: that image on the Review page (its queue: the gallery's filters)."""
+    """A card's button (the gallery's Review, the Review page's Open on a partner, neighbour or queue image): that
+    image on the Review page, its queue the gallery's filters as they stand."""
     goto("Review", image)
 
 

@@ -21,6 +21,7 @@ from audit.dashboard.runtime import (
     load,
     other_checks,
     refresh,
+    review_image,
     show_image,
     thumb_bytes,
     who_and_why,
@@ -119,7 +120,7 @@ def findings_view(findings: list[dict[str, Any]]) -> None:
         data, why = thumb_bytes(image_id, 112)
         lines = [f"{shown(check)}: {shown(image_id)}", f"#{idx}"]
         cards.append(strip.card(idx, lines, button="Open", thumb=data, why=why, mark=True))
-    strip.draw(cards, key="partner_strip", columns=min(len(cards), PARTNER_COLUMNS), size=112, on_open=open_image)
+    strip.draw(cards, key="partner_strip", columns=min(len(cards), PARTNER_COLUMNS), size=112, on_open=review_image)
     if len(partners) > PARTNERS:
         st.text(f"and {len(partners) - PARTNERS:,} more partner images")
 
@@ -143,12 +144,7 @@ def neighbours_view(image: int) -> None:
         data, why = thumb_bytes(r.image_id, 112)
         lines = [label[:28], f"{sim}{mark} · #{r.image_index}"]
         cards.append(strip.card(int(r.image_index), lines, button="Open", thumb=data, why=why, mark=bool(r.duplicate)))
-    strip.draw(cards, key="nbr_strip", columns=NEIGHBOUR_COLUMNS, size=112, on_open=open_image)
-
-
-def open_image(image: int) -> None:
-    """A strip's card opened: review that image."""
-    goto("Review", image)
+    strip.draw(cards, key="nbr_strip", columns=NEIGHBOUR_COLUMNS, size=112, on_open=review_image)
 
 
 def candidate_classes(d: dict[str, Any], neighbour_labels: Sequence[Sequence[int]] = ()) -> list[int]:
@@ -360,4 +356,4 @@ def page_review() -> None:
             strip.card(int(w.image_index), [shown(w.given)[:28]], button=pos_label, thumb=data, why=why, current=here)
         )
     # The window holds up to 7 images (queue_window's radius 3): the cards keep their width at the queue's ends.
-    strip.draw(cards, key="q_strip", columns=7, size=112, on_open=open_image)
+    strip.draw(cards, key="q_strip", columns=7, size=112, on_open=review_image)
